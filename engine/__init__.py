@@ -1,0 +1,46 @@
+"""dlm-lsp's diffusion engine: fill the middle between a prefix and a suffix, in parallel.
+
+The public facade (what ``dlm_lsp`` uses)::
+
+    from engine import Engine, SamplingParams, EngineError
+
+    engine = Engine.load("path/to/engine-folder", backend="auto")
+    completion = engine.complete(prefix, suffix, SamplingParams(budget_ms=80), stop=lambda: cancelled)
+    completion.text, completion.cut, completion.stats
+
+Everything else (checkpoint reading, export, backends, the sampler) is reachable
+from its own module for tools and tests.
+"""
+
+from engine.backends.base import BACKENDS, ModelInfo
+from engine.engine import Completion, Engine
+from engine.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    EngineError,
+    ExportError,
+    InputError,
+    ManifestError,
+    TokenizerError,
+    UnknownFamilyError,
+    UnsupportedConfigError,
+)
+from engine.sampler import SamplingParams, UnmaskOrder
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "CheckpointError",
+    "Completion",
+    "Engine",
+    "EngineError",
+    "ExportError",
+    "InputError",
+    "ManifestError",
+    "ModelInfo",
+    "SamplingParams",
+    "TokenizerError",
+    "UnknownFamilyError",
+    "UnmaskOrder",
+    "UnsupportedConfigError",
+]

@@ -1,0 +1,123 @@
+"""ONNX Runtime denoiser: the serving backend (CPU provider here; CUDA/TensorRT providers on NVIDIA GPUs).
+
+Loads the two graphs of an engine folder. The session options are tuned for the
+latency of one small request at a time: all physical cores for a single op,
+no inter-op parallelism, every graph optimisation on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.backends.base import ModelInfo, StepOutput, onnxruntime_providers
+from engine.errors import BackendUnavailableError, ManifestError
+from engine.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OrtContextCache:
+    """Context keys (pre-rotary) and values, (L, 1, Hkv, Tc, D) float arrays."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[3])
+
+
+def default_threads() -> int:
+    """Threads for one op: the CPUs this process may use (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxRuntimeDenoiser:
+    """The :class:`~engine.backends.base.Denoiser` of an engine folder, on ONNX Runtime."""
+
+    def __init__(self, folder: Path, manifest: Manifest, backend: str = "auto", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        providers, chosen = onnxruntime_providers(backend)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.sessions = {}
+        for role, name in manifest.graphs.items():
+            path = folder / name
+            try:
+                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise ManifestError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+            active = session.get_providers()
+            if providers[0] not in active:
+                raise BackendUnavailableError(
+                    f"backend {chosen!r}: ONNX Runtime could not start {providers[0]} for {path.name} "
+                    f"(it fell back to {active}); check the CUDA/TensorRT installation"
+                )
+            self.sessions[role] = session
+        self.info = ModelInfo(
+            family=manifest.family,
+            arch=manifest.arch,
+            token_ids=manifest.token_ids,
+            precision=manifest.precision,
+            backend=chosen,
+            device="cpu" if chosen == "cpu" else "cuda:0",
+            top_k=manifest.top_k,
+        )
+        arch = manifest.arch
+        self._empty_cache = OrtContextCache(
+            keys=np.zeros((arch.num_layers, 1, arch.num_kv_heads, 0, arch.head_dim), np.float32),
+            values=np.zeros((arch.num_layers, 1, arch.num_kv_heads, 0, arch.head_dim), np.float32),
+        )
+
+    def encode_context(self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray) -> OrtContextCache:
+        """See :meth:`engine.backends.base.Denoiser.encode_context`."""
+        keys, values = self.sessions["context"].run(
+            None,
+            {
+                "input_ids": np.asarray(input_ids, np.int64)[None],
+                "position_ids": np.asarray(positions, np.int64)[None],
+                "cache_index": np.asarray(cache_index, np.int64),
+            },
+        )
+        return OrtContextCache(keys=keys, values=values)
+
+    def step(
+        self,
+        cache: OrtContextCache,
+        span_ids: np.ndarray,
+        span_pos: np.ndarray,
+        span_valid: np.ndarray,
+        cache_pos: np.ndarray,
+    ) -> StepOutput:
+        """See :meth:`engine.backends.base.Denoiser.step`."""
+        ids, probs, entropy = self.sessions["span_step"].run(
+            None,
+            {
+                "span_ids": np.asarray(span_ids, np.int64),
+                "span_pos": np.asarray(span_pos, np.int64),
+                "span_valid": np.asarray(span_valid, np.bool_),
+                "cache_keys": cache.keys,
+                "cache_values": cache.values,
+                "cache_pos": np.asarray(cache_pos, np.int64),
+            },
+        )
+        return StepOutput(ids=ids, probs=probs, entropy=entropy)
+
+    def full(self, input_ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> StepOutput:
+        """The span step graph over whole windows with an empty cache."""
+        batch = np.asarray(input_ids).shape[0]
+        return self.step(self._empty_cache, input_ids, positions, valid, np.zeros((batch, 0), np.int64))

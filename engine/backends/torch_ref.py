@@ -1,0 +1,109 @@
+"""PyTorch reference denoiser: runs a checkpoint folder directly, for validation and tests.
+
+Same interface and numbers as the ONNX graphs (they are exported from the very
+same :mod:`engine.modeling` methods), float32 on the CPU. Not a serving backend:
+it needs torch, which the server does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.backends.base import ModelInfo, StepOutput
+from engine.errors import BackendUnavailableError
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the torch reference backend needs PyTorch: pip install 'dlm-lsp[export]' (torch==2.13.0, CPU build)"
+        ) from exc
+    return torch
+
+
+@dataclass
+class TorchContextCache:
+    """Context keys (pre-rotary) and values as torch tensors, (L, 1, Hkv, Tc, D)."""
+
+    keys: "object"
+    values: "object"
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[3])  # type: ignore[attr-defined]
+
+
+class TorchDenoiser:
+    """The :class:`~engine.backends.base.Denoiser` of a checkpoint, in eager PyTorch."""
+
+    def __init__(self, checkpoint: "object", top_k: int = 2) -> None:
+        torch = _torch()
+        from engine.modeling import load_transformer, suppress_vector
+
+        self.torch = torch
+        self.model = load_transformer(checkpoint)
+        arch, token_ids = checkpoint.arch, checkpoint.token_ids  # type: ignore[attr-defined]
+        self.suppress = suppress_vector(arch.vocab_size, [token_ids.mask])
+        self.top_k = top_k
+        self.info = ModelInfo(
+            family=checkpoint.family.name,  # type: ignore[attr-defined]
+            arch=arch,
+            token_ids=token_ids,
+            precision="fp32",
+            backend="torch",
+            device="cpu",
+            top_k=top_k,
+        )
+
+    def _tensor(self, array: np.ndarray, dtype: "object") -> "object":
+        return self.torch.as_tensor(np.asarray(array), dtype=dtype)
+
+    def encode_context(self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray) -> TorchContextCache:
+        """See :meth:`engine.backends.base.Denoiser.encode_context`."""
+        torch = self.torch
+        with torch.inference_mode():
+            keys, values = self.model.encode_context(
+                self._tensor(input_ids, torch.long)[None],
+                self._tensor(positions, torch.long)[None],
+                self._tensor(cache_index, torch.long),
+            )
+        return TorchContextCache(keys=keys, values=values)
+
+    def step(
+        self,
+        cache: TorchContextCache,
+        span_ids: np.ndarray,
+        span_pos: np.ndarray,
+        span_valid: np.ndarray,
+        cache_pos: np.ndarray,
+    ) -> StepOutput:
+        """See :meth:`engine.backends.base.Denoiser.step`."""
+        torch = self.torch
+        with torch.inference_mode():
+            ids, probs, entropy = self.model.span_step(
+                self._tensor(span_ids, torch.long),
+                self._tensor(span_pos, torch.long),
+                self._tensor(span_valid, torch.bool),
+                cache.keys,
+                cache.values,
+                self._tensor(cache_pos, torch.long),
+                self.suppress,
+                self.top_k,
+            )
+        return StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())
+
+    def full(self, input_ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> StepOutput:
+        """Plain forward over whole windows (no cache)."""
+        torch = self.torch
+        from engine.modeling import summarize
+
+        with torch.inference_mode():
+            logits = self.model(
+                self._tensor(input_ids, torch.long), self._tensor(positions, torch.long), self._tensor(valid, torch.bool)
+            )
+            ids, probs, entropy = summarize(logits, self.suppress, self.top_k)
+        return StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())

@@ -1,0 +1,162 @@
+"""Read a Hugging Face-format checkpoint folder.
+
+A checkpoint is a folder with ``config.json``, weights in ``*.safetensors``
+(one file, or shards listed by ``model.safetensors.index.json``) and
+``tokenizer.json`` (+ optional ``tokenizer_config.json`` /
+``special_tokens_map.json``). :class:`Checkpoint` checks all of it up front and
+turns every problem into a :class:`~engine.errors.CheckpointError` that says
+what is missing and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from engine.errors import CheckpointError, UnsupportedConfigError
+from engine.families import ArchConfig, Family, TokenIds, detect_family
+from engine.tokenizer import Tokenizer, resolve_token_ids
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated checkpoint folder: family, architecture, token ids and weight files."""
+
+    path: Path
+    config: dict[str, Any]
+    family: Family
+    arch: ArchConfig
+    token_ids: TokenIds
+    weight_files: tuple[Path, ...]
+    tokenizer: Tokenizer
+
+    @classmethod
+    def open(cls, path: str | Path, family: str | None = None) -> "Checkpoint":
+        """Open and validate ``path``; ``family`` overrides detection from config.json."""
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder} is not a folder; point to a downloaded checkpoint folder")
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            hint = " (it looks like an engine folder: load it with the engine, not dlm-convert)" if (
+                folder / "manifest.json"
+            ).is_file() else ""
+            raise CheckpointError(f"{folder} has no config.json: not a Hugging Face checkpoint folder{hint}")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path} must hold a JSON object")
+        fam = detect_family(config, family)
+        arch = fam.parse_config(config)
+        tokenizer = Tokenizer(folder / "tokenizer.json")
+        token_ids = resolve_token_ids(folder, config, tokenizer, fam)
+        for name, value in token_ids.to_dict().items():
+            if value is not None and not 0 <= value < arch.vocab_size:
+                raise UnsupportedConfigError(
+                    f"{name} token id {value} is outside the model's vocabulary (vocab_size={arch.vocab_size})"
+                )
+        return cls(
+            path=folder,
+            config=config,
+            family=fam,
+            arch=arch,
+            token_ids=token_ids,
+            weight_files=_weight_files(folder),
+            tokenizer=tokenizer,
+        )
+
+    def iter_tensors(self, framework: str = "pt") -> Iterator[tuple[str, Any]]:
+        """Yield ``(name, tensor)`` for every tensor in the weight files (``framework``: "pt" or "np")."""
+        from safetensors import SafetensorError, safe_open
+
+        for file in self.weight_files:
+            try:
+                with safe_open(str(file), framework=framework) as handle:
+                    for name in handle.keys():
+                        yield name, handle.get_tensor(name)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+
+    def load_state(self, framework: str = "pt") -> dict[str, Any]:
+        """The tensors our model needs, keyed by :mod:`engine.modeling` parameter names.
+
+        Raises ``CheckpointError`` naming every missing tensor and every shape mismatch.
+        """
+        wanted = self.family.weight_names(self.arch)
+        by_source = {src: ours for ours, src in wanted.items()}
+        state: dict[str, Any] = {}
+        for name, tensor in self.iter_tensors(framework):
+            if name in by_source:
+                state[by_source[name]] = tensor
+        missing = sorted(src for ours, src in wanted.items() if ours not in state)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(
+                f"{self.path}: {len(missing)} weight tensor(s) missing from the safetensors files: {shown}. "
+                "The download is incomplete or the folder belongs to another family (see --family)."
+            )
+        problems = []
+        for ours, expected in expected_shapes(self.arch).items():
+            got = tuple(state[ours].shape)
+            if got != expected:
+                problems.append(f"{wanted[ours]}: {got}, config.json implies {expected}")
+        if problems:
+            raise CheckpointError(f"{self.path}: weight shapes disagree with config.json: " + "; ".join(problems[:5]))
+        return state
+
+
+def expected_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of :mod:`engine.modeling`, by name."""
+    h, d = arch.hidden_size, arch.head_dim
+    q, kv, ffn = arch.num_heads * d, arch.num_kv_heads * d, arch.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (arch.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if arch.qkv_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        shapes[p + "mlp.gate_proj.weight"] = (ffn, h)
+        shapes[p + "mlp.up_proj.weight"] = (ffn, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, ffn)
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    return shapes
+
+
+def _weight_files(folder: Path) -> tuple[Path, ...]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+        files = tuple(folder / name for name in sorted(set(weight_map.values())))
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}; finish the download"
+            )
+        return files
+    files = tuple(sorted(folder.glob("*.safetensors")))
+    if not files:
+        extra = " (PyTorch .bin weights are not supported: convert them to safetensors)" if any(
+            folder.glob("*.bin")
+        ) else ""
+        raise CheckpointError(f"{folder} has no *.safetensors weight files{extra}")
+    return files

@@ -1,0 +1,174 @@
+"""Command-line tools: ``dlm-convert`` and ``dlm-complete``.
+
+Both print engine errors as one clear line on stderr and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from engine.backends.base import BACKENDS
+from engine.errors import EngineError, InputError
+from engine.sampler import SamplingParams, UnmaskOrder
+
+
+def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return main(args)
+    except EngineError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    """Arguments of ``dlm-convert``."""
+    from engine.export import PRECISIONS
+    from engine.families import family_names
+
+    parser = argparse.ArgumentParser(
+        prog="dlm-convert",
+        description="Convert a Hugging Face-format diffusion checkpoint folder into an engine folder "
+        "(context + span-step ONNX graphs, validated against PyTorch, with a checksummed manifest).",
+    )
+    parser.add_argument("src", type=Path, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("dst", type=Path, help="engine folder to write")
+    parser.add_argument("--family", choices=family_names(), help="model family (default: detect from config.json)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="int8", help="weight precision (default: int8)")
+    parser.add_argument("--top-k", type=int, default=2, help="candidates per position the graphs return (>= 2)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from engine.export import convert
+
+    manifest = convert(
+        args.src,
+        args.dst,
+        family=args.family,
+        precision=args.precision,
+        top_k=args.top_k,
+        force=args.force,
+        progress=lambda msg: print(f"dlm-convert: {msg}", file=sys.stderr),
+    )
+    print(json.dumps({"engine": str(args.dst), "validation": manifest.validation}, indent=2))
+    return 0
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dlm-convert``."""
+    return _run(_convert, convert_parser(), argv)
+
+
+def _lengths(value: str) -> tuple[int, ...] | None:
+    if value == "auto":
+        return None
+    try:
+        lengths = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, N,N,... or 'auto', got {value!r}") from None
+    if any(n < 1 for n in lengths):
+        raise argparse.ArgumentTypeError("lengths must be positive")
+    return lengths
+
+
+def complete_parser() -> argparse.ArgumentParser:
+    """Arguments of ``dlm-complete``."""
+    defaults = SamplingParams()
+    parser = argparse.ArgumentParser(
+        prog="dlm-complete",
+        description="Fill in the middle between a prefix and a suffix with a masked diffusion model.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="engine folder (or checkpoint folder with --backend torch)")
+    parser.add_argument("--prefix-file", type=Path, required=True, help="text before the cursor ('-' for stdin)")
+    parser.add_argument("--suffix-file", type=Path, help="text after the cursor (default: empty)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="runtime (default: auto)")
+    parser.add_argument(
+        "--length",
+        type=_lengths,
+        default=None,
+        help=f"middle length in tokens: N, a list N,N,... of candidates, or auto (default: {','.join(map(str, defaults.lengths))})",
+    )
+    parser.add_argument("--threshold", type=float, default=defaults.threshold, help="commit confidence threshold; 1.0 = one token per step")
+    parser.add_argument("--tokens-per-step", type=int, default=defaults.tokens_per_step, help="minimum commits per step")
+    parser.add_argument("--order", choices=[o.value for o in UnmaskOrder], default=defaults.order.value, help="unmasking order")
+    parser.add_argument("--exact", action="store_true", help="recompute the whole window every step (no context cache)")
+    parser.add_argument("--budget-ms", type=float, default=None, help="latency budget of the denoising loop")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (random order only; decoding is greedy)")
+    parser.add_argument("--family", help="family override for a checkpoint folder (torch backend)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _read(path: Path | None) -> str:
+    if path is None:
+        return ""
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+
+
+def _complete(args: argparse.Namespace) -> int:
+    from engine.engine import Engine
+
+    kwargs = {}
+    if args.length is not None:
+        kwargs["lengths"] = args.length
+    params = SamplingParams(
+        threshold=args.threshold,
+        tokens_per_step=args.tokens_per_step,
+        order=UnmaskOrder(args.order),
+        exact=args.exact,
+        budget_ms=args.budget_ms,
+        seed=args.seed,
+        **kwargs,
+    )
+    prefix, suffix = _read(args.prefix_file), _read(args.suffix_file)
+    engine = Engine.load(args.model, backend=args.backend, family=args.family, threads=args.threads)
+    completion = engine.complete(prefix, suffix, params)
+    if args.json:
+        info = engine.info
+        result = {
+            "model": str(args.model),
+            "family": info.family,
+            "backend": info.backend,
+            "device": info.device,
+            "precision": info.precision,
+            **completion.to_dict(),
+        }
+        print(json.dumps(result, indent=2))
+    else:
+        sys.stdout.write(completion.text)
+        if not completion.text.endswith("\n"):
+            sys.stdout.write("\n")
+        stats = completion.stats
+        print(
+            f"[{engine.info.backend}] {stats['middle_tokens']} tokens in {stats['total_ms']:.1f} ms, "
+            f"{stats['steps']} steps, {stats['tokens_per_step']:.2f} tokens/step"
+            + (" (cut by budget)" if completion.cut else ""),
+            file=sys.stderr,
+        )
+    return 0
+
+
+def complete_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dlm-complete``."""
+    return _run(_complete, complete_parser(), argv)

@@ -1,0 +1,188 @@
+"""Engine: tokenizer + denoiser + sampler behind one call.
+
+``Engine.load(folder, backend)`` opens an engine folder (written by ``dlm-convert``)
+on ONNX Runtime, or, with ``backend="torch"``, a Hugging Face checkpoint folder on
+the PyTorch reference. ``Engine.complete(prefix, suffix, params, stop=...)``
+returns a :class:`Completion`.
+
+Window policy: prefix + BOS + the longest candidate span + suffix must fit the
+model's ``max_positions``. Explicit token budgets are applied first; what still
+does not fit is cut from the *far* ends (the start of the prefix, the end of the
+suffix), the suffix keeping at most a quarter of the room when both are long.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.backends.base import BACKENDS, Denoiser, ModelInfo
+from engine.errors import CheckpointError, InputError
+from engine.manifest import is_engine_folder, read_manifest
+from engine.sampler import SamplingParams, denoise
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """The middle the engine chose, what it fed the model, and how it got there."""
+
+    text: str
+    """The middle as text (end tokens stripped)."""
+    middle_ids: list[int]
+    confidence: list[float]
+    """Top-1 probability of each middle token when it was committed."""
+    input_ids: list[int]
+    """The window fed to the model for the chosen length: [BOS] prefix, masks, suffix."""
+    cut: bool
+    """True when the budget or the stop callback ended denoising early (text is the committed part)."""
+    prefix_tokens_dropped: int
+    suffix_tokens_dropped: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``dlm-complete --json``)."""
+        return {
+            "text": self.text,
+            "middle_ids": self.middle_ids,
+            "confidence": [round(c, 6) for c in self.confidence],
+            "input_ids": self.input_ids,
+            "cut": self.cut,
+            "prefix_tokens_dropped": self.prefix_tokens_dropped,
+            "suffix_tokens_dropped": self.suffix_tokens_dropped,
+            "stats": self.stats,
+        }
+
+
+class Engine:
+    """A loaded model ready to fill in middles."""
+
+    def __init__(self, denoiser: Denoiser, tokenizer: Tokenizer, path: Path) -> None:
+        self.denoiser = denoiser
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def info(self) -> ModelInfo:
+        """Family, architecture, token ids, precision, backend and device."""
+        return self.denoiser.info
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        *,
+        family: str | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+    ) -> "Engine":
+        """Load an engine folder (any backend but ``torch``) or a checkpoint folder (``torch`` only)."""
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise CheckpointError(f"model folder {folder} does not exist")
+        if backend == "torch":
+            from engine.backends.torch_ref import TorchDenoiser
+            from engine.checkpoint import Checkpoint
+
+            if is_engine_folder(folder) and not (folder / "config.json").is_file():
+                raise InputError(
+                    f"{folder} is an engine folder (ONNX graphs); the torch backend runs a checkpoint folder"
+                )
+            checkpoint = Checkpoint.open(folder, family)
+            return cls(TorchDenoiser(checkpoint), checkpoint.tokenizer, folder)
+        if not is_engine_folder(folder):
+            if (folder / "config.json").is_file():
+                raise CheckpointError(
+                    f"{folder} is a checkpoint folder, not an engine folder: convert it first with "
+                    f"`dlm-convert {folder} OUT` and load OUT (or use backend 'torch' for the slow reference)"
+                )
+        manifest = read_manifest(folder, verify=verify)
+        from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+
+        denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads)
+        return cls(denoiser, Tokenizer(folder / manifest.tokenizer), folder)
+
+    def complete(
+        self,
+        prefix: str,
+        suffix: str,
+        params: SamplingParams | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+        max_prefix_tokens: int | None = None,
+        max_suffix_tokens: int | None = None,
+    ) -> Completion:
+        """Fill the middle between ``prefix`` and ``suffix``.
+
+        ``stop`` is polled between denoising steps; returning True ends the run
+        with the committed part (``cut=True``), as does ``params.budget_ms``.
+        """
+        params = params or SamplingParams()
+        start = time.perf_counter()
+        tok = self.info.token_ids
+        prefix_ids = self.tokenizer.encode(prefix)
+        suffix_ids = self.tokenizer.encode(suffix)
+        tokenize_ms = (time.perf_counter() - start) * 1000
+        prefix_ids, suffix_ids, dropped_p, dropped_s = self._fit_window(
+            prefix_ids, suffix_ids, max(params.lengths), max_prefix_tokens, max_suffix_tokens
+        )
+        if dropped_p == 0 and tok.bos is not None:
+            prefix_ids = [tok.bos, *prefix_ids]  # the window starts where the document does
+        elif not prefix_ids and self.info.arch.shifted:
+            prefix_ids = [tok.eos]  # a shifted model predicts slot 0 from the position before it
+        result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop)
+        t0 = time.perf_counter()
+        text = self.tokenizer.decode(result.ids)
+        stats = dict(result.stats)
+        stats.update(
+            {
+                "tokenize_ms": tokenize_ms,
+                "decode_ms": (time.perf_counter() - t0) * 1000,
+                "total_ms": (time.perf_counter() - start) * 1000,
+                "middle_tokens": len(result.ids),
+                "backend": self.info.backend,
+                "exact": params.exact,
+            }
+        )
+        length = result.candidates[result.chosen].length
+        return Completion(
+            text=text,
+            middle_ids=result.ids,
+            confidence=result.confidence,
+            input_ids=[*prefix_ids, *([tok.mask] * length), *suffix_ids],
+            cut=result.cut,
+            prefix_tokens_dropped=dropped_p,
+            suffix_tokens_dropped=dropped_s,
+            stats=stats,
+        )
+
+    def _fit_window(
+        self,
+        prefix_ids: list[int],
+        suffix_ids: list[int],
+        span: int,
+        max_prefix: int | None,
+        max_suffix: int | None,
+    ) -> tuple[list[int], list[int], int, int]:
+        """Truncate prefix (from its start) and suffix (from its end) to fit the model window."""
+        room = self.info.arch.max_positions - span - 1  # one position for BOS / the anchor
+        if room < 1:
+            raise InputError(
+                f"a {span}-token middle does not fit the model's {self.info.arch.max_positions}-position window"
+            )
+        keep_p = len(prefix_ids) if max_prefix is None else min(len(prefix_ids), max(0, max_prefix))
+        keep_s = len(suffix_ids) if max_suffix is None else min(len(suffix_ids), max(0, max_suffix))
+        if keep_p + keep_s > room:
+            keep_s = min(keep_s, max(room // 4, room - keep_p))
+            keep_p = room - keep_s
+        p = prefix_ids[len(prefix_ids) - keep_p :] if keep_p else []
+        s = suffix_ids[:keep_s]
+        return p, s, len(prefix_ids) - len(p), len(suffix_ids) - len(s)

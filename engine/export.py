@@ -1,0 +1,362 @@
+"""``dlm-convert``: a checkpoint folder -> an engine folder (two validated ONNX graphs).
+
+The graphs are traced from :mod:`engine.modeling` (``encode_context`` and
+``span_step``) with dynamic batch/length axes. Every export is validated against
+the PyTorch reference on several input shapes (including the exact mode: the
+span step over a whole window with an empty cache): output names, shapes and
+values within a tolerance. All failures are collected into one report and raised
+as :class:`~engine.errors.ExportError`; nothing is written to the destination
+unless validation passed.
+
+Precision: ``fp32``, or ``int8`` (ONNX Runtime dynamic quantisation of the MatMul
+weights, per output channel; activations stay float), validated with looser,
+documented tolerances. fp16/bf16 arrive with the GPU backends.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.checkpoint import Checkpoint
+from engine.errors import BackendUnavailableError, ExportError
+from engine.manifest import CONTEXT_INPUTS, CONTEXT_OUTPUTS, SPAN_INPUTS, SPAN_OUTPUTS, Manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an exported graph must be to the PyTorch reference."""
+
+    cache_rtol: float
+    """Max relative error ||got - ref|| / ||ref|| of the cached keys and values."""
+    prob_atol: float
+    """Max |difference| of top-k probabilities."""
+    entropy_atol: float
+    """Max |difference| of the entropy (nats)."""
+    min_top1_agreement: float
+    """Share of positions whose top-1 id must match, among those where the reference is not a near-tie."""
+    tie_margin: float
+    """A reference top-1/top-2 probability gap below this is a near-tie, excluded from id agreement."""
+
+
+TOLERANCES = {
+    "fp32": Tolerance(cache_rtol=1e-4, prob_atol=1e-4, entropy_atol=1e-3, min_top1_agreement=1.0, tie_margin=1e-3),
+    # int8 weights change the numbers by design; what must survive is the ranking.
+    # Dynamic quantisation also rounds activations, so cached keys/values move by
+    # ~10-20 % (relative norm) while the output distributions stay within ~1e-2.
+    "int8": Tolerance(cache_rtol=0.3, prob_atol=0.05, entropy_atol=0.25, min_top1_agreement=0.9, tie_margin=0.1),
+}
+
+
+@dataclass
+class ValidationReport:
+    """Per-check numbers of one validation run, and the failures."""
+
+    precision: str
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Worst case of every metric over all checks."""
+        keys = {k for check in self.checks for k in check if k != "case"}
+        worst = {}
+        for key in sorted(keys):
+            values = [check[key] for check in self.checks if key in check]
+            worst[key] = min(values) if key == "top1_agreement" else max(values)
+        return {"precision": self.precision, "cases": len(self.checks), "worst": worst, "passed": not self.failures}
+
+
+def _require_export_deps() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"dlm-convert needs PyTorch and onnx ({exc.name} is missing): pip install 'dlm-lsp[export]'"
+        ) from exc
+    return torch
+
+
+def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
+    torch = _require_export_deps()
+
+    class ContextGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, position_ids, cache_index):  # type: ignore[no-untyped-def]
+            return self.model.encode_context(input_ids, position_ids, cache_index)
+
+    class SpanStepGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.register_buffer("suppress", suppress, persistent=False)
+
+        def forward(self, span_ids, span_pos, span_valid, cache_keys, cache_values, cache_pos):  # type: ignore[no-untyped-def]
+            return self.model.span_step(
+                span_ids, span_pos, span_valid, cache_keys, cache_values, cache_pos, self.suppress, top_k
+            )
+
+    return ContextGraph().eval(), SpanStepGraph().eval()
+
+
+def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
+    torch = _require_export_deps()
+    arch = model.arch
+    context, span = _graph_modules(model, suppress, top_k)
+    t, tc, b, s = 12, 9, 2, 4
+    kv_shape = (arch.num_layers, 1, arch.num_kv_heads, tc, arch.head_dim)
+    context_args = (
+        torch.zeros(1, t, dtype=torch.long),
+        torch.arange(t)[None],
+        torch.arange(tc),
+    )
+    span_args = (
+        torch.zeros(b, s, dtype=torch.long),
+        torch.arange(s)[None].repeat(b, 1),
+        torch.ones(b, s, dtype=torch.bool),
+        torch.zeros(kv_shape),
+        torch.zeros(kv_shape),
+        torch.arange(tc)[None].repeat(b, 1),
+    )
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            context,
+            context_args,
+            str(out / "context.onnx"),
+            input_names=list(CONTEXT_INPUTS),
+            output_names=list(CONTEXT_OUTPUTS),
+            dynamic_axes={
+                "input_ids": {1: "window"},
+                "position_ids": {1: "window"},
+                "cache_index": {0: "cached"},
+                "cache_keys": {3: "cached"},
+                "cache_values": {3: "cached"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            span,
+            span_args,
+            str(out / "span_step.onnx"),
+            input_names=list(SPAN_INPUTS),
+            output_names=list(SPAN_OUTPUTS),
+            dynamic_axes={
+                "span_ids": {0: "batch", 1: "span"},
+                "span_pos": {0: "batch", 1: "span"},
+                "span_valid": {0: "batch", 1: "span"},
+                "cache_keys": {3: "cached"},
+                "cache_values": {3: "cached"},
+                "cache_pos": {0: "batch", 1: "cached"},
+                "top_ids": {0: "batch", 1: "span"},
+                "top_probs": {0: "batch", 1: "span"},
+                "entropy": {0: "batch", 1: "span"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs every tensor on the root logger
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+        )
+    finally:
+        root.setLevel(level)
+
+
+def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
+    """Random but well-formed inputs of several shapes, the exact mode (no cache) among them."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for window, batch, span in ((40, 1, 8), (64, 3, 12), (17, 2, 5)):
+        ids = rng.integers(0, arch.vocab_size, window)
+        keep = np.sort(rng.choice(window, size=window - span, replace=False))
+        span_pos = np.stack([np.arange(span) + rng.integers(0, window - span) for _ in range(batch)])
+        valid = np.ones((batch, span), bool)
+        valid[-1, span - 2 :] = False  # padded tail in the last row
+        cache_pos = np.stack([np.sort(rng.choice(window + 8, size=len(keep), replace=False)) for _ in range(batch)])
+        cases.append(
+            {
+                "name": f"window{window}_batch{batch}_span{span}",
+                "input_ids": ids,
+                "positions": np.arange(window),
+                "cache_index": keep,
+                "span_ids": rng.integers(0, arch.vocab_size, (batch, span)),
+                "span_pos": span_pos,
+                "span_valid": valid,
+                "cache_pos": cache_pos,
+            }
+        )
+    return cases
+
+
+def validate(reference: Any, candidate: Any, precision: str, seed: int = 0) -> ValidationReport:
+    """Compare two denoisers (PyTorch reference vs exported graphs) on :func:`validation_cases`."""
+    tol = TOLERANCES[precision]
+    report = ValidationReport(precision)
+    for case in validation_cases(reference.info.arch, seed):
+        name = case["name"]
+        ref_cache = reference.encode_context(case["input_ids"], case["positions"], case["cache_index"])
+        got_cache = candidate.encode_context(case["input_ids"], case["positions"], case["cache_index"])
+        metrics: dict[str, Any] = {"case": name}
+        for label in ("keys", "values"):
+            ref = np.asarray(getattr(ref_cache, label))
+            got = np.asarray(getattr(got_cache, label))
+            if ref.shape != got.shape:
+                report.failures.append(f"{name}: cache {label} shape {got.shape} != reference {ref.shape}")
+                continue
+            err = float(np.linalg.norm(ref - got) / max(1e-12, float(np.linalg.norm(ref))))
+            metrics[f"cache_{label}_rel_err"] = err
+            if err > tol.cache_rtol:
+                report.failures.append(f"{name}: cache {label} relative error {err:.2e} > {tol.cache_rtol:.0e}")
+        outputs = {
+            "step": (
+                reference.step(ref_cache, case["span_ids"], case["span_pos"], case["span_valid"], case["cache_pos"]),
+                candidate.step(got_cache, case["span_ids"], case["span_pos"], case["span_valid"], case["cache_pos"]),
+            ),
+            "full": (
+                reference.full(case["input_ids"][None], case["positions"][None], np.ones((1, len(case["input_ids"])), bool)),
+                candidate.full(case["input_ids"][None], case["positions"][None], np.ones((1, len(case["input_ids"])), bool)),
+            ),
+        }
+        for mode, (ref, got) in outputs.items():
+            valid = case["span_valid"] if mode == "step" else np.ones(ref.entropy.shape, bool)
+            for field_name in ("ids", "probs", "entropy"):
+                a, b = getattr(ref, field_name), getattr(got, field_name)
+                if a.shape != b.shape:
+                    report.failures.append(f"{name}/{mode}: {field_name} shape {b.shape} != reference {a.shape}")
+            if any(f"{name}/{mode}:" in f for f in report.failures):
+                continue
+            prob_err = float(np.abs(ref.probs - got.probs)[valid].max())
+            ent_err = float(np.abs(ref.entropy - got.entropy)[valid].max())
+            decided = valid & ((ref.probs[..., 0] - ref.probs[..., 1]) > tol.tie_margin) if ref.probs.shape[-1] > 1 else valid
+            agree = float((ref.ids[..., 0] == got.ids[..., 0])[decided].mean()) if decided.any() else 1.0
+            metrics.update({f"{mode}_prob_err": prob_err, f"{mode}_entropy_err": ent_err, "top1_agreement": agree})
+            if prob_err > tol.prob_atol:
+                report.failures.append(f"{name}/{mode}: probability error {prob_err:.2e} > {tol.prob_atol:.0e}")
+            if ent_err > tol.entropy_atol:
+                report.failures.append(f"{name}/{mode}: entropy error {ent_err:.2e} > {tol.entropy_atol:.0e}")
+            if agree < tol.min_top1_agreement:
+                report.failures.append(f"{name}/{mode}: top-1 agreement {agree:.3f} < {tol.min_top1_agreement}")
+        report.checks.append(metrics)
+    return report
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    family: str | None = None,
+    precision: str = "int8",
+    top_k: int = 2,
+    force: bool = False,
+    progress: Callable[[str], None] = log.info,
+) -> Manifest:
+    """Convert checkpoint folder ``src`` into engine folder ``dst``; returns the written manifest.
+
+    The destination is built in a temporary folder beside it and moved into place
+    only after validation passed, so a failed conversion leaves nothing behind.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if top_k < 2:
+        raise ExportError("top_k must be at least 2 (the margin unmasking order needs the runner-up)")
+    dst = Path(dst).expanduser()
+    if dst.exists() and any(dst.iterdir()) and not force:
+        raise ExportError(f"{dst} exists and is not empty; pass --force to replace it")
+    _require_export_deps()
+    from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+    from engine.backends.torch_ref import TorchDenoiser
+
+    checkpoint = Checkpoint.open(src, family)
+    progress(f"loaded {checkpoint.path} ({checkpoint.family.name} family, {checkpoint.arch.num_layers} layers)")
+    reference = TorchDenoiser(checkpoint, top_k=top_k)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        fp32_dir = work / "fp32"
+        fp32_dir.mkdir()
+        progress("exporting ONNX graphs (context, span_step)")
+        _export_graphs(reference.model, reference.suppress, top_k, fp32_dir)
+        manifest = Manifest(
+            family=checkpoint.family.name,
+            arch=checkpoint.arch,
+            token_ids=checkpoint.token_ids,
+            precision="fp32",
+            top_k=top_k,
+        )
+        progress("validating fp32 graphs against PyTorch")
+        fp32 = OnnxRuntimeDenoiser(fp32_dir, manifest, backend="cpu")
+        reports = [validate(reference, fp32, "fp32")]
+        final_dir = fp32_dir
+        if precision == "int8" and not reports[0].failures:
+            final_dir = work / "int8"
+            final_dir.mkdir()
+            progress("quantising to int8 and validating")
+            for name in manifest.graphs.values():
+                _quantize_int8(fp32_dir / name, final_dir / name)
+            manifest.precision = "int8"
+            reports.append(validate(reference, OnnxRuntimeDenoiser(final_dir, manifest, backend="cpu"), "int8"))
+        failures = [f"[{r.precision}] {f}" for r in reports for f in r.failures]
+        if failures:
+            raise ExportError(
+                f"exported graphs do not match the PyTorch reference ({len(failures)} problem(s)):\n  "
+                + "\n  ".join(failures)
+            )
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (checkpoint.path / name).is_file():
+                shutil.copy2(checkpoint.path / name, final_dir / name)
+        shutil.copy2(checkpoint.path / "config.json", final_dir / "source_config.json")
+        manifest.validation = {r.precision: r.summary() for r in reports}
+        manifest.source = _source_info(checkpoint)
+        manifest.write(final_dir)
+        if dst.exists():
+            shutil.rmtree(dst)
+        final_dir.rename(dst)
+        progress(f"wrote {dst} ({manifest.precision})")
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _source_info(checkpoint: Checkpoint) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {
+        "checkpoint": str(checkpoint.path.resolve()),
+        "config_sha256": sha256_file(checkpoint.path / "config.json"),
+        "weight_files": {f.name: f.stat().st_size for f in checkpoint.weight_files},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": OPSET,
+    }

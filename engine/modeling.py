@@ -1,0 +1,285 @@
+"""The bidirectional transformer every supported family maps onto (PyTorch).
+
+One readable model: Qwen2-style blocks (RMSNorm, rotary embeddings, grouped-query
+attention with optional q/k/v bias, SwiGLU MLP) with *full* attention. Parameter
+names are Qwen2's, so dream-family checkpoints load by name.
+
+Besides the plain forward (training, reference tests) it has the two computations
+the engine exports to ONNX:
+
+* :meth:`Transformer.encode_context`: one full pass over the whole window with the
+  middle masked; returns every layer's keys (before rotary) and values at the
+  positions the span step will reuse (the DualCache of Fast-dLLM).
+* :meth:`Transformer.span_step`: runs only the span (plus, for a shifted model, the
+  last prefix position) against that cache and returns, per input position, the
+  top-k token ids and probabilities and the entropy of the distribution, so full
+  vocabulary logits never leave the device.
+
+Keys are cached *before* rotary so the span step can place the suffix at a
+different offset for each candidate middle length of a batch: one shared context
+encoding serves every length.
+
+torch is needed only here and in export/training; the server never imports this.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.families import ArchConfig
+
+SUPPRESSED_LOGIT = -1e9
+"""Added to the logits of tokens that must never be predicted (the mask token).
+
+Finite on purpose: ``exp(-inf) * -inf`` would turn the entropy into NaN.
+"""
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 as Qwen2 does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension's two halves."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding; ``x`` (B|1, H, T, D), ``cos``/``sin`` (B, 1, T, D) broadcast."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of the rotary embedding for arbitrary position ids."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos(), emb.sin()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention without materialising repeated keys/values.
+
+    q (B, H, S, D); k, v (B, Hkv, T, D); bias (B, 1, 1, T) additive or None.
+    Query head h uses key/value head h // G, as Qwen2's ``repeat_kv`` does.
+    """
+    b, h, s, d = q.shape
+    hkv = k.shape[1]
+    q = q.reshape(b, hkv, (h // hkv) * s, d)  # (B, Hkv, G*S, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, Hkv, G*S, D)
+    return out.reshape(b, h, s, d)
+
+
+class Attention(nn.Module):
+    """Qwen2 self-attention projections; the attention itself is :func:`attend`."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_proj = nn.Linear(arch.hidden_size, arch.num_heads * arch.head_dim, bias=arch.qkv_bias)
+        self.k_proj = nn.Linear(arch.hidden_size, arch.num_kv_heads * arch.head_dim, bias=arch.qkv_bias)
+        self.v_proj = nn.Linear(arch.hidden_size, arch.num_kv_heads * arch.head_dim, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D); no rotary yet."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn (B, H, T, D) -> (B, T, C)."""
+        b, _, t, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual attention output, then the residual MLP."""
+        x = x + self.self_attn.output(attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm (``model.*`` in checkpoint names)."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+
+def key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """valid (B, T) bool/int -> additive attention bias (B, 1, 1, T)."""
+    blocked = torch.full_like(valid, torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(valid.bool(), torch.zeros_like(blocked), blocked)[:, None, None, :]
+
+
+class Transformer(nn.Module):
+    """A bidirectional decoder-style transformer with Qwen2 parameter names."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = Backbone(arch)
+        self.rotary = Rotary(arch.head_dim, arch.rope_theta)
+        if not arch.tie_word_embeddings:
+            self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+
+    # -- plain forward ---------------------------------------------------------------
+    def head_weight(self) -> torch.Tensor:
+        """The LM head matrix (the embedding when tied)."""
+        return self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final normed hidden states (B, T, C); ``valid`` masks padding keys."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids)
+        bias = None if valid is None else key_bias(valid, x.dtype)
+        for layer in self.model.layers:
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x))
+            x = layer.finish(x, attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, bias))
+        return self.model.norm(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unshifted logits (B, T, V): row i is the output at position i."""
+        return F.linear(self.hidden_states(input_ids, position_ids, valid), self.head_weight())
+
+    # -- the two exported computations -------------------------------------------------
+    def encode_context(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full pass over the window; keys (pre-rotary) and values at ``cache_index``.
+
+        input_ids, position_ids (1, T); cache_index (Tc,) -> keys, values (L, 1, Hkv, Tc, D).
+        The last layer's attention output and MLP are skipped: nothing reads them.
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids)
+        keys, values = [], []
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x))
+            keys.append(k.index_select(2, cache_index))
+            values.append(v.index_select(2, cache_index))
+            if i < last:
+                x = layer.finish(x, attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, None))
+        return torch.stack(keys), torch.stack(values)
+
+    def span_hidden(
+        self,
+        span_ids: torch.Tensor,
+        span_pos: torch.Tensor,
+        span_valid: torch.Tensor,
+        cache_keys: torch.Tensor,
+        cache_values: torch.Tensor,
+        cache_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hidden states of the span attending to the cached context and to itself.
+
+        span_ids, span_pos, span_valid (B, S); cache_keys/values (L, 1, Hkv, Tc, D);
+        cache_pos (B, Tc): the position of every cached key in each row's layout.
+        """
+        x = self.model.embed_tokens(span_ids)
+        b = x.shape[0]
+        cos, sin = self.rotary(span_pos)
+        cache_cos, cache_sin = self.rotary(cache_pos)
+        cache_valid = torch.ones_like(cache_pos, dtype=torch.bool)
+        bias = key_bias(torch.cat((cache_valid, span_valid.bool()), dim=1), x.dtype)  # (B, 1, 1, Tc+S)
+        for i, layer in enumerate(self.model.layers):
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x))
+            ck = apply_rope(cache_keys[i], cache_cos, cache_sin)  # (B, Hkv, Tc, D)
+            cv = cache_values[i].expand(b, -1, -1, -1)  # (B, Hkv, Tc, D)
+            k = torch.cat((ck, apply_rope(k, cos, sin)), dim=2)
+            v = torch.cat((cv, v), dim=2)
+            x = layer.finish(x, attend(apply_rope(q, cos, sin), k, v, bias))
+        return self.model.norm(x)
+
+    def span_step(
+        self,
+        span_ids: torch.Tensor,
+        span_pos: torch.Tensor,
+        span_valid: torch.Tensor,
+        cache_keys: torch.Tensor,
+        cache_values: torch.Tensor,
+        cache_pos: torch.Tensor,
+        suppress: torch.Tensor,
+        top_k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One denoising forward of the span: (B, S, K) ids, (B, S, K) probabilities, (B, S) entropy."""
+        hidden = self.span_hidden(span_ids, span_pos, span_valid, cache_keys, cache_values, cache_pos)
+        return summarize(F.linear(hidden, self.head_weight()), suppress, top_k)
+
+
+def summarize(logits: torch.Tensor, suppress: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (B, S, V) -> top-k ids and probabilities (B, S, K) and entropy (B, S) in nats."""
+    logp = F.log_softmax(logits.float() + suppress, dim=-1)
+    top_logp, top_ids = logp.topk(top_k, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return top_ids, top_logp.exp(), entropy
+
+
+def suppress_vector(vocab_size: int, token_ids: list[int]) -> torch.Tensor:
+    """(V,) additive logit bias that rules out ``token_ids``."""
+    bias = torch.zeros(vocab_size)
+    bias[token_ids] = SUPPRESSED_LOGIT
+    return bias
+
+
+def load_transformer(checkpoint: "object") -> Transformer:
+    """Build a float32 :class:`Transformer` from an :class:`engine.checkpoint.Checkpoint`."""
+    model = Transformer(checkpoint.arch)  # type: ignore[attr-defined]
+    state = {name: tensor.float() for name, tensor in checkpoint.load_state("pt").items()}  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,313 @@
+"""The parallel fill-in-the-middle denoising loop.
+
+Given prefix and suffix token ids, the middle starts as ``m`` mask tokens. Each
+step runs one forward pass of the span and *commits* every masked position whose
+confidence (top-1 probability) is at least ``threshold``, and at least
+``tokens_per_step`` positions (the best by the chosen :class:`UnmaskOrder`). It
+stops as soon as nothing is masked. This is the confidence-threshold parallel
+decoding of Fast-dLLM (Wu et al., 2025, Alg. 1), with its DualCache: the context
+is encoded once (:meth:`Denoiser.encode_context`) and each step runs only the span.
+``exact=True`` instead recomputes the whole window every step (the reference).
+
+The middle's true length is unknown, so several candidate lengths run as one
+batch against one shared context encoding. Inside a span, the first committed
+end token (EOS/pad) ends the middle: every later position becomes EOS too.
+The candidate returned is the one with the best :func:`length_score`.
+
+Deadlines and cancellation are cooperative: between steps the loop checks the
+stop callback and whether the next step would overrun the budget; if so it
+returns only what was committed, up to the first still-masked position, marked
+``cut``. The sampler sees token ids and a :class:`~engine.backends.base.Denoiser`,
+never text or a concrete backend. Greedy (argmax) throughout, so results are
+deterministic; ``seed`` drives the ``random`` order.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engine.backends.base import Denoiser, StepOutput
+from engine.errors import InputError
+
+
+class UnmaskOrder(str, enum.Enum):
+    """Which masked positions to commit first when fewer than all pass the threshold."""
+
+    CONFIDENCE = "confidence"
+    """Highest top-1 probability first (MaskGIT / Fast-dLLM)."""
+    MARGIN = "margin"
+    """Largest gap between the top-1 and top-2 probabilities first."""
+    ENTROPY = "entropy"
+    """Lowest entropy of the predictive distribution first."""
+    RANDOM = "random"
+    """Uniformly random (seeded), as in masked diffusion's reverse process."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Parameters of one fill-in-the-middle run."""
+
+    lengths: tuple[int, ...] = (8, 16, 32, 64)
+    """Candidate middle lengths in tokens, run as one batch; a single value fixes the length."""
+    threshold: float = 0.9
+    """Commit every masked position with top-1 probability >= threshold. 1.0 disables parallel commits."""
+    tokens_per_step: int = 1
+    """Commit at least this many positions per step (the best by ``order``)."""
+    order: UnmaskOrder = UnmaskOrder.CONFIDENCE
+    """Ranking of masked positions for the minimum commit."""
+    exact: bool = False
+    """Recompute the whole window every step instead of reusing the context cache (reference mode)."""
+    budget_ms: float | None = None
+    """Hard latency budget for the denoising loop; at the deadline the committed part is returned."""
+    seed: int = 0
+    """Seed of the ``random`` order (everything else is deterministic)."""
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(int(n) < 1 for n in self.lengths):
+            raise InputError(f"lengths must be positive token counts, got {self.lengths!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise InputError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.tokens_per_step < 1:
+            raise InputError(f"tokens_per_step must be at least 1, got {self.tokens_per_step}")
+        if self.budget_ms is not None and self.budget_ms <= 0:
+            raise InputError(f"budget_ms must be positive, got {self.budget_ms}")
+        object.__setattr__(self, "order", UnmaskOrder(self.order))
+        object.__setattr__(self, "lengths", tuple(sorted({int(n) for n in self.lengths})))
+
+
+@dataclass
+class Candidate:
+    """One candidate middle length after denoising."""
+
+    length: int
+    tokens: np.ndarray
+    """(length,) ids; the mask id where still masked."""
+    committed: np.ndarray
+    """(length,) bool."""
+    confidence: np.ndarray
+    """(length,) top-1 probability at commit time (0 where not committed)."""
+    by_model: np.ndarray
+    """(length,) bool: committed by the model (not filled in after an end token)."""
+    steps: int = 0
+    """Denoising steps this candidate took part in."""
+
+    def result_len(self, end_ids: frozenset[int]) -> int:
+        """Length of the usable middle: up to the first end token or still-masked position."""
+        for i in range(self.length):
+            if not self.committed[i] or int(self.tokens[i]) in end_ids:
+                return i
+        return self.length
+
+    @property
+    def done(self) -> bool:
+        return bool(self.committed.all())
+
+
+@dataclass
+class SamplerResult:
+    """What the loop produced: the chosen middle's ids and confidences, all candidates, stats."""
+
+    ids: list[int]
+    confidence: list[float]
+    cut: bool
+    chosen: int
+    candidates: list[Candidate]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def length_score(candidate: Candidate, end_ids: frozenset[int]) -> float:
+    """Score of a candidate length: mean log-probability of what the model committed.
+
+    Averaged over the tokens the model chose itself, the end token that closed the
+    middle included (it says "the middle ends here") and positions filled in after
+    it excluded. A too-short span forces unlikely tokens; a long one pays only for
+    the end token, so the mean compares lengths fairly. A candidate that was cut
+    is scored on its committed part; one with nothing committed scores -inf.
+    """
+    chosen = candidate.by_model & candidate.committed
+    if not chosen.any():
+        return -math.inf
+    return float(np.log(np.maximum(candidate.confidence[chosen], 1e-12)).mean())
+
+
+def _scores(order: UnmaskOrder, out: StepOutput, row: int, positions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    probs = out.probs[row, positions]
+    if order is UnmaskOrder.CONFIDENCE:
+        return probs[:, 0]
+    if order is UnmaskOrder.MARGIN:
+        return probs[:, 0] - probs[:, 1]
+    if order is UnmaskOrder.ENTROPY:
+        return -out.entropy[row, positions]
+    return rng.random(len(positions))
+
+
+class _Layout:
+    """Where prefix, span and suffix sit for each candidate length, and how to feed them."""
+
+    def __init__(self, prefix: Sequence[int], suffix: Sequence[int], lengths: Sequence[int], shifted: bool) -> None:
+        self.prefix = np.asarray(prefix, np.int64)
+        self.suffix = np.asarray(suffix, np.int64)
+        self.anchor = 1 if shifted else 0
+        if len(self.prefix) < self.anchor:
+            raise InputError("a shifted model needs at least one token before the middle (the engine adds BOS)")
+        self.lengths = list(lengths)
+        self.longest = max(lengths)
+
+    def context(self, mask_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, positions and cache index of the shared context pass (longest span, masked)."""
+        p, m = len(self.prefix), self.longest
+        ids = np.concatenate([self.prefix, np.full(m, mask_id, np.int64), self.suffix])
+        cache_index = np.concatenate([np.arange(p - self.anchor), p + m + np.arange(len(self.suffix))])
+        return ids, np.arange(len(ids)), cache_index
+
+    def cache_positions(self, m: int) -> np.ndarray:
+        """Positions of the cached keys when the span has length ``m``."""
+        p = len(self.prefix)
+        return np.concatenate([np.arange(p - self.anchor), p + m + np.arange(len(self.suffix))])
+
+    def span_batch(self, rows: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """span ids, positions, validity (B, S) and cache positions (B, Tc) for ``rows``."""
+        p, a = len(self.prefix), self.anchor
+        width = max(c.length for c in rows) + a
+        ids = np.zeros((len(rows), width), np.int64)
+        pos = np.zeros((len(rows), width), np.int64)
+        valid = np.zeros((len(rows), width), bool)
+        for r, cand in enumerate(rows):
+            n = cand.length + a
+            ids[r, :n] = np.concatenate([self.prefix[p - a :], cand.tokens])
+            pos[r, :n] = np.arange(p - a, p + cand.length)
+            valid[r, :n] = True
+        cache_pos = np.stack([self.cache_positions(c.length) for c in rows])
+        return ids, pos, valid, cache_pos
+
+    def window_batch(self, rows: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Whole windows (B, T) for the exact mode, and the output row of span slot 0."""
+        windows = [np.concatenate([self.prefix, c.tokens, self.suffix]) for c in rows]
+        width = max(len(w) for w in windows)
+        ids = np.zeros((len(rows), width), np.int64)
+        valid = np.zeros((len(rows), width), bool)
+        for r, w in enumerate(windows):
+            ids[r, : len(w)] = w
+            valid[r, : len(w)] = True
+        pos = np.broadcast_to(np.arange(width), ids.shape).copy()
+        return ids, pos, valid, len(self.prefix) - self.anchor
+
+
+def denoise(
+    denoiser: Denoiser,
+    prefix: Sequence[int],
+    suffix: Sequence[int],
+    params: SamplingParams,
+    stop: Callable[[], bool] | None = None,
+) -> SamplerResult:
+    """Fill the middle between ``prefix`` and ``suffix`` (token ids). See the module docstring."""
+    info = denoiser.info
+    tok = info.token_ids
+    end_ids = tok.end_ids
+    layout = _Layout(prefix, suffix, params.lengths, info.arch.shifted)
+    rng = np.random.default_rng(params.seed)
+    start = time.perf_counter()
+    deadline = None if params.budget_ms is None else start + params.budget_ms / 1000.0
+    candidates = [
+        Candidate(
+            length=m,
+            tokens=np.full(m, tok.mask, np.int64),
+            committed=np.zeros(m, bool),
+            confidence=np.zeros(m, np.float32),
+            by_model=np.zeros(m, bool),
+        )
+        for m in layout.lengths
+    ]
+    stats = {"context_ms": 0.0, "denoise_ms": 0.0, "steps": 0, "forward_passes": 0}
+    cache = None
+    if not params.exact:
+        t0 = time.perf_counter()
+        cache = denoiser.encode_context(*layout.context(tok.mask))
+        stats["context_ms"] = (time.perf_counter() - t0) * 1000
+        stats["forward_passes"] += 1
+    cut = False
+    last_step_s = 0.0
+    loop_start = time.perf_counter()
+    while True:
+        active = [c for c in candidates if not c.done]
+        if not active:
+            break
+        now = time.perf_counter()
+        if (stop is not None and stop()) or (deadline is not None and now + last_step_s > deadline):
+            cut = True
+            break
+        if params.exact:
+            ids, pos, valid, first = layout.window_batch(active)
+            out = denoiser.full(ids, pos, valid)
+        else:
+            first = 0
+            out = denoiser.step(cache, *layout.span_batch(active))
+        for r, cand in enumerate(active):
+            _commit(cand, out, r, first, params, rng, end_ids, tok.eos)
+            cand.steps += 1
+        stats["steps"] += 1
+        stats["forward_passes"] += 1
+        last_step_s = time.perf_counter() - now
+    stats["denoise_ms"] = (time.perf_counter() - loop_start) * 1000
+    scores = [length_score(c, end_ids) for c in candidates]
+    chosen = int(np.argmax(scores)) if any(math.isfinite(s) for s in scores) else len(candidates) - 1
+    best = candidates[chosen]
+    n = best.result_len(end_ids)
+    model_tokens = int((best.by_model & best.committed).sum())
+    stats.update(
+        {
+            "chosen_length": best.length,
+            "chosen_steps": best.steps,
+            "tokens_per_step": model_tokens / best.steps if best.steps else 0.0,
+            "total_ms": (time.perf_counter() - start) * 1000,
+            "scores": [s if math.isfinite(s) else None for s in scores],
+        }
+    )
+    return SamplerResult(
+        ids=[int(t) for t in best.tokens[:n]],
+        confidence=[float(c) for c in best.confidence[:n]],
+        cut=cut and not best.done,
+        chosen=chosen,
+        candidates=candidates,
+        stats=stats,
+    )
+
+
+def _commit(
+    cand: Candidate,
+    out: StepOutput,
+    row: int,
+    first: int,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    end_ids: frozenset[int],
+    eos: int,
+) -> None:
+    """Commit this step's positions of one candidate, then apply the end-token rule."""
+    masked = np.flatnonzero(~cand.committed)
+    rows = first + masked  # output rows predicting these span slots
+    top1 = out.probs[row, rows, 0]
+    take = set(masked[top1 >= params.threshold].tolist()) if params.threshold < 1.0 else set()
+    if len(take) < params.tokens_per_step:
+        scores = _scores(params.order, out, row, rows, rng)
+        for i in np.argsort(-scores, kind="stable"):
+            if len(take) >= min(params.tokens_per_step, len(masked)):
+                break
+            take.add(int(masked[i]))
+    for slot in sorted(take):
+        cand.tokens[slot] = out.ids[row, first + slot, 0]
+        cand.confidence[slot] = out.probs[row, first + slot, 0]
+        cand.committed[slot] = True
+        cand.by_model[slot] = True
+    ends = np.flatnonzero(cand.committed & np.isin(cand.tokens, list(end_ids)))
+    if len(ends):
+        after = slice(int(ends[0]) + 1, cand.length)  # past the end of the middle
+        cand.tokens[after] = eos
+        cand.committed[after] = True
+        cand.by_model[after] = False
