@@ -1,0 +1,61 @@
+"""Backend selection: CPU here, clear errors for GPU backends that cannot run, wrong folder kinds."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import Engine
+from engine.backends.base import onnxruntime_providers
+from engine.errors import BackendUnavailableError, CheckpointError, InputError
+
+ort = pytest.importorskip("onnxruntime")
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_cpu_and_auto():
+    assert onnxruntime_providers("cpu") == (["CPUExecutionProvider"], "cpu")
+    providers, chosen = onnxruntime_providers("auto")
+    assert chosen == ("cuda" if HAS_CUDA else "cpu")
+    assert providers[-1] == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has ONNX Runtime's CUDA provider")
+@pytest.mark.parametrize("backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")])
+def test_gpu_backends_name_what_is_missing(backend, provider):
+    with pytest.raises(BackendUnavailableError, match=f"{provider}.*dlm-lsp\\[gpu\\]"):
+        onnxruntime_providers(backend)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has ONNX Runtime's CUDA provider")
+def test_engine_load_with_gpu_backend_fails_cleanly(tiny_engine):
+    with pytest.raises(BackendUnavailableError, match="backend 'tensorrt'"):
+        Engine.load(tiny_engine, backend="tensorrt")
+
+
+def test_unknown_backend(tiny_engine):
+    with pytest.raises(InputError, match="unknown backend 'metal'"):
+        Engine.load(tiny_engine, backend="metal")
+
+
+def test_checkpoint_folder_needs_conversion(tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="dlm-convert"):
+        Engine.load(tiny_checkpoint, backend="cpu")
+
+
+def test_torch_backend_needs_a_checkpoint_folder(tiny_engine):
+    pytest.importorskip("torch")
+    with pytest.raises(InputError, match="checkpoint folder"):
+        Engine.load(tiny_engine, backend="torch")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Engine.load(tmp_path / "nowhere")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU with onnxruntime-gpu")
+def test_cuda_backend_runs(tiny_engine):  # pragma: no cover - runs on GPU machines only
+    engine = Engine.load(tiny_engine, backend="cuda")
+    assert engine.info.backend == "cuda"
+    assert engine.complete("def f(", ")").stats["steps"] >= 1

@@ -1,0 +1,108 @@
+"""dlm-convert: graphs validated against PyTorch, manifest checksums, failure handling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from engine import export  # noqa: E402
+from engine.errors import ExportError, ManifestError  # noqa: E402
+from engine.manifest import SPAN_OUTPUTS, read_manifest  # noqa: E402
+
+
+def test_fp32_engine_folder_contents_and_validation(tiny_engine):
+    manifest = read_manifest(tiny_engine)
+    assert manifest.family == "dream" and manifest.precision == "fp32"
+    assert set(manifest.files) >= {"context.onnx", "span_step.onnx", "tokenizer.json", "source_config.json"}
+    summary = manifest.validation["fp32"]
+    assert summary["passed"] and summary["cases"] == 3
+    assert summary["worst"]["step_prob_err"] < 1e-4
+    assert summary["worst"]["top1_agreement"] == 1.0
+
+
+def test_graph_interface(tiny_engine):
+    import onnx
+
+    span = onnx.load(str(tiny_engine / "span_step.onnx"))
+    assert [o.name for o in span.graph.output] == list(SPAN_OUTPUTS)
+    context = onnx.load(str(tiny_engine / "context.onnx"))
+    assert [i.name for i in context.graph.input] == ["input_ids", "position_ids", "cache_index"]
+
+
+def test_manifest_detects_tampering(tiny_engine, tmp_path):
+    folder = shutil.copytree(tiny_engine, tmp_path / "e")
+    data = bytearray((folder / "span_step.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (folder / "span_step.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="span_step.onnx does not match its checksum"):
+        read_manifest(folder)
+    read_manifest(folder, verify=False)  # opt-out still reads
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ManifestError, match="tokenizer.json is missing"):
+        read_manifest(folder)
+
+
+def test_manifest_malformed_or_newer(tiny_engine, tmp_path):
+    folder = shutil.copytree(tiny_engine, tmp_path / "e")
+    data = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(ManifestError, match="upgrade dlm-lsp"):
+        read_manifest(folder)
+    del data["arch"]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="malformed"):
+        read_manifest(folder)
+
+
+def test_refuses_to_overwrite_without_force(tiny_checkpoint, tiny_engine):
+    with pytest.raises(ExportError, match="--force"):
+        export.convert(tiny_checkpoint, tiny_engine, precision="fp32")
+
+
+def test_validation_failure_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    strict = export.Tolerance(cache_rtol=0.0, prob_atol=0.0, entropy_atol=0.0, min_top1_agreement=1.0, tie_margin=0.0)
+    monkeypatch.setitem(export.TOLERANCES, "fp32", strict)
+    with pytest.raises(ExportError, match=r"(?s)do not match the PyTorch reference .*\[fp32\]") as info:
+        export.convert(tiny_checkpoint, tmp_path / "out", precision="fp32")
+    assert "window40_batch1_span8" in str(info.value)  # the report names the failing case
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no leftovers
+
+
+def test_int8_conversion(small_init_checkpoint, tmp_path):
+    manifest = export.convert(small_init_checkpoint, tmp_path / "int8", precision="int8")
+    assert manifest.precision == "int8"
+    assert manifest.validation["fp32"]["passed"] and manifest.validation["int8"]["passed"]
+    assert manifest.validation["int8"]["worst"]["step_prob_err"] < export.TOLERANCES["int8"].prob_atol
+    fp32 = export.convert(small_init_checkpoint, tmp_path / "fp32", precision="fp32")
+    assert fp32.files["span_step.onnx"]["bytes"] > 2 * manifest.files["span_step.onnx"]["bytes"]
+
+
+def test_bad_options(tiny_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="precision"):
+        export.convert(tiny_checkpoint, tmp_path / "x", precision="fp8")
+    with pytest.raises(ExportError, match="top_k"):
+        export.convert(tiny_checkpoint, tmp_path / "x", top_k=1)
+
+
+def test_onnxruntime_matches_torch_reference(tiny_checkpoint, tiny_engine):
+    """The serving backend and the reference give the same numbers through the Denoiser interface."""
+    from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+    from engine.backends.torch_ref import TorchDenoiser
+    from engine.checkpoint import Checkpoint
+
+    ort = OnnxRuntimeDenoiser(tiny_engine, read_manifest(tiny_engine), backend="cpu")
+    ref = TorchDenoiser(Checkpoint.open(tiny_checkpoint))
+    report = export.validate(ref, ort, "fp32", seed=11)  # unseen shapes and values
+    assert not report.failures
+    ids = np.arange(30)[None] % ort.info.arch.vocab_size
+    a = ort.full(ids, np.arange(30)[None], np.ones((1, 30), bool))
+    b = ref.full(ids, np.arange(30)[None], np.ones((1, 30), bool))
+    assert np.array_equal(a.ids, b.ids)
+    assert np.allclose(a.probs, b.probs, atol=1e-5)
