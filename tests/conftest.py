@@ -36,3 +36,39 @@ def small_init_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _converted(convert, src: Path, dst: Path, precision: str) -> Path:  # type: ignore[no-untyped-def]
     convert(src, dst, precision=precision, progress=lambda _msg: None)
     return dst
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2():  # type: ignore[no-untyped-def]
+    """Build Hugging Face transformers' Qwen2 (the reference implementation) from a Checkpoint."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return _hf_qwen2
+
+
+def _hf_qwen2(checkpoint):  # type: ignore[no-untyped-def]
+    """transformers' Qwen2ForCausalLM with the checkpoint's weights, eager attention."""
+    import transformers
+
+    a = checkpoint.arch
+    config = transformers.Qwen2Config(
+        vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads,
+        rms_norm_eps=a.rms_norm_eps,
+        rope_theta=a.rope_theta,
+        max_position_embeddings=a.max_positions,
+        tie_word_embeddings=a.tie_word_embeddings,
+    )
+    config._attn_implementation = "eager"
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    result = model.load_state_dict({k: v.float() for k, v in checkpoint.load_state("pt").items()}, strict=False)
+    # Only the tied head may be absent from the checkpoint.
+    assert set(result.missing_keys) <= {"lm_head.weight"}
+    assert not result.unexpected_keys
+    if a.tie_word_embeddings:
+        model.tie_weights()
+    return model

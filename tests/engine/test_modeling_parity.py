@@ -19,32 +19,6 @@ from engine.tiny import write_random_checkpoint  # noqa: E402
 LOGIT_ATOL = 1e-4
 
 
-def hf_qwen2(checkpoint: Checkpoint):  # type: ignore[no-untyped-def]
-    """transformers' Qwen2ForCausalLM with the checkpoint's weights, eager attention."""
-    a = checkpoint.arch
-    config = transformers.Qwen2Config(
-        vocab_size=a.vocab_size,
-        hidden_size=a.hidden_size,
-        intermediate_size=a.intermediate_size,
-        num_hidden_layers=a.num_layers,
-        num_attention_heads=a.num_heads,
-        num_key_value_heads=a.num_kv_heads,
-        rms_norm_eps=a.rms_norm_eps,
-        rope_theta=a.rope_theta,
-        max_position_embeddings=a.max_positions,
-        tie_word_embeddings=a.tie_word_embeddings,
-    )
-    config._attn_implementation = "eager"
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    result = model.load_state_dict({k: v.float() for k, v in checkpoint.load_state("pt").items()}, strict=False)
-    # Only the tied head may be absent from the checkpoint.
-    assert set(result.missing_keys) <= {"lm_head.weight"}
-    assert not result.unexpected_keys
-    if a.tie_word_embeddings:
-        model.tie_weights()
-    return model
-
-
 def hf_bidirectional_logits(model, ids):  # type: ignore[no-untyped-def]
     batch, length = ids.shape
     full = torch.zeros(batch, 1, length, length)  # additive mask: every position sees every position
@@ -61,7 +35,7 @@ def hf_bidirectional_logits(model, ids):  # type: ignore[no-untyped-def]
     ],
     ids=["tied-gqa", "untied-mha-sharded", "mqa-theta1e6"],
 )
-def test_logits_match_transformers_qwen2(tmp_path, kwargs):
+def test_logits_match_transformers_qwen2(tmp_path, kwargs, hf_qwen2):
     ckpt = Checkpoint.open(write_random_checkpoint(tmp_path / "c", seed=7, **kwargs))
     ours = load_transformer(ckpt)
     ref = hf_qwen2(ckpt)

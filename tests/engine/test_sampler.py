@@ -1,0 +1,193 @@
+"""The denoising loop, driven by a scripted denoiser whose distributions the test controls.
+
+The scripted denoiser is a test double for the *model*; the sampler under test is
+the real one. Each span slot has a fixed (token, confidence) the model "believes";
+the script records what it was asked so the tests can check the calls too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from engine.backends.base import ModelInfo, StepOutput
+from engine.errors import InputError
+from engine.families import ArchConfig, TokenIds
+from engine.sampler import SamplingParams, UnmaskOrder, denoise
+
+MASK, EOS, VOCAB = 1, 0, 100
+ARCH = ArchConfig(
+    vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+    rms_norm_eps=1e-6, rope_theta=1e4, max_positions=512, qkv_bias=True, tie_word_embeddings=True, shifted=True,
+)
+
+
+class ScriptedDenoiser:
+    """Slot j of a span of length m predicts ``beliefs[m][j]`` = (token, p1, p2, entropy)."""
+
+    def __init__(self, beliefs, delay_s: float = 0.0):  # type: ignore[no-untyped-def]
+        self.beliefs = beliefs
+        self.delay_s = delay_s
+        self.info = ModelInfo("dream", ARCH, TokenIds(mask=MASK, eos=EOS, pad=EOS), "fp32", "scripted", "cpu", 2)
+        self.calls: list[tuple[str, np.ndarray]] = []
+        self.prefix_len = 0
+
+    def encode_context(self, input_ids, positions, cache_index):  # type: ignore[no-untyped-def]
+        self.calls.append(("context", input_ids))
+        self.prefix_len = int(np.flatnonzero(input_ids == MASK)[0])
+        return type("Cache", (), {"length": len(cache_index)})()
+
+    def _out(self, rows, width, slot0):  # type: ignore[no-untyped-def]
+        ids = np.zeros((len(rows), width, 2), np.int64)
+        probs = np.zeros((len(rows), width, 2), np.float32)
+        ent = np.zeros((len(rows), width), np.float32)
+        for r, m in enumerate(rows):
+            for j, (tok, p1, p2, h) in enumerate(self.beliefs[m]):
+                ids[r, slot0 + j] = (tok, tok + 1)
+                probs[r, slot0 + j] = (p1, p2)
+                ent[r, slot0 + j] = h
+        time.sleep(self.delay_s)
+        return StepOutput(ids, probs, ent)
+
+    def step(self, cache, span_ids, span_pos, span_valid, cache_pos):  # type: ignore[no-untyped-def]
+        self.calls.append(("step", span_ids.copy()))
+        rows = [int(v.sum()) - 1 for v in span_valid]  # span length = valid - anchor
+        return self._out(rows, span_ids.shape[1], 0)
+
+    def full(self, input_ids, positions, valid):  # type: ignore[no-untyped-def]
+        self.calls.append(("full", input_ids.copy()))
+        if not self.prefix_len:  # first call: every span slot is still masked
+            self.prefix_len = int(np.flatnonzero(input_ids[0] == MASK)[0])
+        rows = [int((row == MASK).sum()) for row in input_ids]  # only correct on the first step; fine for tests
+        rows = [m if m in self.beliefs else max(self.beliefs) for m in rows]
+        return self._out(rows, input_ids.shape[1], self.prefix_len - 1 if self.prefix_len else 0)
+
+
+def beliefs(*slots):  # type: ignore[no-untyped-def]
+    return [(tok, p, p / 2, 1.0 - p) for tok, p in slots]
+
+
+PREFIX, SUFFIX = [5, 6, 7], [8, 9]
+
+
+def test_threshold_one_commits_one_per_step_in_confidence_order():
+    d = ScriptedDenoiser({4: beliefs((10, 0.5), (11, 0.9), (12, 0.7), (13, 0.6))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4,), threshold=1.0))
+    assert r.ids == [10, 11, 12, 13]
+    assert r.stats["steps"] == 4 and r.stats["tokens_per_step"] == 1.0
+    steps = [ids[0, 1:] for kind, ids in d.calls if kind == "step"]  # drop the anchor column
+    # slot 1 (0.9) first, then slot 2 (0.7), slot 3 (0.6), slot 0 (0.5)
+    assert steps[1].tolist() == [MASK, 11, MASK, MASK]
+    assert steps[2].tolist() == [MASK, 11, 12, MASK]
+    assert steps[3].tolist() == [MASK, 11, 12, 13]
+    assert d.calls[0][0] == "context" and d.calls[0][1].tolist() == PREFIX + [MASK] * 4 + SUFFIX
+
+
+def test_threshold_commits_many_per_step():
+    d = ScriptedDenoiser({6: beliefs((10, 0.95), (11, 0.99), (12, 0.3), (13, 0.92), (14, 0.2), (15, 0.97))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(6,), threshold=0.9))
+    assert r.ids == [10, 11, 12, 13, 14, 15]
+    # step 1 commits the four confident slots, then one per step for the two doubtful ones
+    assert r.stats["steps"] == 3 and r.stats["tokens_per_step"] == 2.0
+    assert r.stats["forward_passes"] == 4  # context pass + 3 span steps
+
+
+def test_tokens_per_step_floor():
+    d = ScriptedDenoiser({6: beliefs(*[(10 + i, 0.1) for i in range(6)])})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(6,), threshold=1.0, tokens_per_step=3))
+    assert r.stats["steps"] == 2 and len(r.ids) == 6
+
+
+@pytest.mark.parametrize(
+    "order, first",
+    [(UnmaskOrder.CONFIDENCE, 2), (UnmaskOrder.MARGIN, 2), (UnmaskOrder.ENTROPY, 2)],
+)
+def test_orders_pick_the_most_certain_slot(order, first):
+    d = ScriptedDenoiser({3: beliefs((10, 0.4), (11, 0.5), (12, 0.8))})
+    denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(3,), threshold=1.0, order=order))
+    second_step = [ids for kind, ids in d.calls if kind == "step"][1][0, 1:]
+    assert second_step.tolist() == [MASK, MASK, 12]
+
+
+def test_random_order_is_seeded():
+    script = {8: beliefs(*[(10 + i, 0.5) for i in range(8)])}
+
+    def first_pick(seed):  # type: ignore[no-untyped-def]
+        d = ScriptedDenoiser(script)
+        denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(8,), threshold=1.0, order="random", seed=seed))
+        return [ids for kind, ids in d.calls if kind == "step"][1][0, 1:].tolist()
+
+    assert first_pick(1) == first_pick(1)
+    assert len({tuple(first_pick(s)) for s in range(6)}) > 1
+
+
+def test_eos_ends_the_middle_and_fills_the_rest():
+    d = ScriptedDenoiser({6: beliefs((10, 0.95), (11, 0.95), (EOS, 0.99), (13, 0.2), (14, 0.2), (15, 0.2))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(6,), threshold=0.9))
+    assert r.ids == [10, 11]
+    cand = r.candidates[0]
+    assert cand.tokens.tolist() == [10, 11, EOS, EOS, EOS, EOS]
+    assert r.stats["steps"] == 1 and not r.cut
+
+
+def test_length_choice_prefers_confident_candidate():
+    d = ScriptedDenoiser(
+        {
+            2: beliefs((10, 0.3), (11, 0.3)),  # too short: the model is unsure
+            4: beliefs((10, 0.9), (11, 0.9), (12, 0.9), (EOS, 0.95)),
+        }
+    )
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(2, 4), threshold=0.85))
+    assert r.stats["chosen_length"] == 4 and r.ids == [10, 11, 12]
+    assert d.calls[0][1].tolist() == PREFIX + [MASK] * 4 + SUFFIX  # one context pass, longest layout
+    assert sum(kind == "context" for kind, _ in d.calls) == 1
+
+
+def test_budget_returns_only_committed_prefix():
+    d = ScriptedDenoiser({8: beliefs(*[(10 + i, 0.5 - 0.05 * i) for i in range(8)])}, delay_s=0.03)
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(8,), threshold=1.0, budget_ms=100))
+    assert r.cut
+    assert 1 <= r.stats["steps"] < 8
+    assert MASK not in r.ids
+    assert r.ids == [10 + i for i in range(len(r.ids))]  # committed left to right here
+
+
+def test_budget_cut_stops_at_first_masked_slot():
+    # slot 0 is the least confident: after a few steps slots 1.. are committed but slot 0 is not
+    d = ScriptedDenoiser({5: beliefs((10, 0.1), (11, 0.9), (12, 0.8), (13, 0.7), (14, 0.6))})
+    calls = iter(range(100))
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(5,), threshold=1.0), stop=lambda: next(calls) >= 3)
+    assert r.cut and r.stats["steps"] == 3
+    assert r.ids == []  # slot 0 still masked: nothing usable, never uncommitted garbage
+
+
+def test_stop_callback_cancels():
+    d = ScriptedDenoiser({4: beliefs(*[(10 + i, 0.5) for i in range(4)])})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4,), threshold=1.0), stop=lambda: True)
+    assert r.cut and r.ids == [] and r.stats["steps"] == 0
+
+
+def test_exact_mode_uses_full_windows():
+    d = ScriptedDenoiser({3: beliefs((10, 0.95), (11, 0.95), (12, 0.95))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(3,), threshold=0.9, exact=True))
+    assert r.ids == [10, 11, 12]
+    assert [kind for kind, _ in d.calls] == ["full"]
+    assert d.calls[0][1][0].tolist() == PREFIX + [MASK] * 3 + SUFFIX
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(lengths=()), dict(lengths=(0,)), dict(threshold=0.0), dict(threshold=1.5), dict(tokens_per_step=0),
+     dict(budget_ms=-1), dict(order="sideways")],
+)
+def test_bad_params(kwargs):
+    with pytest.raises((InputError, ValueError)):
+        SamplingParams(**kwargs)
+
+
+def test_shifted_model_needs_an_anchor():
+    d = ScriptedDenoiser({2: beliefs((10, 0.9), (11, 0.9))})
+    with pytest.raises(InputError, match="at least one token"):
+        denoise(d, [], SUFFIX, SamplingParams(lengths=(2,)))
