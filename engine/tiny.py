@@ -140,3 +140,26 @@ def write_random_checkpoint(
         index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.tiny OUT``: write a tiny random dream-family checkpoint (for demos and tests)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.tiny", description=main.__doc__)
+    parser.add_argument("out", type=Path, help="folder to write")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_random_checkpoint(
+        args.out, num_layers=args.layers, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        vocab_size=args.vocab, seed=args.seed,
+    )
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
