@@ -265,6 +265,7 @@ def denoise(
             "chosen_length": best.length,
             "chosen_steps": best.steps,
             "tokens_per_step": model_tokens / best.steps if best.steps else 0.0,
+            "tokens_per_forward": model_tokens / stats["forward_passes"] if stats["forward_passes"] else 0.0,
             "total_ms": (time.perf_counter() - start) * 1000,
             "scores": [s if math.isfinite(s) else None for s in scores],
         }

@@ -152,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-std", type=float, default=0.02, help="weight scale (0.02, like a real initialisation, quantises cleanly)"
+    )
     args = parser.parse_args(argv)
     write_random_checkpoint(
         args.out, num_layers=args.layers, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        vocab_size=args.vocab, seed=args.seed,
+        vocab_size=args.vocab, seed=args.seed, init_std=args.init_std,
     )
     print(args.out)
     return 0

@@ -147,3 +147,24 @@ def test_cli_plain_output(tmp_path, tiny_engine):
     proc = run_cli("dlm-complete", "--model", str(tiny_engine), "--prefix-file", str(tmp_path / "p.txt"), "--length", "8")
     assert proc.returncode == 0, proc.stderr
     assert "[cpu]" in proc.stderr and "tokens/step" in proc.stderr
+
+
+def test_serving_path_never_imports_torch(tiny_engine):
+    """Loading an engine folder and completing works with torch made unimportable."""
+    code = f"""
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+from engine import Engine, SamplingParams
+engine = Engine.load({str(tiny_engine)!r}, backend="cpu")
+c = engine.complete("def f(x):\\n    return ", "", SamplingParams(lengths=(4,)))
+assert c.stats["steps"] >= 1
+assert "torch" not in sys.modules
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
