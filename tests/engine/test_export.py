@@ -66,7 +66,7 @@ def test_refuses_to_overwrite_without_force(tiny_checkpoint, tiny_engine):
 
 
 def test_validation_failure_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    strict = export.Tolerance(cache_rtol=0.0, prob_atol=0.0, entropy_atol=0.0, min_top1_agreement=1.0, tie_margin=0.0)
+    strict = export.Tolerance(cache_rtol=0.0, prob_atol=0.0, entropy_rtol=0.0, min_top1_agreement=1.0, tie_margin=0.0)
     monkeypatch.setitem(export.TOLERANCES, "fp32", strict)
     with pytest.raises(ExportError, match=r"(?s)do not match the PyTorch reference .*\[fp32\]") as info:
         export.convert(tiny_checkpoint, tmp_path / "out", precision="fp32")
