@@ -13,7 +13,8 @@ Files are filtered (tests, docs builds, vendored copies, generated or data-like
 files), deduplicated (exact, then near-duplicates by MinHash over 5-word shingles),
 split into train and held-out by a hash of their path, and the training split is
 decontaminated: a file sharing any 20-token n-gram with a HumanEval-infilling
-problem or with a held-out file is dropped. The corpus goes to ``OUT/train.jsonl``
+problem, or a distinctive one (not boilerplate found in several files) with a
+held-out file, is dropped. The corpus goes to ``OUT/train.jsonl``
 and ``OUT/heldout.jsonl``; ``OUT/corpus_manifest.json`` records every package
 (version, licence, files, bytes) and what each filter removed.
 """
@@ -313,26 +314,38 @@ def load_problems_text(paths: Iterable[Path]) -> list[str]:
 
 
 def split_and_decontaminate(
-    files: list[SourceFile], eval_texts: list[str], stats: Stats, heldout_share: float = 0.01
+    files: list[SourceFile], eval_texts: list[str], stats: Stats, heldout_share: float = 0.01, boilerplate_df: int = 3
 ) -> tuple[list[SourceFile], list[SourceFile]]:
-    """Held-out split by path hash; training files sharing an n-gram with eval or held-out are dropped."""
+    """Held-out split by path hash; drop training files that overlap evaluation or held-out text.
+
+    A training file is dropped if it shares any 20-token n-gram with an evaluation
+    problem, or a *distinctive* one with a held-out file. An n-gram found in
+    ``boilerplate_df`` or more training files (a licence header, a common import
+    block) identifies no file, so it does not count against the held-out split.
+    """
     heldout, train = [], []
     for f in files:
         bucket = int(hashlib.sha256(f.key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (heldout if bucket < heldout_share else train).append(f)
-    banned: set[int] = set()
+    eval_grams: set[int] = set()
     for text in eval_texts:
-        banned |= ngrams(text)
-    eval_grams = set(banned)
+        eval_grams |= ngrams(text)
+    held_grams: set[int] = set()
     for f in heldout:
-        banned |= ngrams(f.text)
+        held_grams |= ngrams(f.text)
+    watched = held_grams | eval_grams
+    shared = [ngrams(f.text) & watched for f in train]
+    df: dict[int, int] = {}
+    for grams in shared:
+        for g in grams & held_grams:
+            df[g] = df.get(g, 0) + 1
+    distinctive = {g for g, n in df.items() if n < boilerplate_df}
     clean = []
-    for f in train:
-        grams = ngrams(f.text)
+    for f, grams in zip(train, shared):
         if grams & eval_grams:
             stats.drop("shares a 20-gram with an evaluation problem")
-        elif grams & banned:
-            stats.drop("shares a 20-gram with the held-out split")
+        elif grams & distinctive:
+            stats.drop("shares a distinctive 20-gram with the held-out split")
         else:
             clean.append(f)
     return clean, heldout

@@ -139,7 +139,7 @@ class Batcher:
         self.stream = stream
         self.window = window
         self.span_share = span_share
-        self.max_middle = max_middle
+        self.max_middle = min(max_middle, window // 2)  # leave room for context
         self.ids = SpecialIds()
 
     def batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -173,7 +173,7 @@ class Batcher:
             if not m or len(m) > self.max_middle:
                 continue
             if rng.random() < 0.5:
-                slot = next((n for n in CANDIDATE_LENGTHS if n >= len(m)), len(m))
+                slot = min(self.max_middle, next((n for n in CANDIDATE_LENGTHS if n >= len(m)), len(m)))
             else:
                 slot = min(self.max_middle, len(m) + int(rng.integers(0, 9)))
             room = self.window - slot - 1
