@@ -37,6 +37,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: l
     return tokenizer
 
 
+def write_tokenizer_config(folder: Path) -> None:
+    """``tokenizer_config.json`` naming the special tokens of our tokenizers."""
+    config = {"mask_token": MASK_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "bos_token": BOS_TOKEN}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def default_texts() -> list[str]:
     """Some Python source to train a throwaway tokenizer on: this package's own files."""
     root = Path(__file__).resolve().parent
@@ -69,7 +75,8 @@ def write_random_checkpoint(
     from safetensors.numpy import save_file
 
     from engine.checkpoint import expected_shapes
-    from engine.families import ArchConfig
+    from engine.families import ArchConfig, TokenIds
+    from engine.families.dream import to_config
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,33 +86,6 @@ def write_random_checkpoint(
     tokenizer.save(str(folder / "tokenizer.json"))
     real_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     ids = {name: tokenizer.token_to_id(tok) for name, tok in (("eos", EOS_TOKEN), ("mask", MASK_TOKEN), ("bos", BOS_TOKEN))}
-    config = {
-        "architectures": ["DreamModel"],
-        "model_type": "Dream",
-        "vocab_size": real_vocab,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": rope_theta,
-        "rope_scaling": None,
-        "tie_word_embeddings": tie_word_embeddings,
-        "use_sliding_window": False,
-        "torch_dtype": "float32",
-        "mask_token_id": ids["mask"],
-        "eos_token_id": ids["eos"],
-        "pad_token_id": ids["eos"],
-        "bos_token_id": ids["bos"],
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"mask_token": MASK_TOKEN, "eos_token": EOS_TOKEN, "bos_token": BOS_TOKEN}, indent=2) + "\n",
-        encoding="utf-8",
-    )
     arch = ArchConfig(
         vocab_size=real_vocab,
         hidden_size=hidden_size,
@@ -121,6 +101,9 @@ def write_random_checkpoint(
         tie_word_embeddings=tie_word_embeddings,
         shifted=True,
     )
+    token_ids = TokenIds(mask=ids["mask"], eos=ids["eos"], pad=ids["eos"], bos=ids["bos"])
+    (folder / "config.json").write_text(json.dumps(to_config(arch, token_ids), indent=2) + "\n", encoding="utf-8")
+    write_tokenizer_config(folder)
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in expected_shapes(arch).items():

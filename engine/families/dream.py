@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from engine.errors import UnsupportedConfigError
-from engine.families import ArchConfig, Family
+from engine.families import ArchConfig, Family, TokenIds
 
 
 def _matches(config: Mapping[str, Any]) -> bool:
@@ -71,6 +71,33 @@ def _parse_config(config: Mapping[str, Any]) -> ArchConfig:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         shifted=True,
     )
+
+
+def to_config(arch: ArchConfig, token_ids: TokenIds, **extra: Any) -> dict[str, Any]:
+    """A Dream-style ``config.json`` for ``arch`` (the inverse of parsing); ``extra`` keys are appended."""
+    return {
+        "architectures": ["DreamModel"],
+        "model_type": "Dream",
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": arch.max_positions,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope_theta": arch.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "use_sliding_window": False,
+        "torch_dtype": "float32",
+        "mask_token_id": token_ids.mask,
+        "eos_token_id": token_ids.eos,
+        "pad_token_id": token_ids.pad,
+        "bos_token_id": token_ids.bos,
+        **extra,
+    }
 
 
 def _weight_names(arch: ArchConfig) -> dict[str, str]:

@@ -255,8 +255,10 @@ def export_hf(run: Path, out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from engine.families import TokenIds
+    from engine.families.dream import to_config
+    from engine.tiny import write_tokenizer_config
     from engine.train.data import SpecialIds
-    from engine.tiny import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN
 
     cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -264,20 +266,12 @@ def export_hf(run: Path, out: Path) -> Path:
     weights = {k: v.contiguous() for k, v in state["model"].items() if not k.startswith("rotary")}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     ids = SpecialIds()
-    arch = cfg.arch()
-    config = {
-        "architectures": ["DreamModel"], "model_type": "Dream", "vocab_size": arch.vocab_size,
-        "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
-        "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_heads,
-        "num_key_value_heads": arch.num_kv_heads, "hidden_act": "silu", "max_position_embeddings": arch.max_positions,
-        "rms_norm_eps": arch.rms_norm_eps, "rope_theta": arch.rope_theta, "rope_scaling": None,
-        "tie_word_embeddings": True, "use_sliding_window": False, "torch_dtype": "float32",
-        "mask_token_id": ids.mask, "eos_token_id": ids.eos, "pad_token_id": ids.eos, "bos_token_id": ids.bos,
-        "dlm_training": {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_hours": round(state["train_seconds"] / 3600, 3)},
-    }
+    token_ids = TokenIds(mask=ids.mask, eos=ids.eos, pad=ids.eos, bos=ids.bos)
+    training = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_hours": round(state["train_seconds"] / 3600, 3)}
+    config = to_config(cfg.arch(), token_ids, dlm_training=training)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.copy2(run / "tokenizer.json", out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps({"mask_token": MASK_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "bos_token": BOS_TOKEN}, indent=2) + "\n")
+    write_tokenizer_config(out)
     return out
 
 
