@@ -1,0 +1,44 @@
+"""What every post-processing filter sees and returns.
+
+A filter is a small pure function ``(Suggestion, Context) -> Suggestion | None``:
+``None`` drops the suggestion. Filters never look at the model; they only know the
+text around the cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Context:
+    """The text around the cursor, split the way filters need it."""
+
+    line_prefix: str
+    """The current line up to the cursor."""
+    line_suffix: str
+    """The current line after the cursor (no newline)."""
+    next_lines: tuple[str, ...] = ()
+    """The lines after the current one (a few are enough)."""
+    previous_lines: tuple[str, ...] = ()
+    """The lines before the current one, nearest last."""
+    multiline: bool = False
+    """Whether a multi-line suggestion is wanted here."""
+    language: str = "python"
+    indent_unit: str = "    "
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """Text to insert at the cursor, replacing ``replace_suffix`` characters of ``line_suffix``."""
+
+    text: str
+    replace_suffix: int = 0
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """Which filters changed it (for logs and tests)."""
+
+    def changed(self, text: str, by: str, replace_suffix: int | None = None) -> "Suggestion":
+        """A copy with new text, recording the filter."""
+        return Suggestion(
+            text, self.replace_suffix if replace_suffix is None else replace_suffix, (*self.notes, by)
+        )

@@ -1,0 +1,144 @@
+"""The ``dlm`` settings section: one typed home, documented defaults, validated at the boundary.
+
+Settings arrive from ``initializationOptions``, ``workspace/configuration`` and
+``workspace/didChangeConfiguration`` as JSON. :func:`parse_settings` turns them into
+a :class:`Settings`; every invalid value is replaced by its default and reported
+(the server shows the messages with ``window/showMessage``, naming the key).
+Keys use VS Code's camelCase (``dlm.latencyBudgetMs``); snake_case is accepted too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
+MULTILINE_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every user-facing setting of the server, with its default."""
+
+    model: str = ""
+    """Engine folder to load; empty = the default model that ships with dlm-lsp."""
+    backend: str = "auto"
+    """Runtime: auto | tensorrt | cuda | cpu."""
+    latency_budget_ms: float = 150.0
+    """Hard deadline of one completion; at the deadline the committed part is returned."""
+    max_middle_tokens: int = 64
+    """Longest middle the engine may write."""
+    length_candidates: tuple[int, ...] = (8, 16, 32, 64)
+    """Candidate middle lengths (tokens) tried in one batch; capped by max_middle_tokens."""
+    confidence_threshold: float = 0.9
+    """Commit every masked position at least this confident in a denoising step."""
+    debounce_ms: int = 75
+    """Wait this long after the last keystroke before asking the model (automatic triggers only)."""
+    enable: Mapping[str, bool] = field(default_factory=lambda: {"*": True, "plaintext": False, "markdown": False})
+    """Per-language switch; ``"*"`` is the fallback."""
+    multiline: str = "auto"
+    """auto (decided from syntax) | always | never."""
+    prefix_tokens: int = 192
+    """Token budget of the text before the cursor."""
+    suffix_tokens: int = 48
+    """Token budget of the text after the cursor."""
+    other_files: bool = True
+    """Add snippets from other open documents of the same language."""
+    other_files_tokens: int = 64
+    """Token budget of those snippets (taken from the prefix budget's share of the window)."""
+    metrics: bool = True
+    """Count shown/accepted suggestions locally (never sent anywhere)."""
+
+    def enabled_for(self, language_id: str) -> bool:
+        """Whether completions are on for ``language_id``."""
+        return bool(self.enable.get(language_id, self.enable.get("*", True)))
+
+    def lengths(self) -> tuple[int, ...]:
+        """Candidate lengths within ``max_middle_tokens`` (at least one)."""
+        kept = tuple(n for n in self.length_candidates if n <= self.max_middle_tokens)
+        return kept or (self.max_middle_tokens,)
+
+
+SECTION = "dlm"
+
+_ALIASES = {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), f.name): f.name for f in fields(Settings)}
+_ALIASES.update({"latencyBudget": "latency_budget_ms", "multiLine": "multiline", "enabled": "enable"})
+
+
+def _check(name: str, value: Any, default: Any) -> Any:
+    """Validated value for field ``name`` or raise ValueError with the reason."""
+    if name in ("model",):
+        if not isinstance(value, str):
+            raise ValueError("expected a folder path (string)")
+        return value
+    if name == "backend":
+        if value not in BACKENDS:
+            raise ValueError(f"expected one of {', '.join(BACKENDS)}")
+        return value
+    if name == "multiline":
+        if value not in MULTILINE_MODES:
+            raise ValueError(f"expected one of {', '.join(MULTILINE_MODES)}")
+        return value
+    if name in ("other_files", "metrics"):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if name == "enable":
+        if isinstance(value, bool):
+            return {"*": value}
+        if not isinstance(value, Mapping) or not all(isinstance(v, bool) for v in value.values()):
+            raise ValueError('expected a map of language ids to true/false, like {"*": true, "markdown": false}')
+        return {**default, **dict(value)} if "*" not in value else dict(value)
+    if name == "length_candidates":
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 512 for v in value):
+            raise ValueError("expected a non-empty list of token counts between 1 and 512")
+        return tuple(sorted(set(value)))
+    if name == "confidence_threshold":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError("expected a number in (0, 1]")
+        return float(value)
+    limits = {
+        "latency_budget_ms": (1, 60_000),
+        "max_middle_tokens": (1, 512),
+        "debounce_ms": (0, 5_000),
+        "prefix_tokens": (0, 32_768),
+        "suffix_tokens": (0, 32_768),
+        "other_files_tokens": (0, 8_192),
+    }
+    low, high = limits[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"expected a number between {low} and {high}")
+    return type(default)(value)
+
+
+def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, list[str]]:
+    """Settings from a JSON object (the ``dlm`` section, or an object holding it).
+
+    Returns the settings and one message per rejected or unknown key; rejected
+    values fall back to their default.
+    """
+    base = base or Settings()
+    if raw is None:
+        return base, []
+    if isinstance(raw, Mapping) and isinstance(raw.get(SECTION), Mapping):
+        raw = raw[SECTION]
+    if not isinstance(raw, Mapping):
+        return base, [f"{SECTION}: expected an object of settings, got {type(raw).__name__}; using defaults"]
+    defaults = Settings()
+    changes: dict[str, Any] = {}
+    problems = []
+    for key, value in raw.items():
+        name = _ALIASES.get(key, key if key in Settings.__dataclass_fields__ else None)
+        if name is None:
+            problems.append(f"{SECTION}.{key}: unknown setting (ignored)")
+            continue
+        if value is None:
+            changes[name] = getattr(defaults, name)
+            continue
+        try:
+            changes[name] = _check(name, value, getattr(defaults, name))
+        except ValueError as exc:
+            changes[name] = getattr(defaults, name)
+            problems.append(f"{SECTION}.{key}: {value!r} is invalid ({exc}); using the default {getattr(defaults, name)!r}")
+    return replace(base, **changes), problems
