@@ -12,6 +12,8 @@ Everything else (checkpoint reading, export, backends, the sampler) is reachable
 from its own module for tools and tests.
 """
 
+from pathlib import Path
+
 from engine.backends.base import BACKENDS, ModelInfo
 from engine.engine import Completion, Engine
 from engine.errors import (
@@ -26,6 +28,13 @@ from engine.errors import (
     UnsupportedConfigError,
 )
 from engine.sampler import SamplingParams, UnmaskOrder
+
+
+
+def default_model_path() -> Path:
+    """The engine folder of the default model that ships inside this package."""
+    return Path(__file__).resolve().parent / "models" / "default"
+
 
 __all__ = [
     "BACKENDS",
@@ -43,4 +52,5 @@ __all__ = [
     "UnknownFamilyError",
     "UnmaskOrder",
     "UnsupportedConfigError",
+    "default_model_path",
 ]

@@ -119,11 +119,14 @@ class Engine:
         stop: Callable[[], bool] | None = None,
         max_prefix_tokens: int | None = None,
         max_suffix_tokens: int | None = None,
+        document_start: bool = True,
     ) -> Completion:
         """Fill the middle between ``prefix`` and ``suffix``.
 
         ``stop`` is polled between denoising steps; returning True ends the run
         with the committed part (``cut=True``), as does ``params.budget_ms``.
+        ``document_start`` says whether ``prefix`` begins where the document does
+        (then, if the window keeps all of it, BOS goes first).
         """
         params = params or SamplingParams()
         start = time.perf_counter()
@@ -134,7 +137,7 @@ class Engine:
         prefix_ids, suffix_ids, dropped_p, dropped_s = self._fit_window(
             prefix_ids, suffix_ids, max(params.lengths), max_prefix_tokens, max_suffix_tokens
         )
-        if dropped_p == 0 and tok.bos is not None:
+        if document_start and dropped_p == 0 and tok.bos is not None:
             prefix_ids = [tok.bos, *prefix_ids]  # the window starts where the document does
         elif not prefix_ids and self.info.arch.shifted:
             prefix_ids = [tok.eos]  # a shifted model predicts slot 0 from the position before it

@@ -1,0 +1,159 @@
+"""``dlm-lsp``: run the language server, or check a completion from the command line.
+
+    dlm-lsp                       # serve over stdio (what editors launch)
+    dlm-lsp --tcp --port 2087     # serve over TCP on 127.0.0.1
+    dlm-lsp check [FILE[:LINE:COL]] [--model DIR] [--backend cpu]
+
+Logs go to stderr or ``--log-file``; stdout belongs to the LSP channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dlm_lsp import __version__
+
+SAMPLE = '''def fibonacci(n: int) -> int:
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    return <CURSOR>
+
+
+def main() -> None:
+    for i in range(10):
+        print(i, fibonacci(i))
+'''
+CURSOR = "<CURSOR>"
+
+
+def _setup_logging(level: str, log_file: Path | None) -> None:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def parser() -> argparse.ArgumentParser:
+    """Arguments of ``dlm-lsp``."""
+    p = argparse.ArgumentParser(prog="dlm-lsp", description="Inline code completion from a masked diffusion model.")
+    p.add_argument("--version", action="version", version=f"dlm-lsp {__version__}")
+    p.add_argument("--tcp", action="store_true", help="serve over TCP instead of stdio")
+    p.add_argument("--host", default="127.0.0.1", help="TCP host (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=2087, help="TCP port (default: 2087)")
+    p.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command")
+    check = sub.add_parser("check", help="load the model and complete once, through the server's code path")
+    check.add_argument("target", nargs="?", help="FILE or FILE:LINE:COL (1-based; default: end of file). Default: a built-in sample")
+    check.add_argument("--model", default="", help="engine folder (default: the shipped model)")
+    check.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "cuda", "cpu"])
+    check.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")
+    check.add_argument("--language", default=None, help="language id (default: from the file extension)")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust", ".java": "java",
+             ".c": "c", ".h": "c", ".cpp": "cpp", ".cc": "cpp", ".lua": "lua", ".rb": "ruby", ".md": "markdown"}
+
+
+def _target(spec: str | None) -> tuple[str, int, str, str]:
+    """(text, offset, language, label) of the check target."""
+    if spec is None:
+        offset = SAMPLE.index(CURSOR)
+        return SAMPLE.replace(CURSOR, ""), offset, "python", "built-in sample"
+    path, line, col = spec, None, None
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        path, line, col = parts[0], int(parts[1]), int(parts[2])
+    file = Path(path)
+    text = file.read_text(encoding="utf-8")
+    if line is None:
+        offset = len(text)
+    else:
+        lines = text.split("\n")
+        if not 1 <= line <= len(lines) or not 1 <= col <= len(lines[line - 1]) + 1:
+            raise ValueError(f"{spec}: position outside the file ({len(lines)} lines)")
+        offset = sum(len(x) + 1 for x in lines[: line - 1]) + col - 1
+    return text, offset, LANGUAGES.get(file.suffix, "plaintext"), str(file)
+
+
+def check(args: argparse.Namespace) -> int:
+    """``dlm-lsp check``: what a newcomer runs first."""
+    from dataclasses import replace
+
+    from dlm_lsp.completion import complete_text
+    from dlm_lsp.model_host import ModelHost
+    from dlm_lsp.settings import Settings
+
+    try:
+        text, offset, language, label = _target(args.target)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        print(f"dlm-lsp check: error: {exc}", file=sys.stderr)
+        return 2
+    settings = Settings(model=args.model, backend=args.backend)
+    if args.budget_ms is not None:
+        settings = replace(settings, latency_budget_ms=args.budget_ms)
+    language = args.language or language
+    host = ModelHost()
+    started = time.perf_counter()
+    host.load(settings.model, settings.backend)
+    host.wait()
+    if host.state != "ready":
+        print(f"dlm-lsp check: error: {host.error}", file=sys.stderr)
+        return 2
+    result = complete_text(host.engine, text, offset, language, settings)
+    info = host.engine.info
+    report = {
+        "target": label,
+        "model": str(host.path),
+        "family": info.family,
+        "backend": info.backend,
+        "device": info.device,
+        "precision": info.precision,
+        "load_ms": round(host.load_ms or 0, 1),
+        "cold_start_ms": round((time.perf_counter() - started) * 1000, 1),
+        "latency_ms": round(result.latency_ms, 1),
+        "budget_ms": settings.latency_budget_ms,
+        "cut_by_budget": result.cut,
+        "completion": result.suggestion.text if result.suggestion else "",
+        "raw_engine_text": result.raw_text,
+        "steps": result.engine_stats.get("steps"),
+        "tokens_per_step": round(result.engine_stats.get("tokens_per_step", 0.0), 2),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    line_start = text.rfind("\n", 0, offset) + 1
+    print(f"model:    {report['model']} ({info.family}, {info.precision})")
+    print(f"backend:  {info.backend} on {info.device}")
+    print(f"latency:  {report['latency_ms']} ms (budget {settings.latency_budget_ms:g} ms"
+          f"{', cut' if result.cut else ''}); model load {report['load_ms']} ms")
+    print(f"at:       {label}")
+    print("context:  " + text[line_start:offset] + "\u2502")
+    print("completion:")
+    print(report["completion"] if report["completion"] else "(no suggestion)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dlm-lsp`` and ``python -m dlm_lsp``."""
+    args = parser().parse_args(argv)
+    _setup_logging(args.log_level, args.log_file)
+    if args.command == "check":
+        return check(args)
+    from dlm_lsp.server import server
+
+    if args.tcp:
+        server.start_tcp(args.host, args.port)
+    else:
+        server.start_io()
+    return 0

@@ -1,0 +1,169 @@
+"""One inline completion, from document text to post-processed suggestion.
+
+:func:`complete_text` is the synchronous core shared by the language server (run
+off the event loop) and ``dlm-lsp check``: context building, the engine call with
+the latency budget and a stop callback, and post-processing.
+:class:`CompletionService` adds what a live editor needs around it: one engine
+request in flight per document (a newer request stops the older one at its next
+denoising step), debounce of automatic triggers, the type-through cache, and
+dropping results for a document version that is no longer current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from dlm_lsp.cache import CachedSuggestion, CompletionCache
+from dlm_lsp.context import CompletionContext, OpenDocument, build_context
+from dlm_lsp.postprocess import Suggestion, postprocess
+from dlm_lsp.settings import Settings
+from dlm_lsp.status import Metrics
+
+log = logging.getLogger(__name__)
+
+SINGLE_LINE_MAX_TOKENS = 32
+
+
+@dataclass
+class Result:
+    """A suggestion (or None) and how it was made."""
+
+    suggestion: Suggestion | None
+    latency_ms: float
+    source: str
+    """``model``, ``cache``, or why there is nothing: ``disabled``, ``not-ready``, ``cancelled``, ``stale``, ``empty``."""
+    cut: bool = False
+    engine_stats: dict[str, Any] = field(default_factory=dict)
+    raw_text: str = ""
+
+
+def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None) -> Any:
+    """Engine parameters for one request."""
+    from engine import SamplingParams
+
+    lengths = settings.lengths()
+    if not multiline:
+        lengths = tuple(n for n in lengths if n <= SINGLE_LINE_MAX_TOKENS) or (min(lengths),)
+    return SamplingParams(lengths=lengths, threshold=settings.confidence_threshold, budget_ms=budget_ms)
+
+
+def complete_text(
+    engine: Any,
+    text: str,
+    offset: int,
+    language_id: str,
+    settings: Settings,
+    others: Iterable[OpenDocument] = (),
+    stop: Callable[[], bool] | None = None,
+    started: float | None = None,
+) -> Result:
+    """Complete ``text`` at character ``offset`` (synchronous; runs the model)."""
+    started = started if started is not None else time.perf_counter()
+    ctx: CompletionContext = build_context(text, offset, language_id, settings, others)
+    spent_ms = (time.perf_counter() - started) * 1000
+    budget = max(1.0, settings.latency_budget_ms - spent_ms - 2.0)  # keep ~2 ms for post-processing
+    completion = engine.complete(
+        ctx.prefix,
+        ctx.suffix,
+        sampling_params(settings, ctx.multiline, budget),
+        stop=stop,
+        max_prefix_tokens=settings.prefix_tokens + (settings.other_files_tokens if ctx.snippets else 0),
+        max_suffix_tokens=settings.suffix_tokens,
+        document_start=ctx.snippets == 0 and len(ctx.prefix) == offset,
+    )
+    suggestion = postprocess(completion.text, ctx.post)
+    return Result(
+        suggestion=suggestion,
+        latency_ms=(time.perf_counter() - started) * 1000,
+        source="model" if suggestion else "empty",
+        cut=completion.cut,
+        engine_stats=completion.stats,
+        raw_text=completion.text,
+    )
+
+
+class CompletionService:
+    """Debounce, per-document cancellation, type-through cache and stale-result dropping."""
+
+    def __init__(self, metrics: Metrics, executor: ThreadPoolExecutor | None = None) -> None:
+        self.metrics = metrics
+        self.cache = CompletionCache()
+        self.executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlm-engine")
+        self._inflight: dict[str, threading.Event] = {}
+        self._generation: dict[str, int] = {}
+
+    def cancel(self, uri: str) -> None:
+        """Stop the engine request running for ``uri``, if any."""
+        event = self._inflight.pop(uri, None)
+        if event is not None:
+            event.set()
+
+    async def complete(
+        self,
+        engine: Any,
+        uri: str,
+        text: str,
+        offset: int,
+        language_id: str,
+        settings: Settings,
+        *,
+        version: int | None,
+        current_version: Callable[[], int | None],
+        automatic: bool,
+        others: Iterable[OpenDocument] = (),
+    ) -> Result:
+        """Complete at ``offset`` unless superseded, cancelled or made stale on the way."""
+        started = time.perf_counter()
+        self.metrics.count("requests")
+        generation = self._generation.get(uri, 0) + 1
+        self._generation[uri] = generation
+        self.cancel(uri)  # a newer request replaces the one in flight
+        prefix, suffix = text[:offset], text[offset:]
+        cached = self.cache.get(prefix, suffix)
+        if cached is not None:
+            self.metrics.count("cache_hits")
+            latency = (time.perf_counter() - started) * 1000
+            return Result(Suggestion(cached.text, cached.replace_suffix), latency, "cache")
+        if automatic and settings.debounce_ms > 0:
+            await asyncio.sleep(settings.debounce_ms / 1000)
+            if self._generation.get(uri) != generation:
+                self.metrics.count("cancelled")
+                return Result(None, (time.perf_counter() - started) * 1000, "cancelled")
+        stop = threading.Event()
+        self._inflight[uri] = stop
+        loop = asyncio.get_running_loop()
+        work_started = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(
+                self.executor,
+                lambda: complete_text(engine, text, offset, language_id, settings, others, stop.is_set, work_started),
+            )
+        except asyncio.CancelledError:  # $/cancelRequest: stop the denoising loop at its next step
+            stop.set()
+            self.metrics.count("cancelled")
+            raise
+        finally:
+            if self._inflight.get(uri) is stop:
+                del self._inflight[uri]
+        result.latency_ms = (time.perf_counter() - started) * 1000
+        if stop.is_set():
+            self.metrics.count("cancelled")
+            return Result(None, result.latency_ms, "cancelled")
+        if version is not None and current_version() != version:
+            self.metrics.count("stale")
+            return Result(None, result.latency_ms, "stale")
+        self.metrics.latency(result.latency_ms)
+        if result.cut:
+            self.metrics.count("budget_cuts")
+        if result.suggestion is None:
+            self.metrics.count("empty")
+            return result
+        self.metrics.count("completions")
+        self.cache.put(prefix, suffix, CachedSuggestion(result.suggestion.text, result.suggestion.replace_suffix))
+        return result

@@ -1,0 +1,120 @@
+"""What the model sees: prefix and suffix windows, and snippets from other open files.
+
+The text is cut by characters first (cheap, generous: about 6 characters per
+budgeted token) and then by tokens in the engine (``max_prefix_tokens`` /
+``max_suffix_tokens``). Snippets from other open documents of the same language
+are chosen by Jaccard similarity of identifier sets against the lines around the
+cursor, and placed before the prefix as a commented block, within their own
+token budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from dlm_lsp.postprocess import Context
+from dlm_lsp.settings import Settings
+from dlm_lsp.syntax import wants_multiline
+
+CHARS_PER_TOKEN = 6  # generous upper bound for code; the engine cuts by tokens exactly
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
+COMMENT = {"python": "#", "ruby": "#", "shellscript": "#", "r": "#", "perl": "#", "yaml": "#", "toml": "#", "lua": "--", "sql": "--"}
+SNIPPET_LINES = 12
+
+
+@dataclass(frozen=True)
+class OpenDocument:
+    """Another document open in the editor."""
+
+    uri: str
+    language_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class CompletionContext:
+    """Everything a completion needs from the document."""
+
+    prefix: str
+    """Text before the cursor given to the model (other-file snippets first)."""
+    suffix: str
+    """Text after the cursor given to the model."""
+    post: Context
+    """What the post-processing filters need."""
+    multiline: bool
+    snippets: int
+    """How many other-file snippets were added."""
+
+
+def identifiers(text: str) -> set[str]:
+    """Identifiers of three or more characters."""
+    return set(IDENTIFIER.findall(text))
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    """|a & b| / |a | b| (0 for two empty sets)."""
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def similar_snippets(around: str, others: Iterable[OpenDocument], budget_chars: int) -> list[tuple[str, str]]:
+    """(uri, snippet) pairs from ``others``, most similar to ``around`` first, within ``budget_chars``."""
+    target = identifiers(around)
+    scored = []
+    for doc in others:
+        lines = doc.text.splitlines()
+        for start in range(0, max(1, len(lines)), SNIPPET_LINES // 2):
+            chunk = "\n".join(lines[start : start + SNIPPET_LINES])
+            score = jaccard(target, identifiers(chunk))
+            if score > 0.1 and chunk.strip():
+                scored.append((score, doc.uri, chunk))
+    scored.sort(key=lambda item: -item[0])
+    chosen, used = [], 0
+    for _score, uri, chunk in scored:
+        if used + len(chunk) > budget_chars:
+            continue
+        chosen.append((uri, chunk))
+        used += len(chunk)
+    return chosen
+
+
+def build_context(
+    text: str,
+    offset: int,
+    language_id: str,
+    settings: Settings,
+    others: Iterable[OpenDocument] = (),
+) -> CompletionContext:
+    """Prefix/suffix windows, snippets and filter context at character ``offset`` of ``text``."""
+    prefix_full, suffix_full = text[:offset], text[offset:]
+    prefix = prefix_full[-settings.prefix_tokens * CHARS_PER_TOKEN :] if settings.prefix_tokens else ""
+    suffix = suffix_full[: settings.suffix_tokens * CHARS_PER_TOKEN] if settings.suffix_tokens else ""
+    head = prefix_full.split("\n")
+    tail = suffix_full.split("\n")
+    row, col = len(head) - 1, len(head[-1])
+    lines = head[:-1] + [head[-1] + tail[0]] + tail[1:]
+    multiline = {"always": True, "never": False}.get(settings.multiline) if settings.multiline != "auto" else None
+    if multiline is None:
+        multiline = wants_multiline(lines, row, col, language_id)
+    snippets = []
+    if settings.other_files and settings.other_files_tokens > 0:
+        same_language = [d for d in others if d.language_id == language_id]
+        around = "\n".join(head[-15:] + tail[:5])
+        snippets = similar_snippets(around, same_language, settings.other_files_tokens * CHARS_PER_TOKEN // 2)
+    if snippets:
+        mark = COMMENT.get(language_id, "//")
+        block = "".join(
+            f"{mark} From {uri.rsplit('/', 1)[-1]}:\n" + "".join(f"{mark} {line}\n" for line in chunk.splitlines())
+            for uri, chunk in snippets
+        )
+        prefix = block + "\n" + prefix
+    post = Context(
+        line_prefix=head[-1],
+        line_suffix=tail[0],
+        next_lines=tuple(tail[1:8]),
+        previous_lines=tuple(head[-6:-1]),
+        multiline=multiline,
+        language=language_id,
+    )
+    return CompletionContext(prefix=prefix, suffix=suffix, post=post, multiline=multiline, snippets=len(snippets))

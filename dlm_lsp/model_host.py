@@ -1,0 +1,105 @@
+"""Loads the engine in the background and says whether it is loading, ready or failed.
+
+The server answers ``initialize`` at once; the model loads on a worker thread. A
+completion asked for before it is ready gets an empty list. Changing the model
+folder or the backend reloads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+def default_model_path() -> Path:
+    """The engine folder that ships with dlm-lsp."""
+    from engine import default_model_path as engine_default
+
+    return engine_default()
+
+
+class ModelHost:
+    """The current engine and its state: ``idle``, ``loading``, ``ready`` or ``error``."""
+
+    def __init__(self) -> None:
+        self.state = "idle"
+        self.error: str | None = None
+        self.engine: Any = None
+        self.path: Path | None = None
+        self.backend: str | None = None
+        self.load_ms: float | None = None
+        self._lock = threading.Lock()
+        self._loaded = threading.Event()
+
+    def wants_reload(self, model: str, backend: str) -> bool:
+        """Whether these settings name another model or backend than the loaded one."""
+        path = Path(model).expanduser() if model else default_model_path()
+        return self.state == "idle" or path != self.path or backend != self.backend
+
+    def load(self, model: str, backend: str, on_done: Callable[["ModelHost"], None] | None = None) -> threading.Thread:
+        """Start loading on a thread; ``on_done`` runs on that thread when it finishes (or fails)."""
+        path = Path(model).expanduser() if model else default_model_path()
+        with self._lock:
+            self.state, self.error, self.path, self.backend = "loading", None, path, backend
+            self._loaded.clear()
+
+        def work() -> None:
+            from engine import Engine, EngineError
+
+            started = time.perf_counter()
+            try:
+                engine = Engine.load(path, backend=backend)
+                # one tiny run so the first real request does not pay for lazy initialisation
+                engine.complete("", "", _warmup_params())
+            except EngineError as exc:
+                with self._lock:
+                    if self.path == path:
+                        self.state, self.error, self.engine = "error", str(exc), None
+                log.error("model %s failed to load: %s", path, exc)
+            except Exception as exc:  # noqa: BLE001 - keep the server alive, say what happened
+                with self._lock:
+                    if self.path == path:
+                        self.state, self.error, self.engine = "error", f"{type(exc).__name__}: {exc}", None
+                log.exception("model %s failed to load", path)
+            else:
+                with self._lock:
+                    if self.path == path:
+                        self.engine, self.state = engine, "ready"
+                        self.load_ms = (time.perf_counter() - started) * 1000
+                log.info("model %s ready on %s in %.0f ms", path, engine.info.backend, self.load_ms or 0)
+            self._loaded.set()
+            if on_done is not None:
+                on_done(self)
+
+        thread = threading.Thread(target=work, name="dlm-model-load", daemon=True)
+        thread.start()
+        return thread
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current load finishes; True if it did within ``timeout``."""
+        return self._loaded.wait(timeout)
+
+    def describe(self) -> dict[str, Any]:
+        """Model, family, backend, device and state for ``dlm/status``."""
+        info = self.engine.info if self.engine is not None else None
+        return {
+            "state": self.state,
+            "error": self.error,
+            "model": str(self.path) if self.path else None,
+            "family": info.family if info else None,
+            "backend": info.backend if info else self.backend,
+            "device": info.device if info else None,
+            "precision": info.precision if info else None,
+            "load_ms": round(self.load_ms, 1) if self.load_ms else None,
+        }
+
+
+def _warmup_params() -> Any:
+    from engine import SamplingParams
+
+    return SamplingParams(lengths=(4,), threshold=0.5)

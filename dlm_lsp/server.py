@@ -1,0 +1,232 @@
+"""The dlm-lsp language server (pygls 2): inline completions from a masked diffusion model.
+
+Capabilities: ``textDocument/inlineCompletion`` (LSP 3.18) with incremental text
+sync; position encodings negotiated by pygls (UTF-16 by default, UTF-8 when the
+client offers it). ``initialize`` is answered at once and the model loads in the
+background, reported with ``$/progress``. Custom messages:
+
+* ``dlm/status`` (request): model, family, backend, device, state, latencies, counters.
+* ``dlm/didShowCompletion``, ``dlm/didAcceptCompletion``,
+  ``dlm/didPartiallyAcceptCompletion`` (notifications, ``{"acceptedLength": N}`` on
+  the last): counted locally, never sent anywhere.
+
+Settings (section ``dlm``, :mod:`dlm_lsp.settings`) come from
+``initializationOptions``, ``workspace/configuration`` and
+``workspace/didChangeConfiguration``; invalid values are reported with
+``window/showMessage`` and replaced by their defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from dlm_lsp import __version__
+from dlm_lsp.completion import CompletionService
+from dlm_lsp.context import OpenDocument
+from dlm_lsp.model_host import ModelHost
+from dlm_lsp.settings import SECTION, Settings, parse_settings
+from dlm_lsp.status import Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS = "dlm/status"
+DID_SHOW = "dlm/didShowCompletion"
+DID_ACCEPT = "dlm/didAcceptCompletion"
+DID_PARTIALLY_ACCEPT = "dlm/didPartiallyAcceptCompletion"
+MAX_OTHER_DOCUMENTS = 20
+
+
+class DlmLanguageServer(LanguageServer):
+    """pygls server holding the settings, the model and the completion service."""
+
+    def __init__(self) -> None:
+        super().__init__("dlm-lsp", __version__, text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        self.settings = Settings()
+        self.model = ModelHost()
+        self.metrics = Metrics()
+        self.completions = CompletionService(self.metrics)
+
+    # -- settings ---------------------------------------------------------------------
+    def apply_settings(self, raw: Any) -> None:
+        """Parse a whole ``dlm`` section, report problems, reload the model if it changed."""
+        settings, problems = parse_settings(raw)
+        for problem in problems:
+            log.warning(problem)
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=problem))
+        self.settings = settings
+        if self.model.state != "idle" and self.model.wants_reload(settings.model, settings.backend):
+            self.start_model_load()
+
+    async def pull_settings(self) -> None:
+        """Ask the client for the ``dlm`` section, if it supports ``workspace/configuration``."""
+        caps = self.client_capabilities.workspace
+        if not (caps and caps.configuration):
+            return
+        try:
+            result = await self.workspace_configuration_async(
+                types.ConfigurationParams(items=[types.ConfigurationItem(section=SECTION)])
+            )
+        except Exception as exc:  # noqa: BLE001 - a client error must not take the server down
+            log.warning("workspace/configuration failed: %s", exc)
+            return
+        if result and result[0] is not None:
+            self.apply_settings(result[0])
+
+    # -- model ------------------------------------------------------------------------
+    def start_model_load(self) -> None:
+        """Load the configured model in the background, with ``$/progress`` when the client supports it."""
+        token = None
+        window = self.client_capabilities.window
+        if window and window.work_done_progress:
+            token = f"dlm-load-{uuid.uuid4().hex[:8]}"
+            try:
+                self.work_done_progress.create(token)
+                self.work_done_progress.begin(
+                    token, types.WorkDoneProgressBegin(title="dlm: loading model", message=self.settings.model or "default model")
+                )
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot report progress: %s", exc)
+                token = None
+
+        def done(host: ModelHost) -> None:
+            if token is not None:
+                message = "ready" if host.state == "ready" else f"failed: {host.error}"
+                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+            if host.state == "error":
+                self.window_show_message(
+                    types.ShowMessageParams(type=types.MessageType.Error, message=f"dlm: model failed to load: {host.error}")
+                )
+
+        self.model.load(self.settings.model, self.settings.backend, on_done=done)
+
+    def status(self) -> dict[str, Any]:
+        """The ``dlm/status`` payload."""
+        return {
+            "version": __version__,
+            **self.model.describe(),
+            **self.metrics.snapshot(),
+            "cache_entries": len(self.completions.cache),
+            "settings": {"latencyBudgetMs": self.settings.latency_budget_ms, "backend": self.settings.backend},
+        }
+
+
+server = DlmLanguageServer()
+
+
+@server.feature(types.INITIALIZE)
+def on_initialize(ls: DlmLanguageServer, params: types.InitializeParams) -> None:
+    """Take settings from ``initializationOptions`` (the whole options object or its ``dlm`` key)."""
+    if params.initialization_options is not None:
+        ls.apply_settings(params.initialization_options)
+
+
+@server.feature(types.INITIALIZED)
+async def on_initialized(ls: DlmLanguageServer, params: types.InitializedParams) -> None:
+    """Fetch workspace settings, then load the model in the background."""
+    await ls.pull_settings()
+    ls.start_model_load()
+
+
+@server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+async def on_did_change_configuration(ls: DlmLanguageServer, params: types.DidChangeConfigurationParams) -> None:
+    """Re-read settings: pull them if the client supports it, else use the pushed ones."""
+    caps = ls.client_capabilities.workspace
+    if caps and caps.configuration:
+        await ls.pull_settings()
+    elif params.settings is not None:
+        ls.apply_settings(params.settings)
+
+
+@server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+def on_did_close(ls: DlmLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
+    """Stop work for a closed document."""
+    ls.completions.cancel(params.text_document.uri)
+
+
+@server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+async def on_inline_completion(
+    ls: DlmLanguageServer, params: types.InlineCompletionParams
+) -> types.InlineCompletionList:
+    """Ghost text at the cursor; an empty list when disabled, not ready, superseded or stale."""
+    empty = types.InlineCompletionList(items=[])
+    uri = params.text_document.uri
+    doc = ls.workspace.get_text_document(uri)
+    language = doc.language_id or "plaintext"
+    settings = ls.settings
+    if not settings.enabled_for(language):
+        return empty
+    if ls.model.state != "ready":
+        return empty
+    text = doc.source
+    offset = doc.offset_at_position(params.position)
+    others = [
+        OpenDocument(d.uri, d.language_id or "", d.source)
+        for d in list(ls.workspace.text_documents.values())[:MAX_OTHER_DOCUMENTS]
+        if d.uri != uri
+    ]
+    result = await ls.completions.complete(
+        ls.model.engine,
+        uri,
+        text,
+        offset,
+        language,
+        settings,
+        version=doc.version,
+        current_version=lambda: ls.workspace.get_text_document(uri).version,
+        automatic=params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic,
+        others=others,
+    )
+    log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
+    if result.suggestion is None:
+        return empty
+    start = doc.client_position_at_offset(offset)
+    end = doc.client_position_at_offset(offset + result.suggestion.replace_suffix)
+    item = types.InlineCompletionItem(insert_text=result.suggestion.text, range=types.Range(start=start, end=end))
+    return types.InlineCompletionList(items=[item])
+
+
+@server.feature(STATUS)
+def on_status(ls: DlmLanguageServer, params: Any) -> dict[str, Any]:
+    """``dlm/status``: everything a status bar or ``:DlmStatus`` shows."""
+    return ls.status()
+
+
+@server.feature(DID_SHOW)
+def on_did_show(ls: DlmLanguageServer, params: Any) -> None:
+    """The client displayed a suggestion."""
+    if ls.settings.metrics:
+        ls.metrics.count("shown")
+
+
+@server.feature(DID_ACCEPT)
+def on_did_accept(ls: DlmLanguageServer, params: Any) -> None:
+    """The user accepted a whole suggestion."""
+    if ls.settings.metrics:
+        ls.metrics.count("accepted")
+        length = _accepted_length(params)
+        if length:
+            ls.metrics.count("accepted_chars", length)
+    log.info("suggestion accepted")
+
+
+@server.feature(DID_PARTIALLY_ACCEPT)
+def on_did_partially_accept(ls: DlmLanguageServer, params: Any) -> None:
+    """The user accepted part of a suggestion (a word or a line)."""
+    if ls.settings.metrics:
+        ls.metrics.count("partially_accepted")
+        ls.metrics.count("accepted_chars", _accepted_length(params))
+
+
+def _accepted_length(params: Any) -> int:
+    value = getattr(params, "acceptedLength", None)
+    if value is None and isinstance(params, dict):
+        value = params.get("acceptedLength")
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,56 @@
+"""Local metrics for ``dlm/status``: latency, counters, acceptance. Never sent anywhere."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Metrics:
+    """Counters and a window of recent latencies."""
+
+    requests: int = 0
+    completions: int = 0
+    empty: int = 0
+    cancelled: int = 0
+    stale: int = 0
+    cache_hits: int = 0
+    budget_cuts: int = 0
+    errors: int = 0
+    shown: int = 0
+    accepted: int = 0
+    partially_accepted: int = 0
+    accepted_chars: int = 0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=200))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``."""
+        with self.lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def latency(self, ms: float) -> None:
+        """Record one completion's end-to-end latency."""
+        with self.lock:
+            self.latencies_ms.append(ms)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        with self.lock:
+            lat = list(self.latencies_ms)
+            counters = {
+                k: getattr(self, k)
+                for k in ("requests", "completions", "empty", "cancelled", "stale", "cache_hits", "budget_cuts",
+                          "errors", "shown", "accepted", "partially_accepted", "accepted_chars")
+            }
+        return {
+            "last_latency_ms": round(lat[-1], 1) if lat else None,
+            "median_latency_ms": round(statistics.median(lat), 1) if lat else None,
+            "acceptance_rate": round((counters["accepted"] + counters["partially_accepted"]) / counters["shown"], 3)
+            if counters["shown"] else None,
+            **counters,
+        }

@@ -1,0 +1,241 @@
+"""The language server end to end: a real LSP client (pytest-lsp) over stdio.
+
+The server runs as a subprocess (``python -m dlm_lsp``) on a tiny random-weight
+engine folder, so these tests check the protocol and the plumbing; completion
+quality is the evaluation harness's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+import pytest_lsp
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient
+
+URI = "file:///work/example.py"
+SOURCE = "import os\n\n\ndef greet(name):\n    message = \n    return message\n"
+
+
+def init_params(options: dict, encodings=None, configuration: bool = True) -> types.InitializeParams:  # type: ignore[no-untyped-def]
+    return types.InitializeParams(
+        capabilities=types.ClientCapabilities(
+            general=types.GeneralClientCapabilities(position_encodings=encodings) if encodings else None,
+            workspace=types.WorkspaceClientCapabilities(configuration=configuration),
+            window=types.WindowClientCapabilities(work_done_progress=True),
+        ),
+        initialization_options=options,
+    )
+
+
+async def wait_ready(client: LanguageClient, timeout: float = 60.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status = await client.protocol.send_request_async("dlm/status", {})
+        status = status if isinstance(status, dict) else status._asdict()  # pygls returns a namedtuple
+        if status["state"] in ("ready", "error") or asyncio.get_running_loop().time() > deadline:
+            return status
+        await asyncio.sleep(0.1)
+
+
+def open_doc(client: LanguageClient, text: str = SOURCE, uri: str = URI, language: str = "python", version: int = 1) -> None:
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(uri=uri, language_id=language, version=version, text=text))
+    )
+
+
+async def inline(client: LanguageClient, line: int, character: int, uri: str = URI, automatic: bool = False):  # type: ignore[no-untyped-def]
+    kind = types.InlineCompletionTriggerKind.Automatic if automatic else types.InlineCompletionTriggerKind.Invoked
+    return await client.text_document_inline_completion_async(
+        types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            position=types.Position(line=line, character=character),
+            context=types.InlineCompletionContext(trigger_kind=kind),
+        )
+    )
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, "-m", "dlm_lsp", "--log-level", "debug"]))
+async def client(lsp_client: LanguageClient, tiny_engine):  # type: ignore[no-untyped-def]
+    lsp_client.set_configuration({"dlm": {"model": str(tiny_engine), "backend": "cpu", "debounceMs": 0}})
+    result = await lsp_client.initialize_session(init_params({"model": str(tiny_engine), "backend": "cpu"}))
+    lsp_client.initialize_result = result  # type: ignore[attr-defined]
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest.mark.asyncio
+async def test_capabilities_and_background_load(client: LanguageClient):
+    caps = client.initialize_result.capabilities  # type: ignore[attr-defined]
+    assert caps.inline_completion_provider is not None
+    assert caps.text_document_sync.change == types.TextDocumentSyncKind.Incremental
+    assert caps.position_encoding == types.PositionEncodingKind.Utf16
+    status = await wait_ready(client)
+    assert status["state"] == "ready", status
+    assert status["family"] == "dream" and status["backend"] == "cpu"
+    # the load was reported with $/progress, begun and ended
+    reports = [r for values in client.progress_reports.values() for r in values]
+    assert any(isinstance(r, types.WorkDoneProgressBegin) for r in reports)
+    assert any(isinstance(r, types.WorkDoneProgressEnd) and r.message == "ready" for r in reports)
+
+
+@pytest.mark.asyncio
+async def test_completion_at_many_positions(client: LanguageClient):
+    await wait_ready(client)
+    open_doc(client)
+    lines = SOURCE.split("\n")
+    for line in range(len(lines)):
+        for character in sorted({0, len(lines[line]) // 2, len(lines[line])}):
+            result = await inline(client, line, character)
+            assert isinstance(result, types.InlineCompletionList)
+            for item in result.items:
+                assert item.insert_text.strip()
+                assert item.range.start == types.Position(line=line, character=character)
+                assert item.range.end.line == line and item.range.end.character >= character
+    status = await wait_ready(client)
+    assert status["requests"] >= 10
+    assert status["completions"] + status["empty"] + status["cache_hits"] == status["requests"]
+
+
+@pytest.mark.asyncio
+async def test_type_through_cache(client: LanguageClient):
+    await wait_ready(client)
+    open_doc(client)
+    first = await inline(client, 4, 14)
+    if not first.items:
+        pytest.skip("the random model suggested nothing here")
+    text = first.items[0].insert_text
+    typed = text[0]
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=2),
+            content_changes=[types.TextDocumentContentChangePartial(
+                range=types.Range(start=types.Position(line=4, character=14), end=types.Position(line=4, character=14)), text=typed
+            )],
+        )
+    )
+    before = (await wait_ready(client))["cache_hits"]
+    second = await inline(client, 4, 15)
+    assert second.items and second.items[0].insert_text == text[1:]
+    assert (await wait_ready(client))["cache_hits"] == before + 1
+
+
+@pytest.mark.asyncio
+async def test_disabled_language_gets_nothing(client: LanguageClient):
+    await wait_ready(client)
+    open_doc(client, "Some notes\n", uri="file:///work/notes.md", language="markdown")
+    result = await inline(client, 0, 10, uri="file:///work/notes.md")
+    assert not result.items
+
+
+@pytest.mark.asyncio
+async def test_invalid_setting_is_reported_and_defaulted(client: LanguageClient, tiny_engine):
+    await wait_ready(client)
+    client.set_configuration({"dlm": {"model": str(tiny_engine), "latencyBudgetMs": -5, "multiline": "sometimes"}})
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    for _ in range(50):
+        if len(client.messages) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    texts = [m.message for m in client.messages]
+    assert any("dlm.latencyBudgetMs" in t and "using the default 150.0" in t for t in texts), texts
+    assert any("dlm.multiline" in t for t in texts), texts
+
+
+@pytest.mark.asyncio
+async def test_stale_version_is_dropped(client: LanguageClient):
+    await wait_ready(client)
+    open_doc(client)
+    task = asyncio.ensure_future(inline(client, 4, 14))
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=2),
+            content_changes=[types.TextDocumentContentChangeWholeDocument(text=SOURCE + "# edited\n")],
+        )
+    )
+    result = await task
+    status = await wait_ready(client)
+    assert not result.items or status["stale"] == 0  # either it finished first, or it was dropped
+    assert status["stale"] + status["completions"] + status["empty"] + status["cache_hits"] >= 1
+
+
+@pytest.mark.asyncio
+async def test_metrics_notifications(client: LanguageClient):
+    await wait_ready(client)
+    client.protocol.notify("dlm/didShowCompletion", {})
+    client.protocol.notify("dlm/didShowCompletion", {})
+    client.protocol.notify("dlm/didAcceptCompletion", {"acceptedLength": 12})
+    client.protocol.notify("dlm/didPartiallyAcceptCompletion", {"acceptedLength": 4})
+    await asyncio.sleep(0.2)
+    status = await wait_ready(client)
+    assert status["shown"] == 2 and status["accepted"] == 1 and status["partially_accepted"] == 1
+    assert status["accepted_chars"] == 16 and status["acceptance_rate"] == 1.0
+
+
+def slow_settings(tiny_engine, **extra):  # type: ignore[no-untyped-def]
+    """One token per step over a 512-token middle: hundreds of denoising steps per request."""
+    return {"dlm": {"model": str(tiny_engine), "backend": "cpu", "debounceMs": 0, "confidenceThreshold": 1.0,
+                    "multiline": "always", "maxMiddleTokens": 512, "lengthCandidates": [512], **extra}}
+
+
+async def apply(client: LanguageClient, settings: dict) -> None:  # type: ignore[type-arg]
+    client.set_configuration(settings)
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    await asyncio.sleep(0.3)
+    await wait_ready(client)
+
+
+@pytest.mark.asyncio
+async def test_newer_request_cancels_the_running_one(client: LanguageClient, tiny_engine):
+    await wait_ready(client)
+    await apply(client, slow_settings(tiny_engine, latencyBudgetMs=30000))
+    open_doc(client)
+    first = asyncio.ensure_future(inline(client, 4, 14))
+    while (await wait_ready(client))["requests"] == 0:
+        await asyncio.sleep(0.01)
+    second = await inline(client, 4, 14)
+    first_result = await first
+    status = await wait_ready(client)
+    assert not first_result.items
+    assert status["cancelled"] >= 1
+    assert isinstance(second, types.InlineCompletionList)
+
+
+@pytest.mark.asyncio
+async def test_budget_expiry_returns_committed_part(client: LanguageClient, tiny_engine):
+    await wait_ready(client)
+    await apply(client, slow_settings(tiny_engine, latencyBudgetMs=15))
+    open_doc(client)
+    result = await inline(client, 4, 14)
+    status = await wait_ready(client)
+    assert status["budget_cuts"] == 1
+    assert status["last_latency_ms"] < 15 + 100  # the deadline holds (plus IPC and scheduling slack)
+    assert isinstance(result, types.InlineCompletionList)
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, "-m", "dlm_lsp"]))
+async def utf8_client(lsp_client: LanguageClient, tiny_engine):  # type: ignore[no-untyped-def]
+    result = await lsp_client.initialize_session(
+        init_params({"model": str(tiny_engine), "backend": "cpu", "debounceMs": 0},
+                    encodings=[types.PositionEncodingKind.Utf8, types.PositionEncodingKind.Utf16], configuration=False)
+    )
+    lsp_client.initialize_result = result  # type: ignore[attr-defined]
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest.mark.asyncio
+async def test_utf8_positions_on_non_ascii_text(utf8_client: LanguageClient):
+    client = utf8_client
+    assert client.initialize_result.capabilities.position_encoding == types.PositionEncodingKind.Utf8  # type: ignore[attr-defined]
+    await wait_ready(client)
+    line = 'greeting = "héllo wörld 🙂" + '
+    open_doc(client, line + "\n")
+    utf8_col = len(line.encode("utf-8"))
+    result = await inline(client, 0, utf8_col)
+    for item in result.items:
+        assert item.range.start == types.Position(line=0, character=utf8_col)
+    status = await wait_ready(client)
+    assert status["requests"] == 1 and status["errors"] == 0
