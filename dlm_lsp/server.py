@@ -7,8 +7,10 @@ background, reported with ``$/progress``. Custom messages:
 
 * ``dlm/status`` (request): model, family, backend, device, state, latencies, counters.
 * ``dlm/didShowCompletion``, ``dlm/didAcceptCompletion``,
-  ``dlm/didPartiallyAcceptCompletion`` (notifications, ``{"acceptedLength": N}`` on
-  the last): counted locally, never sent anywhere.
+  ``dlm/didPartiallyAcceptCompletion`` (notifications with ``{"acceptedLength": N}``):
+  counted locally, never sent anywhere. ``dlm/didAcceptCompletion`` may also carry
+  ``uri`` and ``position`` (the cursor after the insertion): the server then
+  prefetches the next suggestion into the type-through cache.
 
 Settings (section ``dlm``, :mod:`dlm_lsp.settings`) come from
 ``initializationOptions``, ``workspace/configuration`` and
@@ -204,14 +206,37 @@ def on_did_show(ls: DlmLanguageServer, params: Any) -> None:
 
 
 @server.feature(DID_ACCEPT)
-def on_did_accept(ls: DlmLanguageServer, params: Any) -> None:
-    """The user accepted a whole suggestion."""
+async def on_did_accept(ls: DlmLanguageServer, params: Any) -> None:
+    """The user accepted a whole suggestion; prefetch the next one when told where the cursor is now.
+
+    Params: ``{"acceptedLength": N, "uri": ..., "position": {"line": L, "character": C}}``
+    (``uri``/``position``, the cursor after the insertion, are optional).
+    """
     if ls.settings.metrics:
         ls.metrics.count("accepted")
-        length = _accepted_length(params)
-        if length:
-            ls.metrics.count("accepted_chars", length)
-    log.info("suggestion accepted")
+        ls.metrics.count("accepted_chars", _accepted_length(params))
+    uri, position = _field(params, "uri"), _field(params, "position")
+    if uri and position is not None and ls.model.state == "ready":
+        await _prefetch(ls, uri, types.Position(line=int(_field(position, "line")), character=int(_field(position, "character"))))
+
+
+async def _prefetch(ls: DlmLanguageServer, uri: str, position: types.Position) -> None:
+    """Compute the suggestion at ``position`` ahead of the request, into the type-through cache."""
+    try:
+        doc = ls.workspace.get_text_document(uri)
+        offset = doc.offset_at_position(position)
+    except Exception as exc:  # noqa: BLE001 - a stale position is not worth an error
+        log.debug("prefetch skipped: %s", exc)
+        return
+    language = doc.language_id or "plaintext"
+    if not ls.settings.enabled_for(language):
+        return
+    result = await ls.completions.complete(
+        ls.model.engine, uri, doc.source, offset, language, ls.settings,
+        version=doc.version, current_version=lambda: ls.workspace.get_text_document(uri).version, automatic=False,
+    )
+    ls.metrics.count("prefetches")
+    log.debug("prefetch %s: %s", uri, result.source)
 
 
 @server.feature(DID_PARTIALLY_ACCEPT)
@@ -222,10 +247,15 @@ def on_did_partially_accept(ls: DlmLanguageServer, params: Any) -> None:
         ls.metrics.count("accepted_chars", _accepted_length(params))
 
 
+def _field(params: Any, name: str) -> Any:
+    """A field of a custom message's params (a dict, or pygls' namedtuple-like object)."""
+    if isinstance(params, dict):
+        return params.get(name)
+    return getattr(params, name, None)
+
+
 def _accepted_length(params: Any) -> int:
-    value = getattr(params, "acceptedLength", None)
-    if value is None and isinstance(params, dict):
-        value = params.get("acceptedLength")
+    value = _field(params, "acceptedLength")
     try:
         return max(0, int(value or 0))
     except (TypeError, ValueError):

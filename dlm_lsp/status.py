@@ -25,6 +25,7 @@ class Metrics:
     accepted: int = 0
     partially_accepted: int = 0
     accepted_chars: int = 0
+    prefetches: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=200))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -45,7 +46,7 @@ class Metrics:
             counters = {
                 k: getattr(self, k)
                 for k in ("requests", "completions", "empty", "cancelled", "stale", "cache_hits", "budget_cuts",
-                          "errors", "shown", "accepted", "partially_accepted", "accepted_chars")
+                          "errors", "shown", "accepted", "partially_accepted", "accepted_chars", "prefetches")
             }
         return {
             "last_latency_ms": round(lat[-1], 1) if lat else None,

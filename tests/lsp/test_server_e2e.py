@@ -239,3 +239,20 @@ async def test_utf8_positions_on_non_ascii_text(utf8_client: LanguageClient):
         assert item.range.start == types.Position(line=0, character=utf8_col)
     status = await wait_ready(client)
     assert status["requests"] == 1 and status["errors"] == 0
+
+
+@pytest.mark.asyncio
+async def test_accept_prefetches_the_next_suggestion(client: LanguageClient):
+    await wait_ready(client)
+    open_doc(client, "def f(x):\n    y = x + 1\n    \n")
+    client.protocol.notify("dlm/didAcceptCompletion", {"acceptedLength": 9, "uri": URI, "position": {"line": 2, "character": 4}})
+    for _ in range(100):
+        status = await wait_ready(client)
+        if status["prefetches"]:
+            break
+        await asyncio.sleep(0.05)
+    assert status["prefetches"] == 1 and status["accepted"] == 1
+    if status["cache_entries"]:  # the model suggested something there: the request is served from cache
+        hits = status["cache_hits"]
+        result = await inline(client, 2, 4)
+        assert result.items and (await wait_ready(client))["cache_hits"] == hits + 1
