@@ -13,6 +13,9 @@ The middle's true length is unknown, so several candidate lengths run as one
 batch against one shared context encoding. Inside a span, the first committed
 end token (EOS/pad) ends the middle: every later position becomes EOS too.
 The candidate returned is the one with the best :func:`length_score`.
+Length-adaptive early exit: once a candidate is finished *and* ended naturally
+(an end token before its last slot, so the middle fits), every longer unfinished
+candidate is abandoned; the loop does not wait for the longest span to fill up.
 
 Deadlines and cancellation are cooperative: between steps the loop checks the
 stop callback and whether the next step would overrun the budget; if so it
@@ -96,6 +99,8 @@ class Candidate:
     """(length,) bool: committed by the model (not filled in after an end token)."""
     steps: int = 0
     """Denoising steps this candidate took part in."""
+    abandoned: bool = False
+    """Dropped early: a shorter candidate already ended naturally (see :func:`denoise`)."""
 
     def result_len(self, end_ids: frozenset[int]) -> int:
         """Length of the usable middle: up to the first end token or still-masked position."""
@@ -235,7 +240,11 @@ def denoise(
     last_step_s = 0.0
     loop_start = time.perf_counter()
     while True:
-        active = [c for c in candidates if not c.done]
+        natural = [c.length for c in candidates if c.done and c.result_len(end_ids) < c.length]
+        for c in candidates:
+            if natural and not c.done and c.length > min(natural):
+                c.abandoned = True
+        active = [c for c in candidates if not c.done and not c.abandoned]
         if not active:
             break
         now = time.perf_counter()
@@ -255,7 +264,7 @@ def denoise(
         stats["forward_passes"] += 1
         last_step_s = time.perf_counter() - now
     stats["denoise_ms"] = (time.perf_counter() - loop_start) * 1000
-    scores = [length_score(c, end_ids) for c in candidates]
+    scores = [-math.inf if c.abandoned else length_score(c, end_ids) for c in candidates]
     chosen = int(np.argmax(scores)) if any(math.isfinite(s) for s in scores) else len(candidates) - 1
     best = candidates[chosen]
     n = best.result_len(end_ids)

@@ -135,3 +135,16 @@ def test_shifted_model_needs_an_anchor():
     d = ScriptedDenoiser({2: beliefs((10, 0.9), (11, 0.9))})
     with pytest.raises(InputError, match="at least one token"):
         denoise(d, [], SUFFIX, SamplingParams(lengths=(2,)))
+
+
+def test_longer_candidates_are_abandoned_once_a_shorter_one_ends():
+    d = ScriptedDenoiser(
+        {
+            4: beliefs((10, 0.95), (11, 0.95), (EOS, 0.99), (EOS, 0.99)),  # done in one step, ends at slot 2
+            16: beliefs(*[(10 + i, 0.2) for i in range(16)]),  # would need 16 steps
+        }
+    )
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4, 16), threshold=0.9))
+    assert r.stats["steps"] == 1
+    assert r.ids == [10, 11] and r.stats["chosen_length"] == 4
+    assert r.candidates[1].abandoned and not r.cut

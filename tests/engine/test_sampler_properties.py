@@ -34,4 +34,4 @@ def test_invariants(spans, threshold, per_step, stop_after):
     for cand in r.candidates:
         assert cand.steps <= -(-cand.length // per_step)  # at least per_step commits per step
     if stop_after is None:
-        assert not r.cut and all(c.done for c in r.candidates)
+        assert not r.cut and all(c.done or c.abandoned for c in r.candidates)
