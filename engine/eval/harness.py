@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--threshold", type=float, default=SamplingParams().threshold)
     parser.add_argument("--lengths", default=",".join(map(str, SamplingParams().lengths)), help="unknown-length candidates")
+    parser.add_argument("--exact", action="store_true", help="reference decoding: recompute the whole window every step")
     parser.add_argument("--no-tests", action="store_true", help="exact match only, do not execute code")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per test program")
     parser.add_argument("--out", type=Path, default=None, help="write per-problem results and summary here (JSON)")
@@ -217,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None:
             order = np.random.default_rng(args.seed).permutation(len(problems))
             problems = [problems[i] for i in sorted(order[: args.limit])]
-        params = SamplingParams(threshold=args.threshold, lengths=tuple(int(v) for v in args.lengths.split(",")))
+        params = SamplingParams(
+            threshold=args.threshold, lengths=tuple(int(v) for v in args.lengths.split(",")), exact=args.exact
+        )
         engine = Engine.load(args.model, backend=args.backend)
         modes = ("oracle", "unknown") if args.mode == "both" else (args.mode,)
         report = evaluate(engine, problems, params, modes, run_tests=not args.no_tests, timeout_s=args.timeout)
