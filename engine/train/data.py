@@ -48,12 +48,9 @@ def read_texts(path: Path) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, sample_bytes: int = 40_000_000):  # type: ignore[no-untyped-def]
-    """Byte-level BPE on (a deterministic sample of) the training texts."""
-    sample, total = [], 0
-    for text in texts[:: max(1, int(sum(map(len, texts)) / sample_bytes))] if texts else []:
-        sample.append(text)
-        total += len(text)
-    tokenizer = train_bpe_tokenizer(sample, vocab_size, SPECIAL_TOKENS)
+    """Byte-level BPE on a deterministic sample of the training texts (every k-th file, ~``sample_bytes``)."""
+    stride = max(1, sum(map(len, texts)) // sample_bytes)
+    tokenizer = train_bpe_tokenizer(texts[::stride], vocab_size, SPECIAL_TOKENS)
     for i, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == i, "special tokens must take the first ids"
     return tokenizer
