@@ -22,6 +22,8 @@ CHARS_PER_TOKEN = 6  # generous upper bound for code; the engine cuts by tokens 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 COMMENT = {"python": "#", "ruby": "#", "shellscript": "#", "r": "#", "perl": "#", "yaml": "#", "toml": "#", "lua": "--", "sql": "--"}
 SNIPPET_LINES = 12
+PARSE_WINDOW_BEFORE = 4000  # characters of the document parsed around a suggestion
+PARSE_WINDOW_AFTER = 1500
 
 
 @dataclass(frozen=True)
@@ -116,5 +118,7 @@ def build_context(
         previous_lines=tuple(head[-6:-1]),
         multiline=multiline,
         language=language_id,
+        text_before=prefix_full[-PARSE_WINDOW_BEFORE:],
+        text_after=suffix_full[:PARSE_WINDOW_AFTER],
     )
     return CompletionContext(prefix=prefix, suffix=suffix, post=post, multiline=multiline, snippets=len(snippets))

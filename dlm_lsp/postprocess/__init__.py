@@ -15,11 +15,13 @@ from dlm_lsp.postprocess.duplicates import drop_suffix_duplicates
 from dlm_lsp.postprocess.empty import suppress_empty
 from dlm_lsp.postprocess.repetition import cut_repetition
 from dlm_lsp.postprocess.scope import trim_to_scope
+from dlm_lsp.postprocess.syntax_trim import trim_to_syntax
 
 Filter = Callable[[Suggestion, Context], "Suggestion | None"]
 
 FILTERS: tuple[tuple[str, Filter], ...] = (
     ("scope", trim_to_scope),
+    ("syntax", trim_to_syntax),
     ("repetition", cut_repetition),
     ("closing", absorb_auto_closed),
     ("duplicates", drop_suffix_duplicates),

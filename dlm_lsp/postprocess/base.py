@@ -26,6 +26,10 @@ class Context:
     """Whether a multi-line suggestion is wanted here."""
     language: str = "python"
     indent_unit: str = "    "
+    text_before: str = ""
+    """A window of the document before the cursor (for parsing)."""
+    text_after: str = ""
+    """A window of the document after the cursor (for parsing)."""
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ def _parse_config(config: Mapping[str, Any]) -> ArchConfig:
     if act != "silu":
         raise UnsupportedConfigError(f"hidden_act={act!r} is not supported (dream family uses 'silu')")
     rope_scaling = config.get("rope_scaling")
-    if rope_scaling not in (None, {}) and (rope_scaling or {}).get("rope_type", rope_scaling.get("type")) != "default":
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type")) if isinstance(rope_scaling, dict) else rope_scaling
+    if rope_scaling not in (None, {}) and kind != "default":
         raise UnsupportedConfigError(
             f"rope_scaling={rope_scaling!r} is not supported yet; only plain rotary embeddings are"
         )

@@ -6,7 +6,7 @@ with a newline): ``filter`` (one
 filter's name, or ``all`` for the whole pipeline), ``multiline``, ``before`` (the
 document up to the cursor), ``after`` (from the cursor on), ``completion`` (what
 the engine returned), ``expected`` (``<dropped>`` when the suggestion must be
-suppressed) and optionally ``replace_suffix``.
+suppressed) and optionally ``replace_suffix`` and ``language`` (default python).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def parse_case(path: Path) -> dict[str, str]:
     return {name: "\n".join(lines[:-1] if lines and lines[-1] == "" else lines) for name, lines in sections.items()}
 
 
-def context_of(before: str, after: str, multiline: bool) -> Context:
+def context_of(before: str, after: str, multiline: bool, language: str = "python") -> Context:
     head, tail = before.split("\n"), after.split("\n")
     return Context(
         line_prefix=head[-1],
@@ -40,6 +40,9 @@ def context_of(before: str, after: str, multiline: bool) -> Context:
         next_lines=tuple(tail[1:]),
         previous_lines=tuple(head[:-1]),
         multiline=multiline,
+        language=language,
+        text_before=before,
+        text_after=after,
     )
 
 
@@ -51,7 +54,7 @@ def test_cases_exist_for_every_filter():
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_golden(path):
     case = parse_case(path)
-    ctx = context_of(case["before"], case["after"], case["multiline"] == "true")
+    ctx = context_of(case["before"], case["after"], case["multiline"] == "true", case.get("language", "python"))
     if case["filter"] == "all":
         got = postprocess(case["completion"], ctx)
     else:

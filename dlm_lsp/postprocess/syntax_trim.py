@@ -1,0 +1,44 @@
+"""Trim a multi-line suggestion at a syntactic boundary (tree-sitter).
+
+The document around the cursor is parsed with the suggestion inserted; the
+suggestion keeps as many of its lines as it can without adding parse errors
+(``ERROR`` or missing nodes) beyond those the document already has without it.
+Code being typed often does not parse (an empty function body), so the
+comparison is relative. Languages without a grammar are left alone.
+"""
+
+from __future__ import annotations
+
+from dlm_lsp.postprocess.base import Context, Suggestion
+from dlm_lsp.syntax import parser_for
+
+
+def _errors(parser: object, source: str) -> int:
+    tree = parser.parse(source.encode("utf-8"))  # type: ignore[attr-defined]
+    count = 0
+    stack = [tree.root_node]
+    while stack:
+        node = stack.pop()
+        if node.type == "ERROR" or node.is_missing:
+            count += 1
+        if node.has_error:
+            stack.extend(node.children)
+    return count
+
+
+def trim_to_syntax(s: Suggestion, ctx: Context) -> Suggestion | None:
+    if not ctx.multiline or "\n" not in s.text:
+        return s
+    parser = parser_for(ctx.language)
+    if parser is None:
+        return s
+    after = ctx.line_suffix[s.replace_suffix :] + ("\n" + "\n".join(ctx.next_lines) if ctx.next_lines else "")
+    after = ctx.text_after or after
+    before = ctx.text_before or ctx.line_prefix
+    baseline = _errors(parser, before + after)
+    lines = s.text.split("\n")
+    for n in range(len(lines), 0, -1):
+        candidate = "\n".join(lines[:n])
+        if _errors(parser, before + candidate + after) <= baseline:
+            return s if n == len(lines) else s.changed(candidate, "syntax")
+    return s  # nothing parses cleanly: the other filters decide
