@@ -49,3 +49,24 @@ async def test_task_cancellation_stops_the_engine(tiny_engine):
     assert len(steps_seen) == settled  # the loop has stopped
     assert settled < 512  # long before the middle was done
     assert service.metrics.cancelled == 1
+
+
+@pytest.mark.asyncio
+async def test_debounce_drops_superseded_automatic_requests(tiny_engine):
+    from engine import Engine
+
+    engine = Engine.load(tiny_engine, backend="cpu")
+    settings = Settings(debounce_ms=150, length_candidates=(4,))
+    service = CompletionService(Metrics())
+    offset = TEXT.index("= ") + 2
+
+    def request():  # type: ignore[no-untyped-def]
+        return service.complete(engine, "file:///x.py", TEXT, offset, "python", settings,
+                                version=1, current_version=lambda: 1, automatic=True)
+
+    first = asyncio.ensure_future(request())
+    await asyncio.sleep(0.02)
+    second = await request()
+    assert (await first).source == "cancelled"  # never reached the model
+    assert second.source in ("model", "empty")
+    assert service.metrics.cancelled == 1 and service.metrics.requests == 2

@@ -256,3 +256,26 @@ async def test_accept_prefetches_the_next_suggestion(client: LanguageClient):
         hits = status["cache_hits"]
         result = await inline(client, 2, 4)
         assert result.items and (await wait_ready(client))["cache_hits"] == hits + 1
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, "-m", "dlm_lsp"]))
+async def broken_client(lsp_client: LanguageClient, tmp_path_factory):  # type: ignore[no-untyped-def]
+    missing = tmp_path_factory.mktemp("nomodel") / "does-not-exist"
+    await lsp_client.initialize_session(init_params({"model": str(missing)}, configuration=False))
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest.mark.asyncio
+async def test_missing_model_is_reported_and_completions_are_empty(broken_client: LanguageClient):
+    client = broken_client
+    status = await wait_ready(client)
+    assert status["state"] == "error" and "does not exist" in status["error"]
+    for _ in range(50):
+        if client.messages:
+            break
+        await asyncio.sleep(0.05)
+    assert any("model failed to load" in m.message and m.type == types.MessageType.Error for m in client.messages)
+    open_doc(client)
+    result = await inline(client, 4, 14)
+    assert not result.items
