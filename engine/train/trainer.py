@@ -97,9 +97,15 @@ def prepare(corpus: Path, run: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Tokenizer, token streams and config for a new run."""
     from engine.train.data import bytes_per_token, encode_stream, read_texts, train_tokenizer
 
+    for split in ("train.jsonl", "heldout.jsonl"):
+        if not (corpus / split).is_file():
+            raise SystemExit(f"dlm-train: error: {corpus / split} not found; build the corpus first with dlm-corpus")
+    try:
+        train_texts = read_texts(corpus / "train.jsonl")
+        heldout_texts = read_texts(corpus / "heldout.jsonl")
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"dlm-train: error: unreadable corpus in {corpus}: {exc!r}; rebuild it with dlm-corpus") from exc
     run.mkdir(parents=True, exist_ok=True)
-    train_texts = read_texts(corpus / "train.jsonl")
-    heldout_texts = read_texts(corpus / "heldout.jsonl")
     if not train_texts or not heldout_texts:
         raise SystemExit(f"dlm-train: error: {corpus} has an empty train or held-out split")
     t0 = time.time()

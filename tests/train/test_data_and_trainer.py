@@ -91,3 +91,15 @@ def test_tiny_training_run_resumes_and_exports(tmp_path):
     ckpt = Checkpoint.open(folder)
     assert ckpt.family.name == "dream" and ckpt.token_ids.mask == SpecialIds().mask
     assert len(ckpt.load_state("pt")) == len(ckpt.family.weight_names(ckpt.arch))
+
+
+def test_prepare_reports_missing_or_broken_corpus(tmp_path):
+    pytest.importorskip("torch")
+    from engine.train.trainer import TrainConfig, prepare
+
+    with pytest.raises(SystemExit, match="not found; build the corpus first"):
+        prepare(tmp_path, tmp_path / "run", TrainConfig())
+    (tmp_path / "train.jsonl").write_text("{broken\n")
+    (tmp_path / "heldout.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="unreadable corpus"):
+        prepare(tmp_path, tmp_path / "run", TrainConfig())
