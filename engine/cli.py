@@ -105,7 +105,10 @@ def complete_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=defaults.threshold, help="commit confidence threshold; 1.0 = one token per step")
     parser.add_argument("--tokens-per-step", type=int, default=defaults.tokens_per_step, help="minimum commits per step")
     parser.add_argument("--order", choices=[o.value for o in UnmaskOrder], default=defaults.order.value, help="unmasking order")
-    parser.add_argument("--exact", action="store_true", help="recompute the whole window every step (no context cache)")
+    parser.add_argument(
+        "--exact", action="store_true",
+        help="reference decoding: recompute the whole window every step, plain confidence order (no end-token deferral)",
+    )
     parser.add_argument("--budget-ms", type=float, default=None, help="latency budget of the denoising loop")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (random order only; decoding is greedy)")
     parser.add_argument("--family", help="family override for a checkpoint folder (torch backend)")
@@ -137,6 +140,7 @@ def _complete(args: argparse.Namespace) -> int:
         tokens_per_step=args.tokens_per_step,
         order=UnmaskOrder(args.order),
         exact=args.exact,
+        defer_end=not args.exact,
         budget_ms=args.budget_ms,
         seed=args.seed,
         **kwargs,

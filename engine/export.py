@@ -57,8 +57,9 @@ TOLERANCES = {
     # int8 weights change the numbers by design; what must survive is the ranking.
     # Dynamic quantisation also rounds activations, so cached keys/values move by
     # ~10-20 % (relative norm) and top-k probabilities by up to ~0.1 on random inputs,
-    # while the ranking (top-1) is preserved.
-    "int8": Tolerance(cache_rtol=0.3, prob_atol=0.1, entropy_rtol=0.1, min_top1_agreement=0.9, tie_margin=0.1),
+    # and the entropy by up to ~15 %, while the ranking (top-1) is preserved. Whether
+    # int8 costs quality is measured with dlm-eval against the fp32 folder, not here.
+    "int8": Tolerance(cache_rtol=0.3, prob_atol=0.1, entropy_rtol=0.2, min_top1_agreement=0.9, tie_margin=0.1),
 }
 
 

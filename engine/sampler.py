@@ -10,8 +10,9 @@ is encoded once (:meth:`Denoiser.encode_context`) and each step runs only the sp
 ``exact=True`` instead recomputes the whole window every step (the reference).
 
 The middle's true length is unknown, so several candidate lengths run as one
-batch against one shared context encoding. Inside a span, the first committed
-end token (EOS/pad) ends the middle: every later position becomes EOS too.
+batch against one shared context encoding. Inside a span, an end token (EOS/pad)
+may only be committed at the leftmost masked slot, and the first committed end
+token ends the middle: every later position becomes EOS too.
 The candidate returned is the one with the best :func:`length_score`.
 Length-adaptive early exit: once a candidate is finished *and* ended naturally
 (an end token before its last slot, so the middle fits), every longer unfinished
@@ -70,6 +71,8 @@ class SamplingParams:
     """Hard latency budget for the denoising loop; at the deadline the committed part is returned."""
     seed: int = 0
     """Seed of the ``random`` order (everything else is deterministic)."""
+    defer_end: bool = True
+    """Commit an end token only at the leftmost masked slot (False: plain textbook order)."""
 
     def __post_init__(self) -> None:
         if not self.lengths or any(int(n) < 1 for n in self.lengths):
@@ -303,11 +306,16 @@ def _commit(
     masked = np.flatnonzero(~cand.committed)
     rows = first + masked  # output rows predicting these span slots
     top1 = out.probs[row, rows, 0]
-    take = set(masked[top1 >= params.threshold].tolist()) if params.threshold < 1.0 else set()
+    # An end token may only be committed at the leftmost masked slot: the end of the
+    # middle is decided after its content. Otherwise the padding a model learned to
+    # expect at a span's tail wins on confidence and EOS crawls in from the right.
+    ends_here = np.isin(out.ids[row, rows, 0], list(end_ids))
+    eligible = ~ends_here | (masked == masked[0]) if params.defer_end else np.ones(len(masked), bool)
+    take = set(masked[(top1 >= params.threshold) & eligible].tolist()) if params.threshold < 1.0 else set()
     if len(take) < params.tokens_per_step:
-        scores = _scores(params.order, out, row, rows, rng)
+        scores = np.where(eligible, _scores(params.order, out, row, rows, rng), -np.inf)
         for i in np.argsort(-scores, kind="stable"):
-            if len(take) >= min(params.tokens_per_step, len(masked)):
+            if len(take) >= min(params.tokens_per_step, int(eligible.sum())):
                 break
             take.add(int(masked[i]))
     for slot in sorted(take):

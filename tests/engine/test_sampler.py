@@ -73,7 +73,17 @@ def test_eos_ends_the_middle_and_fills_the_rest():
     assert r.ids == [10, 11]
     cand = r.candidates[0]
     assert cand.tokens.tolist() == [10, 11, EOS, EOS, EOS, EOS]
-    assert r.stats["steps"] == 1 and not r.cut
+    # step 1 commits the content; EOS waits until it is the leftmost masked slot (step 2)
+    assert r.stats["steps"] == 2 and not r.cut
+
+
+def test_eos_is_only_committed_at_the_leftmost_masked_slot():
+    # the model is surest of the tail padding: committing it first would crawl EOS in from the right
+    d = ScriptedDenoiser({4: beliefs((10, 0.3), (11, 0.4), (EOS, 0.99), (EOS, 0.99))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4,), threshold=1.0))
+    steps = [ids[0, 1:].tolist() for kind, ids in d.calls if kind == "step"]
+    assert steps[1] == [MASK, 11, MASK, MASK]  # the best eligible slot, not the confident EOS
+    assert r.ids == [10, 11]
 
 
 def test_length_choice_prefers_confident_candidate():
@@ -145,6 +155,6 @@ def test_longer_candidates_are_abandoned_once_a_shorter_one_ends():
         }
     )
     r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4, 16), threshold=0.9))
-    assert r.stats["steps"] == 1
+    assert r.stats["steps"] == 2  # content, then the end token; the 16-slot candidate is then dropped
     assert r.ids == [10, 11] and r.stats["chosen_length"] == 4
     assert r.candidates[1].abandoned and not r.cut
