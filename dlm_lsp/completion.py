@@ -27,7 +27,7 @@ from dlm_lsp.status import Metrics
 
 log = logging.getLogger(__name__)
 
-SINGLE_LINE_MAX_TOKENS = 32
+SINGLE_LINE_MAX_TOKENS = 16
 
 
 @dataclass

@@ -30,7 +30,7 @@ def test_shipped_model_is_a_verified_engine_folder():
 
 def test_check_command_completes_the_sample():
     proc = subprocess.run(
-        [sys.executable, "-m", "dlm_lsp", "check", "--json", "--backend", "cpu"],
+        [sys.executable, "-m", "dlm_lsp", "check", "--json", "--backend", "cpu", "--budget-ms", "5000"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
