@@ -166,11 +166,10 @@ async def on_inline_completion(
         return empty
     text = doc.source
     offset = doc.offset_at_position(params.position)
-    others = [
-        OpenDocument(d.uri, d.language_id or "", d.source)
-        for d in list(ls.workspace.text_documents.values())[:MAX_OTHER_DOCUMENTS]
-        if d.uri != uri
-    ]
+    others = []
+    if settings.other_files:  # only same-language documents are used: skip joining the others' text
+        same = [d for d in ls.workspace.text_documents.values() if d.uri != uri and d.language_id == doc.language_id]
+        others = [OpenDocument(d.uri, language, d.source) for d in same[:MAX_OTHER_DOCUMENTS]]
     result = await ls.completions.complete(
         ls.model.engine,
         uri,

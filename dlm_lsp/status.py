@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -43,11 +43,7 @@ class Metrics:
         """JSON-ready view."""
         with self.lock:
             lat = list(self.latencies_ms)
-            counters = {
-                k: getattr(self, k)
-                for k in ("requests", "completions", "empty", "cancelled", "stale", "cache_hits", "budget_cuts",
-                          "errors", "shown", "accepted", "partially_accepted", "accepted_chars", "prefetches")
-            }
+            counters = {f.name: getattr(self, f.name) for f in fields(self) if f.type in (int, "int")}
         return {
             "last_latency_ms": round(lat[-1], 1) if lat else None,
             "median_latency_ms": round(statistics.median(lat), 1) if lat else None,

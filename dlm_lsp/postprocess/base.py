@@ -25,7 +25,6 @@ class Context:
     multiline: bool = False
     """Whether a multi-line suggestion is wanted here."""
     language: str = "python"
-    indent_unit: str = "    "
     text_before: str = ""
     """A window of the document before the cursor (for parsing)."""
     text_after: str = ""
