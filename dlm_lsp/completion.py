@@ -28,6 +28,10 @@ from dlm_lsp.status import Metrics
 log = logging.getLogger(__name__)
 
 SINGLE_LINE_MAX_TOKENS = 16
+BUDGET_RESERVE_MS = 4.0
+BUDGET_RESERVE_SHARE = 0.05
+"""Of the latency budget, this much (fixed + share) is kept for post-processing, the
+JSON-RPC reply and a denoising step that takes longer than the one before it."""
 
 
 @dataclass
@@ -67,7 +71,8 @@ def complete_text(
     started = started if started is not None else time.perf_counter()
     ctx: CompletionContext = build_context(text, offset, language_id, settings, others)
     spent_ms = (time.perf_counter() - started) * 1000
-    budget = max(1.0, settings.latency_budget_ms - spent_ms - 2.0)  # keep ~2 ms for post-processing
+    reserve = BUDGET_RESERVE_MS + BUDGET_RESERVE_SHARE * settings.latency_budget_ms
+    budget = max(1.0, settings.latency_budget_ms - spent_ms - reserve)
     completion = engine.complete(
         ctx.prefix,
         ctx.suffix,

@@ -27,6 +27,9 @@ from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+CHARS_PER_TOKEN_LIMIT = 16
+"""Text longer than window x this many characters is cut before tokenizing (see :meth:`Engine._encode_tail`)."""
+
 
 @dataclass
 class Completion:
@@ -42,6 +45,7 @@ class Completion:
     cut: bool
     """True when the budget or the stop callback ended denoising early (text is the committed part)."""
     prefix_tokens_dropped: int
+    """Prefix tokens cut to fit the window (of the tokenized part: text far beyond the window is not tokenized)."""
     suffix_tokens_dropped: int
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -131,8 +135,8 @@ class Engine:
         params = params or SamplingParams()
         start = time.perf_counter()
         tok = self.info.token_ids
-        prefix_ids = self.tokenizer.encode(prefix)
-        suffix_ids = self.tokenizer.encode(suffix)
+        prefix_ids = self._encode_tail(prefix)
+        suffix_ids = self._encode_head(suffix)
         tokenize_ms = (time.perf_counter() - start) * 1000
         prefix_ids, suffix_ids, dropped_p, dropped_s = self._fit_window(
             prefix_ids, suffix_ids, max(params.lengths), max_prefix_tokens, max_suffix_tokens
@@ -166,6 +170,33 @@ class Engine:
             suffix_tokens_dropped=dropped_s,
             stats=stats,
         )
+
+    def _char_limit(self) -> int:
+        """Characters surely enough to fill the window: the text beyond is never tokenized."""
+        return self.info.arch.max_positions * CHARS_PER_TOKEN_LIMIT
+
+    def _encode_tail(self, text: str) -> list[int]:
+        """Token ids of ``text``, or of a tail of it long enough to fill the window.
+
+        Tokenizing a whole long file costs milliseconds per request although only
+        its last window's worth of tokens is kept. The tail starts at a line break;
+        if it yields fewer tokens than the window holds, the whole text is encoded.
+        """
+        limit = self._char_limit()
+        if len(text) <= limit:
+            return self.tokenizer.encode(text)
+        cut = text.find("\n", len(text) - limit) + 1 or len(text) - limit
+        ids = self.tokenizer.encode(text[cut:])
+        return ids if len(ids) >= self.info.arch.max_positions else self.tokenizer.encode(text)
+
+    def _encode_head(self, text: str) -> list[int]:
+        """Token ids of ``text``, or of a head of it long enough to fill the window (see :meth:`_encode_tail`)."""
+        limit = self._char_limit()
+        if len(text) <= limit:
+            return self.tokenizer.encode(text)
+        cut = text.rfind("\n", 0, limit) + 1 or limit
+        ids = self.tokenizer.encode(text[:cut])
+        return ids if len(ids) >= self.info.arch.max_positions else self.tokenizer.encode(text)
 
     def _fit_window(
         self,

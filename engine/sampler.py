@@ -51,6 +51,8 @@ class UnmaskOrder(str, enum.Enum):
     """Lowest entropy of the predictive distribution first."""
     RANDOM = "random"
     """Uniformly random (seeded), as in masked diffusion's reverse process."""
+    LEFT_TO_RIGHT = "left-to-right"
+    """Leftmost masked position first: with one token per step, what an autoregressive decoder does."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ def _scores(order: UnmaskOrder, out: StepOutput, row: int, positions: np.ndarray
         return probs[:, 0] - probs[:, 1]
     if order is UnmaskOrder.ENTROPY:
         return -out.entropy[row, positions]
+    if order is UnmaskOrder.LEFT_TO_RIGHT:
+        return -positions.astype(np.float64)
     return rng.random(len(positions))
 
 

@@ -115,17 +115,6 @@ def program(problem: Problem, completion: str) -> str:
     return f"{problem.prompt}{completion}{problem.suffix}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
 
 
-def _progress(done: int, total: int, started: float, extra: str) -> None:
-    width = 30
-    filled = int(width * done / max(1, total))
-    rate = done / max(1e-9, time.time() - started)
-    eta = (total - done) / rate if rate else 0
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra} ETA {eta:.0f}s ")
-    sys.stderr.flush()
-    if done == total:
-        sys.stderr.write("\n")
-
-
 def evaluate(
     engine: Any,
     problems: list[Problem],
@@ -138,11 +127,12 @@ def evaluate(
     """Complete every problem in every mode; returns ``{"summary": ..., "results": [...]}``."""
     from dataclasses import replace
 
+    from engine.bench import progress
     from engine.eval.sandbox import Limits, run_program
 
     modes = list(modes)
     results = []
-    started = time.time()
+    started = time.perf_counter()
     hits = {m: 0 for m in modes}
     for n, problem in enumerate(problems, 1):
         for mode in modes:
@@ -169,7 +159,7 @@ def evaluate(
             hits[mode] += row["exact_match"]
             results.append(row)
         if progress:
-            _progress(n, len(problems), started, " ".join(f"EM[{m}]={hits[m] / n:.3f}" for m in modes))
+            progress(n, len(problems), started, " ".join(f"EM[{m}]={hits[m] / n:.3f}" for m in modes))
     summary: dict[str, Any] = {"problems": len(problems)}
     for mode in modes:
         rows = [r for r in results if r["mode"] == mode]

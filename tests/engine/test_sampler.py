@@ -158,3 +158,11 @@ def test_longer_candidates_are_abandoned_once_a_shorter_one_ends():
     assert r.stats["steps"] == 2  # content, then the end token; the 16-slot candidate is then dropped
     assert r.ids == [10, 11] and r.stats["chosen_length"] == 4
     assert r.candidates[1].abandoned and not r.cut
+
+
+def test_left_to_right_order_commits_the_leftmost_slot_first():
+    d = ScriptedDenoiser({3: beliefs((10, 0.4), (11, 0.5), (12, 0.8))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(3,), threshold=1.0, order=UnmaskOrder.LEFT_TO_RIGHT))
+    steps = [ids[0, 1:].tolist() for kind, ids in d.calls if kind == "step"]
+    assert steps == [[MASK, MASK, MASK], [10, MASK, MASK], [10, 11, MASK]]
+    assert r.ids == [10, 11, 12] and r.stats["tokens_per_step"] == 1.0

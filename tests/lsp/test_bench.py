@@ -1,0 +1,62 @@
+"""``dlm-bench`` end to end: the engine level on a tiny engine, the LSP level on the real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dlm_lsp.bench import _position, main
+
+PROBLEMS = [
+    {"task_id": "t/0", "prompt": "def add(a, b):\n    return ", "suffix": "\n", "canonical_solution": "a + b\n"},
+    {"task_id": "t/1", "prompt": "def name(self):\n", "suffix": "\n\nx = 1\n", "canonical_solution": "    n = self.n\n    return n\n"},
+    {"task_id": "t/2", "prompt": "# é ünïcode\nvalue = ", "suffix": "\n", "canonical_solution": "compute()\n"},
+]
+
+
+@pytest.fixture()
+def problems_file(tmp_path: Path) -> Path:
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS), encoding="utf-8")
+    return path
+
+
+def test_position_counts_utf16_code_units():
+    assert _position("ab\ncd") == (1, 2)
+    assert _position("x = '😀'") == (0, 8)  # 7 characters; the emoji is two UTF-16 code units
+    assert _position("") == (0, 0)
+
+
+def test_lsp_level_drives_the_real_server(problems_file: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    assert main(["--problems", str(problems_file), "--level", "lsp", "--backend", "cpu", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    lsp = report["lsp"]
+    assert [r["item"] for r in lsp["rows"]] == ["t/0", "t/2", "t/1"]  # single-line items first, then multi
+    assert all(r["latency_ms"] > 0 for r in lsp["rows"])
+    assert lsp["cold_start_ms"] > lsp["server_load_ms"] > 0
+    assert 0 < lsp["server"]["peak_rss_mb"] < 4096
+    assert lsp["server_status"]["requests"] == len(PROBLEMS) + 1  # + the cold-start request
+    assert {e["kind"] for e in lsp["summary"]} == {"single", "multi", "all"}
+    assert "Cold start" in (out / "bench.md").read_text()
+
+
+def test_engine_level_writes_json_and_markdown(problems_file: Path, tiny_engine: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_engine), "--problems", str(problems_file), "--level", "engine", "--contexts", "128,4096"]
+    assert main([*args, "--backend", "cpu", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["engine"]["skipped"][0]["context"] == 4096
+    assert {e["decoder"] for e in report["engine"]["summary"]} == {"dlm", "reference", "one-per-step"}
+    text = (out / "bench.md").read_text()
+    assert "| kind | context | decoder |" in text and "Skipped context 4096" in text
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "give items with --heldout" in capsys.readouterr().err
+    assert main(["--problems", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["--problems", str(tmp_path / "x"), "--kinds", "triple"]) == 2
