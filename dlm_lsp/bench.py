@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.bench import Item, edit_similarity, exact_match, percentile, progress
+from engine.sampler import UnmaskOrder
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", default="256,1024,2048", help="context sizes in tokens (those over the model window are skipped)")
     p.add_argument("--budget-ms", type=float, default=150.0, help="latency budget of our decoder and the server")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of our decoder")
+    p.add_argument("--order", default="confidence", choices=[o.value for o in UnmaskOrder], help="unmask order of our decoder")
     p.add_argument("--reference-tokens-per-step", type=int, default=1, help="fixed commits per step of the reference sampler")
     p.add_argument("--level", choices=("engine", "lsp", "both"), default="both")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.md")
@@ -283,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["backend"] = engine.info.backend
             report["engine"] = run_engine_bench(
                 engine, items, contexts, args.threshold, args.budget_ms, args.reference_tokens_per_step,
-                show_progress=not args.no_progress,
+                order=UnmaskOrder(args.order), show_progress=not args.no_progress,
             )
             skipped = "".join(f"\nSkipped context {s['context']}: {s['reason']}." for s in report["engine"]["skipped"])
             sections.append(f"## Engine\n\n{markdown(report['engine']['summary'])}{skipped}\n")

@@ -61,6 +61,8 @@ class Settings:
 
 
 SECTION = "dlm"
+CLIENT_ONLY = frozenset({"server"})
+"""Keys of the section that belong to the editor client (``dlm.server.path``/``args``): ignored silently."""
 
 _ALIASES = {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), f.name): f.name for f in fields(Settings)}
 _ALIASES.update({"latencyBudget": "latency_budget_ms", "multiLine": "multiline", "enabled": "enable"})
@@ -129,6 +131,8 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
     changes: dict[str, Any] = {}
     problems = []
     for key, value in raw.items():
+        if key in CLIENT_ONLY:
+            continue
         name = _ALIASES.get(key, key if key in Settings.__dataclass_fields__ else None)
         if name is None:
             problems.append(f"{SECTION}.{key}: unknown setting (ignored)")

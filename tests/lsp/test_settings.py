@@ -55,3 +55,8 @@ def test_enable_map_keeps_default_fallback_and_bool_shortcut():
     assert s.enabled_for("markdown") and s.enabled_for("python") and not s.enabled_for("plaintext")
     s, _ = parse_settings({"enable": False})
     assert not s.enabled_for("python")
+
+
+def test_client_only_keys_are_ignored_silently():
+    settings, problems = parse_settings({"dlm": {"server": {"path": "/x/dlm-lsp", "args": []}, "latencyBudgetMs": 90}})
+    assert problems == [] and settings.latency_budget_ms == 90

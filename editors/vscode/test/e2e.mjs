@@ -1,0 +1,163 @@
+// Drives a real VS Code (code-server in Debian's Chromium, via playwright-core) with the
+// packaged dlm extension and the real dlm-lsp server. Run by tests/editors/test_vscode.py:
+//
+//   node e2e.mjs CONFIG.json
+//
+// CONFIG: { codeServer, workspace, userDataDir, extensionsDir, port, file, line, settingsFile,
+//           chromium, screenshots }. Prints one JSON object of observations on stdout; the
+// Python test asserts on it and on the files the editor saved.
+import { spawn } from "node:child_process";
+import { readFileSync, writeFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import path from "node:path";
+
+const config = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const require = createRequire(path.join(config.e2eDir, "package.json"));
+const { chromium } = require("playwright-core");
+
+const log = (...args) => console.error("[e2e]", ...args);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const out = { steps: [] };
+
+async function waitForServer(url, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    try {
+      const res = await fetch(url);
+      if (res.ok) return;
+    } catch {}
+    await sleep(250);
+  }
+  throw new Error(`code-server did not answer at ${url}`);
+}
+
+function writeSettings(extra) {
+  const base = JSON.parse(readFileSync(config.settingsFile, "utf8"));
+  writeFileSync(config.settingsFile, JSON.stringify({ ...base, ...extra }, null, 2));
+}
+
+async function ghostText(page) {
+  const nodes = page.locator("[class*=ghost-text]");
+  const n = await nodes.count();
+  const parts = [];
+  for (let i = 0; i < n; i++) parts.push(await nodes.nth(i).innerText().catch(() => ""));
+  return parts.join("");
+}
+
+async function statusText(page) {
+  const item = page.locator('[id="dlm.status"]');
+  if ((await item.count()) === 0) return "";
+  const label = (await item.getAttribute("aria-label")) ?? "";
+  const classes = await item.locator(".codicon").evaluateAll((els) => els.map((e) => e.className).join(" "));
+  return `${label} ${classes}`;
+}
+
+async function waitFor(what, fn, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    last = await fn();
+    if (last) return last;
+    await sleep(200);
+  }
+  throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+async function goToLineEnd(page, line) {
+  await page.keyboard.press("Control+G");
+  await page.keyboard.type(String(line));
+  await page.keyboard.press("Enter");
+  await page.keyboard.press("End");
+}
+
+const server = spawn(
+  process.execPath,
+  [
+    path.join(config.codeServer, "out/node/entry.js"),
+    "--config", path.join(config.userDataDir, "code-server.yaml"),
+    "--bind-addr", `127.0.0.1:${config.port}`,
+    "--auth", "none",
+    "--user-data-dir", config.userDataDir,
+    "--extensions-dir", config.extensionsDir,
+    "--disable-telemetry",
+    "--disable-update-check",
+    "--disable-workspace-trust",
+    config.workspace,
+  ],
+  { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PATH: process.env.PATH } },
+);
+server.stdout.on("data", (d) => log(`code-server: ${d}`.trim()));
+server.stderr.on("data", (d) => log(`code-server: ${d}`.trim()));
+
+let browser;
+let exitCode = 0;
+try {
+  await waitForServer(`http://127.0.0.1:${config.port}/healthz`, 60_000);
+  browser = await chromium.launch({
+    executablePath: config.chromium,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  await page.goto(`http://127.0.0.1:${config.port}/?folder=${encodeURIComponent(config.workspace)}`);
+  await page.locator(".monaco-workbench").waitFor({ timeout: 60_000 });
+  out.steps.push("workbench");
+
+  // open the file with Quick Open
+  await sleep(1000);
+  await page.keyboard.press("Control+P");
+  await page.keyboard.type(path.basename(config.file));
+  await sleep(500);
+  await page.keyboard.press("Enter");
+  await page.locator(".monaco-editor .view-lines").first().waitFor({ timeout: 30_000 });
+  out.steps.push("editor");
+
+  out.statusLoading = await waitFor("the dlm status bar item", () => statusText(page), 60_000);
+  out.statusReady = await waitFor("the model to be ready", async () => {
+    const s = await statusText(page);
+    return s.includes("codicon-check") ? s : "";
+  }, 120_000);
+  out.steps.push("ready");
+
+  // type, see ghost text from the server, accept with Tab, save
+  await page.locator(".monaco-editor textarea").first().focus();
+  await goToLineEnd(page, config.line);
+  await page.keyboard.type("return ", { delay: 40 });
+  out.ghost = await waitFor("ghost text", () => ghostText(page), 30_000);
+  out.steps.push("ghost");
+  await page.keyboard.press("Tab");
+  await sleep(300);
+  await page.keyboard.press("Escape");
+  await page.keyboard.press("Control+S");
+  await sleep(1000);
+  out.steps.push("accepted");
+
+  // change a setting: completions off for Python -> no ghost text; back on -> ghost text again
+  writeSettings({ "dlm.enable": { "*": true, python: false } });
+  await sleep(2500);
+  await goToLineEnd(page, config.line + 1);
+  await page.keyboard.press("Enter");
+  await page.keyboard.type("total = ", { delay: 40 });
+  await sleep(3000);
+  out.ghostWhileDisabled = await ghostText(page);
+  await page.keyboard.press("Escape");
+  writeSettings({ "dlm.enable": { "*": true, python: true } });
+  await sleep(2500);
+  await page.keyboard.type("s", { delay: 40 });
+  out.ghostAfterReenable = await waitFor("ghost text after re-enabling", () => ghostText(page), 30_000);
+  await page.keyboard.press("Escape");
+  out.steps.push("settings"); // these edits stay unsaved: the file on disk holds the accepted text
+  if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "final.png") });
+} catch (err) {
+  out.error = String(err && err.stack ? err.stack : err);
+  exitCode = 1;
+  try {
+    const pages = browser ? browser.contexts().flatMap((c) => c.pages()) : [];
+    if (pages[0] && config.screenshots) await pages[0].screenshot({ path: path.join(config.screenshots, "failure.png") });
+  } catch {}
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  server.kill("SIGTERM");
+}
+console.log(JSON.stringify(out));
+process.exit(exitCode);

