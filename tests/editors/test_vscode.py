@@ -129,3 +129,8 @@ def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_
     assert ghost.split("\n")[0].strip() in typed  # what was shown is what got inserted
     assert out["ghostWhileDisabled"] == ""
     assert out["ghostAfterReenable"].strip()
+    # the server counted what the extension reported: shown, one Tab accept, one word accept
+    assert "accepted 1 (+1 partly)" in out["statusMessage"], out["statusMessage"]
+    assert 0 < len(out["ghostAfterWordAccept"]) < len(ghost)
+    enable = json.loads(settings.read_text())["dlm.enable"]  # written by the extension's commands
+    assert enable["python"] is True and enable["*"] is True

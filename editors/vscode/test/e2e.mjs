@@ -7,7 +7,7 @@
 //           chromium, screenshots }. Prints one JSON object of observations on stdout; the
 // Python test asserts on it and on the files the editor saved.
 import { spawn } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 
@@ -31,11 +31,6 @@ async function waitForServer(url, timeoutMs) {
   throw new Error(`code-server did not answer at ${url}`);
 }
 
-function writeSettings(extra) {
-  const base = JSON.parse(readFileSync(config.settingsFile, "utf8"));
-  writeFileSync(config.settingsFile, JSON.stringify({ ...base, ...extra }, null, 2));
-}
-
 async function ghostText(page) {
   const nodes = page.locator("[class*=ghost-text]");
   const n = await nodes.count();
@@ -45,7 +40,7 @@ async function ghostText(page) {
 }
 
 async function statusText(page) {
-  const item = page.locator('[id="dlm.status"]');
+  const item = page.locator('.statusbar-item[id$="dlm.status"]').first();
   if ((await item.count()) === 0) return "";
   const label = (await item.getAttribute("aria-label")) ?? "";
   const classes = await item.locator(".codicon").evaluateAll((els) => els.map((e) => e.className).join(" "));
@@ -61,6 +56,14 @@ async function waitFor(what, fn, timeoutMs) {
     await sleep(200);
   }
   throw new Error(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
+}
+
+async function runCommand(page, title) {
+  await page.keyboard.press("F1");
+  await page.locator(".quick-input-widget input").waitFor({ timeout: 10_000 });
+  await page.keyboard.type(title);
+  await page.locator(".quick-input-list .monaco-list-row", { hasText: title.replace(/^dlm: /, "") }).first().waitFor({ timeout: 10_000 });
+  await page.keyboard.press("Enter");
 }
 
 async function goToLineEnd(page, line) {
@@ -103,12 +106,8 @@ try {
   await page.locator(".monaco-workbench").waitFor({ timeout: 60_000 });
   out.steps.push("workbench");
 
-  // open the file with Quick Open
-  await sleep(1000);
-  await page.keyboard.press("Control+P");
-  await page.keyboard.type(path.basename(config.file));
-  await sleep(500);
-  await page.keyboard.press("Enter");
+  // open the file from the Explorer
+  await page.locator(".explorer-folders-view .monaco-list-row", { hasText: path.basename(config.file) }).first().click({ timeout: 30_000 });
   await page.locator(".monaco-editor .view-lines").first().waitFor({ timeout: 30_000 });
   out.steps.push("editor");
 
@@ -125,6 +124,12 @@ try {
   await page.keyboard.type("return ", { delay: 40 });
   out.ghost = await waitFor("ghost text", () => ghostText(page), 30_000);
   out.steps.push("ghost");
+  // VS Code's Accept Next Word (Ctrl+Right) takes the leading blank, then the first word; Tab the rest
+  await page.keyboard.press("Control+ArrowRight");
+  await sleep(300);
+  await page.keyboard.press("Control+ArrowRight");
+  await sleep(500);
+  out.ghostAfterWordAccept = await ghostText(page);
   await page.keyboard.press("Tab");
   await sleep(300);
   await page.keyboard.press("Escape");
@@ -132,20 +137,26 @@ try {
   await sleep(1000);
   out.steps.push("accepted");
 
-  // change a setting: completions off for Python -> no ghost text; back on -> ghost text again
-  writeSettings({ "dlm.enable": { "*": true, python: false } });
-  await sleep(2500);
+  // change a setting through the extension's command (it writes dlm.enable to the user
+  // settings.json): completions off for Python -> no ghost text; back on -> ghost text again
+  await runCommand(page, "dlm: Disable completions for the current language");
+  await sleep(1500);
   await goToLineEnd(page, config.line + 1);
   await page.keyboard.press("Enter");
-  await page.keyboard.type("total = ", { delay: 40 });
+  await page.keyboard.type("total = s", { delay: 40 });
   await sleep(3000);
   out.ghostWhileDisabled = await ghostText(page);
-  await page.keyboard.press("Escape");
-  writeSettings({ "dlm.enable": { "*": true, python: true } });
-  await sleep(2500);
+  out.statusWhileDisabled = await statusText(page);
+  await runCommand(page, "dlm: Enable completions for the current language");
+  await sleep(1500);
+  await page.keyboard.press("Backspace"); // retype the last character: the same text as while disabled
   await page.keyboard.type("s", { delay: 40 });
   out.ghostAfterReenable = await waitFor("ghost text after re-enabling", () => ghostText(page), 30_000);
-  await page.keyboard.press("Escape");
+  await runCommand(page, "dlm: Show status");
+  out.statusMessage = await waitFor("the status message", async () => {
+    const toast = page.locator(".notification-list-item-message", { hasText: "requests" });
+    return (await toast.count()) ? await toast.first().innerText() : "";
+  }, 10_000);
   out.steps.push("settings"); // these edits stay unsaved: the file on disk holds the accepted text
   if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "final.png") });
 } catch (err) {
