@@ -65,14 +65,19 @@ async def run_lsp_bench(
     language_id: str = "python",
     python: str = sys.executable,
     show_progress: bool = True,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Start the server, measure cold start, then one invoked completion per item."""
+    """Start the server, measure cold start, then one invoked completion per item.
+
+    The server logs (warnings and up) to ``log_dir/server.log`` (default: a new temporary folder).
+    """
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
     if not items:
         raise ValueError("no items to benchmark")
-    log_dir = Path(tempfile.mkdtemp(prefix="dlm-bench-"))
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="dlm-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     client = LanguageClient("dlm-bench", "1")
     spawned = time.perf_counter()
     # the server logs to a file: a pipe nobody reads would fill up and block it
@@ -292,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             del engine
         if args.level in ("lsp", "both"):
             report["lsp"] = asyncio.run(
-                run_lsp_bench(items, model, args.backend, args.budget_ms, show_progress=not args.no_progress)
+                run_lsp_bench(
+                    items, model, args.backend, args.budget_ms, show_progress=not args.no_progress, log_dir=args.out
+                )
             )
             sections.append(f"## Language server (inlineCompletion over stdio)\n\n{lsp_markdown(report['lsp'])}")
     except (EngineError, RuntimeError, OSError) as exc:

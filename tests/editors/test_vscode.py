@@ -72,7 +72,8 @@ def _free_port() -> int:
 MISSING = "code-server, Chromium or the packaged extension missing: run editors/vscode/scripts/install-e2e.sh"
 
 
-def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_path: Path):
+def run_vscode(tmp_path: Path, scenario: str, **settings: object) -> tuple[dict, Path, Path]:
+    """Run ``e2e.mjs`` on a fresh profile; returns its observations, the source file and settings.json."""
     installed = (CODE_SERVER / "out" / "node" / "entry.js").is_file() and VSIX.is_file()
     need(installed and shutil.which("chromium") is not None, MISSING)
     workspace, user, extensions, shots = (tmp_path / n for n in ("ws", "user", "ext", "shots"))
@@ -80,10 +81,9 @@ def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_
         folder.mkdir(parents=True)
     source = workspace / "fib.py"
     source.write_text(SOURCE)
-    server = Path(sys.executable).parent / "dlm-lsp"
-    settings = user / "User" / "settings.json"
-    settings.write_text(json.dumps({
-        "dlm.server.path": str(server),
+    settings_file = user / "User" / "settings.json"
+    settings_file.write_text(json.dumps({
+        "dlm.server.path": str(Path(sys.executable).parent / "dlm-lsp"),
         "dlm.server.args": ["--log-file", str(tmp_path / "server.log")],
         "dlm.backend": "cpu",
         "dlm.latencyBudgetMs": 2000,
@@ -96,6 +96,7 @@ def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_
         "extensions.autoUpdate": False,
         "extensions.autoCheckUpdates": False,
         "telemetry.telemetryLevel": "off",
+        **settings,
     }))
     (user / "code-server.yaml").write_text("auth: none\ncert: false\n")
     node = shutil.which("node")
@@ -108,7 +109,8 @@ def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_
     config = {
         "e2eDir": str(E2E), "codeServer": str(CODE_SERVER), "workspace": str(workspace), "userDataDir": str(user),
         "extensionsDir": str(extensions), "port": _free_port(), "file": str(source), "line": TYPE_AT,
-        "settingsFile": str(settings), "chromium": shutil.which("chromium"), "screenshots": str(shots),
+        "settingsFile": str(settings_file), "chromium": shutil.which("chromium"), "screenshots": str(shots),
+        "scenario": scenario,
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     run = subprocess.run(
@@ -118,6 +120,11 @@ def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_
     assert run.stdout.strip(), f"no result; stderr:\n{run.stderr[-4000:]}"
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert "error" not in out, f"{out['error']}\nsteps: {out['steps']}\nstderr:\n{run.stderr[-4000:]}"
+    return out, source, settings_file
+
+
+def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_path: Path):
+    out, source, settings = run_vscode(tmp_path, "complete")
     assert out["steps"] == ["workbench", "editor", "ready", "ghost", "accepted", "settings"]
     assert "codicon-check" in out["statusReady"]
     ghost = out["ghost"]
@@ -134,3 +141,15 @@ def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_
     assert 0 < len(out["ghostAfterWordAccept"]) < len(ghost)
     enable = json.loads(settings.read_text())["dlm.enable"]  # written by the extension's commands
     assert enable["python"] is True and enable["*"] is True
+
+
+def test_missing_server_executable_shows_an_error(tmp_path: Path):
+    out, _, _ = run_vscode(tmp_path, "errors", **{"dlm.server.path": str(tmp_path / "no-such-dlm-lsp")})
+    assert "server not found" in out["statusError"]
+    assert "was not found" in out["notifications"] and "pip install dlm-lsp" in out["notifications"]
+
+
+def test_missing_model_folder_shows_an_error(tmp_path: Path):
+    out, _, _ = run_vscode(tmp_path, "errors", **{"dlm.model": str(tmp_path / "no-model")})
+    assert "model failed to load" in out["statusError"] and "does not exist" in out["statusError"]
+    assert "does not exist" in out["notifications"]

@@ -3,8 +3,8 @@
 //
 //   node e2e.mjs CONFIG.json
 //
-// CONFIG: { codeServer, workspace, userDataDir, extensionsDir, port, file, line, settingsFile,
-//           chromium, screenshots }. Prints one JSON object of observations on stdout; the
+// CONFIG: { e2eDir, codeServer, workspace, userDataDir, extensionsDir, port, file, line,
+//           settingsFile, chromium, screenshots, scenario: "complete" | "errors" }. Prints one JSON object of observations on stdout; the
 // Python test asserts on it and on the files the editor saved.
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
@@ -87,30 +87,26 @@ const server = spawn(
     "--disable-workspace-trust",
     config.workspace,
   ],
-  { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PATH: process.env.PATH } },
+  // its sockets and temporary files stay in the test's folder
+  { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, TMPDIR: config.userDataDir } },
 );
 server.stdout.on("data", (d) => log(`code-server: ${d}`.trim()));
 server.stderr.on("data", (d) => log(`code-server: ${d}`.trim()));
 
-let browser;
-let exitCode = 0;
-try {
-  await waitForServer(`http://127.0.0.1:${config.port}/healthz`, 60_000);
-  browser = await chromium.launch({
-    executablePath: config.chromium,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
-  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
-  await page.goto(`http://127.0.0.1:${config.port}/?folder=${encodeURIComponent(config.workspace)}`);
-  await page.locator(".monaco-workbench").waitFor({ timeout: 60_000 });
-  out.steps.push("workbench");
+/** A broken setup: the status bar turns into an error and a notification says why. */
+async function scenarioErrors(page) {
+  out.statusError = await waitFor("an error in the status bar", async () => {
+    const s = await statusText(page);
+    return s.includes("codicon-error") ? s : "";
+  }, 120_000);
+  out.notifications = await waitFor("an error notification", async () => {
+    return (await page.locator(".notification-list-item-message").allInnerTexts()).join("\n");
+  }, 30_000);
+  out.steps.push("error-shown");
+}
 
-  // open the file from the Explorer
-  await page.locator(".explorer-folders-view .monaco-list-row", { hasText: path.basename(config.file) }).first().click({ timeout: 30_000 });
-  await page.locator(".monaco-editor .view-lines").first().waitFor({ timeout: 30_000 });
-  out.steps.push("editor");
-
+/** Type, see ghost text, accept a word then the rest, save; then settings through commands. */
+async function scenarioComplete(page) {
   out.statusLoading = await waitFor("the dlm status bar item", () => statusText(page), 60_000);
   out.statusReady = await waitFor("the model to be ready", async () => {
     const s = await statusText(page);
@@ -118,7 +114,6 @@ try {
   }, 120_000);
   out.steps.push("ready");
 
-  // type, see ghost text from the server, accept with Tab, save
   await page.locator(".monaco-editor textarea").first().focus();
   await goToLineEnd(page, config.line);
   await page.keyboard.type("return ", { delay: 40 });
@@ -146,7 +141,6 @@ try {
   await page.keyboard.type("total = s", { delay: 40 });
   await sleep(3000);
   out.ghostWhileDisabled = await ghostText(page);
-  out.statusWhileDisabled = await statusText(page);
   await runCommand(page, "dlm: Enable completions for the current language");
   await sleep(1500);
   await page.keyboard.press("Backspace"); // retype the last character: the same text as while disabled
@@ -158,6 +152,25 @@ try {
     return (await toast.count()) ? await toast.first().innerText() : "";
   }, 10_000);
   out.steps.push("settings"); // these edits stay unsaved: the file on disk holds the accepted text
+}
+
+let browser;
+let exitCode = 0;
+try {
+  await waitForServer(`http://127.0.0.1:${config.port}/healthz`, 60_000);
+  browser = await chromium.launch({
+    executablePath: config.chromium,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  await page.goto(`http://127.0.0.1:${config.port}/?folder=${encodeURIComponent(config.workspace)}`);
+  await page.locator(".monaco-workbench").waitFor({ timeout: 60_000 });
+  out.steps.push("workbench");
+  await page.locator(".explorer-folders-view .monaco-list-row", { hasText: path.basename(config.file) }).first().click({ timeout: 30_000 });
+  await page.locator(".monaco-editor .view-lines").first().waitFor({ timeout: 30_000 });
+  out.steps.push("editor");
+  await (config.scenario === "errors" ? scenarioErrors(page) : scenarioComplete(page));
   if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "final.png") });
 } catch (err) {
   out.error = String(err && err.stack ? err.stack : err);
