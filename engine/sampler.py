@@ -18,6 +18,12 @@ Length-adaptive early exit: once a candidate is finished *and* ended naturally
 (an end token before its last slot, so the middle fits), every longer unfinished
 candidate is abandoned; the loop does not wait for the longest span to fill up.
 
+Budget pruning: under a budget, before each step, a candidate that cannot finish
+in the time left at its own pace so far (masked slots / tokens per step x the last
+step's duration) is abandoned, longest first, keeping at least the shortest. The
+longest rows set the width of the batch, so each step gets cheaper, and the time
+goes to a middle that can be finished instead of to several that are cut.
+
 Deadlines and cancellation are cooperative: between steps the loop checks the
 stop callback and whether the next step would overrun the budget; if so it
 returns only what was committed, up to the first still-masked position, marked
@@ -75,6 +81,8 @@ class SamplingParams:
     """Seed of the ``random`` order (everything else is deterministic)."""
     defer_end: bool = True
     """Commit an end token only at the leftmost masked slot (False: plain textbook order)."""
+    budget_pruning: bool = True
+    """Under a budget, drop candidate lengths that cannot finish in the time left (see :func:`denoise`)."""
 
     def __post_init__(self) -> None:
         if not self.lengths or any(int(n) < 1 for n in self.lengths):
@@ -255,6 +263,9 @@ def denoise(
         if not active:
             break
         now = time.perf_counter()
+        if params.budget_pruning and deadline is not None and last_step_s > 0 and len(active) > 1:
+            stats["pruned"] = stats.get("pruned", 0) + _prune(active, deadline - now, last_step_s)
+            active = [c for c in active if not c.abandoned]
         if (stop is not None and stop()) or (deadline is not None and now + last_step_s > deadline):
             cut = True
             break
@@ -294,6 +305,17 @@ def denoise(
         candidates=candidates,
         stats=stats,
     )
+
+
+def _prune(active: list[Candidate], remaining_s: float, step_s: float) -> int:
+    """Abandon the candidates (longest first, never the last one) that cannot finish in ``remaining_s``."""
+    pruned = 0
+    for cand in sorted(active, key=lambda c: -c.length)[:-1]:
+        pace = max(1.0, int((cand.by_model & cand.committed).sum()) / cand.steps) if cand.steps else 1.0
+        if int((~cand.committed).sum()) / pace * step_s > remaining_s:
+            cand.abandoned = True
+            pruned += 1
+    return pruned
 
 
 def _commit(

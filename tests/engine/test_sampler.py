@@ -166,3 +166,24 @@ def test_left_to_right_order_commits_the_leftmost_slot_first():
     steps = [ids[0, 1:].tolist() for kind, ids in d.calls if kind == "step"]
     assert steps == [[MASK, MASK, MASK], [10, MASK, MASK], [10, 11, MASK]]
     assert r.ids == [10, 11, 12] and r.stats["tokens_per_step"] == 1.0
+
+
+def test_budget_pruning_drops_lengths_that_cannot_finish():
+    # one token per step, 20 ms a step, 200 ms budget: the 4-slot candidate can finish, the 40-slot one cannot
+    script = {4: beliefs(*[(10 + i, 0.5) for i in range(4)]), 40: beliefs(*[(20 + i, 0.5) for i in range(40)])}
+    r = denoise(ScriptedDenoiser(script, delay_s=0.02), PREFIX, SUFFIX, SamplingParams(lengths=(4, 40), threshold=1.0, budget_ms=200))
+    long = r.candidates[1]
+    assert long.abandoned and long.steps == 1  # dropped after the first step showed the pace
+    assert r.stats["pruned"] == 1
+    assert not r.cut and r.ids == [10, 11, 12, 13]  # the time went to the candidate that could finish
+    # without pruning both run until the deadline and the short one still wins, later
+    d = ScriptedDenoiser(script, delay_s=0.02)
+    r2 = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4, 40), threshold=1.0, budget_ms=200, budget_pruning=False))
+    assert not r2.candidates[1].abandoned and "pruned" not in r2.stats
+
+
+def test_budget_pruning_keeps_the_shortest_candidate():
+    script = {30: beliefs(*[(10 + i, 0.5) for i in range(30)]), 40: beliefs(*[(20 + i, 0.5) for i in range(40)])}
+    r = denoise(ScriptedDenoiser(script, delay_s=0.02), PREFIX, SUFFIX, SamplingParams(lengths=(30, 40), threshold=1.0, budget_ms=120))
+    assert r.candidates[1].abandoned and not r.candidates[0].abandoned
+    assert r.cut and r.chosen == 0 and r.ids == list(range(10, 10 + len(r.ids)))
