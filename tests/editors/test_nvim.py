@@ -81,6 +81,10 @@ def test_dismiss_hides_the_suggestion_and_escape_clears_it(nvim: Nvim, tmp_path:
     nvim.nvim.input("<C-]>")
     nvim.wait(lambda: not nvim.extmarks() and nvim.ghost() is None, timeout=10, message="dismissal")
     assert nvim.lines()[TYPE_AT - 1] == "    return "
+    nvim.nvim.input("<M-]>")  # "next suggestion" with none shown asks the server explicitly
+    nvim.wait(nvim.ghost, timeout=30, message="an explicitly requested suggestion")
+    nvim.nvim.input("<C-]>")
+    nvim.wait(lambda: nvim.ghost() is None, timeout=10, message="dismissal")
     nvim.nvim.input("x")  # typing again asks again
     nvim.wait(nvim.ghost, timeout=30, message="a new suggestion")
     nvim.nvim.input("<Esc>")

@@ -129,7 +129,9 @@ function M.request(invoked)
     return
   end
   local key = state_key(bufnr)
-  if M.dismissed_at == key then
+  if invoked then
+    M.dismissed_at = nil -- asked for explicitly: a dismissal no longer holds
+  elseif M.dismissed_at == key then
     return
   end
   if M.pending then
