@@ -6,6 +6,20 @@ import os
 
 import pytest
 
+FIB_SOURCE = '''def fibonacci(n: int) -> int:
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    
+
+
+def main() -> None:
+    for i in range(10):
+        print(i, fibonacci(i))
+'''
+"""The file both editor tests edit; line 5 (``"    "``) is where they type."""
+TYPE_AT = 5
+
 
 def need(available: bool, what: str) -> None:
     """Skip (or, under ``DLM_REQUIRE_EDITORS=1``, fail) the calling test unless ``available``."""

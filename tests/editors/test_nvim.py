@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import time
 from pathlib import Path
 from typing import Iterator
 
-import importlib.util
-
 import pytest
-from editor_env import need
+from editor_env import FIB_SOURCE as SOURCE
+from editor_env import TYPE_AT, need
 from nvim_driver import Nvim, nvim_executable
-
-SOURCE = '''def fibonacci(n: int) -> int:
-    """Return the n-th Fibonacci number."""
-    if n < 2:
-        return n
-    
-
-def main() -> None:
-    for i in range(10):
-        print(i, fibonacci(i))
-'''
-TYPE_AT = 5  # 1-based line "    " where the test types
 
 KEYMAPS = {
     "accept": "<Tab>",
@@ -116,8 +105,6 @@ def test_leaving_insert_mode_before_the_answer_drops_it(nvim: Nvim, tmp_path: Pa
     nvim.nvim.current.window.cursor = (TYPE_AT, 4)
     nvim.nvim.input("Areturn <Esc>")
     nvim.wait(lambda: nvim.nvim.api.get_mode()["mode"] == "n", timeout=5, message="normal mode")
-    import time
-
     time.sleep(1.0)  # the request (if any) has had time to answer
     assert not nvim.extmarks() and nvim.ghost() is None
 
@@ -145,8 +132,6 @@ def test_settings_change_live_and_disable_per_language(nvim: Nvim, tmp_path: Pat
     nvim.nvim.command("DlmDisable python")
     nvim.nvim.current.window.cursor = (TYPE_AT, 4)
     nvim.nvim.input("Areturn ")
-    import time
-
     time.sleep(1.5)
     assert nvim.ghost() is None
     nvim.nvim.input("<Esc>")

@@ -17,7 +17,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from editor_env import need
+from editor_env import FIB_SOURCE as SOURCE
+from editor_env import TYPE_AT, need
 
 from dlm_lsp.settings import Settings
 
@@ -28,18 +29,6 @@ CODE_SERVER = E2E / "node_modules" / "code-server"
 VSIX = VSCODE / "dlm.vsix"
 CLIENT_ONLY = {"dlm.server.path", "dlm.server.args"}
 
-SOURCE = '''def fibonacci(n: int) -> int:
-    """Return the n-th Fibonacci number."""
-    if n < 2:
-        return n
-    
-
-
-def main() -> None:
-    for i in range(10):
-        print(i, fibonacci(i))
-'''
-TYPE_AT = 5
 
 
 def _camel(name: str) -> str:

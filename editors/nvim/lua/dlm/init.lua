@@ -102,15 +102,19 @@ local function set_keymaps()
   end
 end
 
+--- Set the server's per-language switch (`settings.enable[filetype]`) and push it.
+local function set_language(filetype, on)
+  local enable = vim.deepcopy(config.options.settings.enable or {})
+  enable[filetype] = on
+  config.options.settings.enable = enable
+  client.push_settings()
+end
+
 --- Turn suggestions on, globally or (with `filetype`) for one language (sent to the server).
 ---@param filetype string|nil
 function M.enable(filetype)
   if filetype and filetype ~= "" then
-    local enable = vim.deepcopy(config.options.settings.enable or {})
-    enable[filetype] = true
-    config.options.settings.enable = enable
-    client.push_settings()
-    return
+    return set_language(filetype, true)
   end
   ghost.enabled = true
   client.restarts = {}
@@ -126,11 +130,7 @@ end
 ---@param filetype string|nil
 function M.disable(filetype)
   if filetype and filetype ~= "" then
-    local enable = vim.deepcopy(config.options.settings.enable or {})
-    enable[filetype] = false
-    config.options.settings.enable = enable
-    client.push_settings()
-    return
+    return set_language(filetype, false)
   end
   ghost.enabled = false
   ghost.clear()
