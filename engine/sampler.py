@@ -113,7 +113,7 @@ class Candidate:
     steps: int = 0
     """Denoising steps this candidate took part in."""
     abandoned: bool = False
-    """Dropped early: a shorter candidate already ended naturally (see :func:`denoise`)."""
+    """Dropped early: a shorter candidate already ended naturally, or it could not finish within the budget (see :func:`denoise`)."""
 
     def result_len(self, end_ids: frozenset[int]) -> int:
         """Length of the usable middle: up to the first end token or still-masked position."""
