@@ -185,3 +185,13 @@ def test_missing_model_shows_in_status_and_checkhealth(nvim: Nvim, tmp_path: Pat
     nvim.nvim.command("checkhealth dlm")
     report = "\n".join(nvim.lines())
     assert "server executable" in report and "does not exist" in report and "dlm's extmarks" in report
+
+
+def test_an_equal_result_keeps_the_extmark(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path)
+    ghost = type_return(nvim)
+    mark_id = nvim.extmarks()[0][0]
+    nvim.lua("require('dlm.ghost').request(true)")  # ask again at the same place: same answer (greedy, cached)
+    nvim.wait(lambda: nvim.lua("return require('dlm.ghost').pending") is None, timeout=10, message="the answer")
+    assert nvim.ghost() == ghost
+    assert [m[0] for m in nvim.extmarks()] == [mark_id]  # not deleted and redrawn: no flicker
