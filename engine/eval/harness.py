@@ -11,6 +11,7 @@ of the canonical middle, as the engine tokenizes it) and with **unknown** length
 (the engine's own candidate lengths and choice). Metrics per mode:
 
 * exact match: the completion equals the canonical middle, ignoring trailing whitespace;
+* edit similarity: difflib's ratio of the two (CodeXGLUE's measure), a graded signal where exact match is rare;
 * pass@1 (problems with tests): ``prompt + completion + suffix + test +
   check(entry_point)`` exits 0 in the sandbox (:mod:`engine.eval.sandbox`).
 
@@ -127,7 +128,7 @@ def evaluate(
     """Complete every problem in every mode; returns ``{"summary": ..., "results": [...]}``."""
     from dataclasses import replace
 
-    from engine.bench import progress
+    from engine.bench import edit_similarity, progress
     from engine.eval.sandbox import Limits, run_program
 
     modes = list(modes)
@@ -146,6 +147,7 @@ def evaluate(
                 "mode": mode,
                 "completion": completion.text,
                 "exact_match": exact_match(completion.text, problem.canonical_solution),
+                "edit_sim": round(edit_similarity(completion.text, problem.canonical_solution), 4),
                 "latency_ms": round(completion.stats["total_ms"], 2),
                 "steps": completion.stats["steps"],
                 "tokens_per_step": round(completion.stats["tokens_per_step"], 3),
@@ -165,6 +167,7 @@ def evaluate(
         rows = [r for r in results if r["mode"] == mode]
         entry = {
             "exact_match": sum(r["exact_match"] for r in rows) / max(1, len(rows)),
+            "edit_sim": round(statistics.fmean(r["edit_sim"] for r in rows), 4) if rows else None,
             "median_latency_ms": statistics.median(r["latency_ms"] for r in rows) if rows else None,
             "median_tokens_per_step": statistics.median(r["tokens_per_step"] for r in rows) if rows else None,
             "empty": sum(not r["completion"].strip() for r in rows),

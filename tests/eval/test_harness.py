@@ -102,3 +102,7 @@ def test_evaluate_end_to_end(tiny_engine, tmp_path):
     oracle = [r for r in report["results"] if r["mode"] == "oracle"]
     assert all(r["chosen_length"] == len(engine.tokenizer.encode(PROBLEM["canonical_solution"])) for r in oracle)
     assert {r["mode"] for r in report["results"]} == {"oracle", "unknown"}
+    for mode in ("oracle", "unknown"):
+        rows = [r for r in report["results"] if r["mode"] == mode]
+        assert all(0.0 <= r["edit_sim"] <= 1.0 for r in rows)
+        assert summary[mode]["edit_sim"] == pytest.approx(sum(r["edit_sim"] for r in rows) / len(rows), abs=1e-4)
