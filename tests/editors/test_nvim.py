@@ -195,3 +195,12 @@ def test_an_equal_result_keeps_the_extmark(nvim: Nvim, tmp_path: Path):
     nvim.wait(lambda: nvim.lua("return require('dlm.ghost').pending") is None, timeout=10, message="the answer")
     assert nvim.ghost() == ghost
     assert [m[0] for m in nvim.extmarks()] == [mark_id]  # not deleted and redrawn: no flicker
+
+
+def test_replaced_range_is_converted_from_lsp_units_to_bytes(nvim: Nvim):
+    convert = "return require('dlm.ghost')._units_to_bytes(...)"
+    assert nvim.lua(convert, "é)x", 2, "utf-16") == 3  # é is 1 UTF-16 unit, 2 bytes
+    assert nvim.lua(convert, "😀)", 3, "utf-16") == 5  # the emoji is 2 units, 4 bytes
+    assert nvim.lua(convert, "😀)", 2, "utf-32") == 5
+    assert nvim.lua(convert, "é)", 3, "utf-8") == 3
+    assert nvim.lua(convert, ")", 9, "utf-16") == 1  # never past the line

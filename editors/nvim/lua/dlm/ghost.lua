@@ -17,8 +17,7 @@ M.ns = vim.api.nvim_create_namespace("dlm.ghost")
 ---@field col integer byte column of the cursor
 ---@field items string[] suggestion texts
 ---@field index integer which item is shown
----@field replace integer bytes after the cursor each accept replaces (per item)
----@field replaces integer[]
+---@field replaces integer[] bytes after the cursor that accepting each item replaces
 ---@field extmark integer|nil
 ---@field tick integer the buffer's changedtick when drawn (edits of our own are not the user's)
 
@@ -29,14 +28,17 @@ M.pending = nil ---@type integer|nil request id in flight
 M.enabled = true
 M.dismissed_at = nil ---@type string|nil buffer state the user dismissed a suggestion at
 
---- Bytes of `s` that make up `units` UTF-16 code units (or all of `s`).
-local function utf16_bytes(s, units)
+--- Bytes of `s` that make up `units` code units of `encoding` (utf-8, utf-16 or utf-32), at most all of `s`.
+local function units_to_bytes(s, units, encoding)
+  if encoding == "utf-8" then
+    return math.min(units, #s)
+  end
   local bytes, used = 0, 0
   for ch in s:gmatch("[%z\1-\127\194-\244][\128-\191]*") do
     if used >= units then
       break
     end
-    used = used + (#ch == 4 and 2 or 1)
+    used = used + ((encoding == "utf-16" and #ch == 4) and 2 or 1)
     bytes = bytes + #ch
   end
   return bytes
@@ -161,7 +163,7 @@ function M.request(invoked)
         local replace = 0
         if item.range and item.range["end"].line == params.position.line then
           local units = item.range["end"].character - params.position.character
-          replace = utf16_bytes(line:sub(col + 1), units)
+          replace = units_to_bytes(line:sub(col + 1), units, client.offset_encoding())
         end
         items[#items + 1] = text
         replaces[#replaces + 1] = replace
@@ -296,6 +298,7 @@ local function accept_part(pick)
 end
 
 M._next_word = next_word -- for tests
+M._units_to_bytes = units_to_bytes
 M._show = show
 
 --- Accept the next word of the suggestion.
