@@ -20,8 +20,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.bench import Item, edit_similarity, exact_match, percentile, progress
+from engine.bench import Item, latency_and_quality, markdown, progress
+from engine.eval.harness import edit_similarity, exact_match
 from engine.sampler import UnmaskOrder
 
 log = logging.getLogger(__name__)
@@ -177,39 +178,30 @@ async def _close(client: Any) -> None:
         await client.stop()
 
 
+LSP_COLUMNS = (
+    ("p50_ms", "p50 ms"),
+    ("p95_ms", "p95 ms"),
+    ("max_ms", "max ms"),
+    ("within_budget", "in budget"),
+    ("exact_match", "EM"),
+    ("edit_sim", "edit sim"),
+    ("empty", "empty"),
+)
+
+
 def summarize_lsp(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Latency percentiles, budget share and quality per kind of middle (and over all)."""
     out = []
     for kind in ("single", "multi", "all"):
         group = [r for r in rows if kind == "all" or r["kind"] == kind]
-        if not group:
-            continue
-        latencies = [r["latency_ms"] for r in group]
-        out.append(
-            {
-                "kind": kind,
-                "n": len(group),
-                "p50_ms": round(statistics.median(latencies), 2),
-                "p95_ms": round(percentile(latencies, 95), 2),
-                "max_ms": round(max(latencies), 2),
-                "within_budget": round(sum(r["within_budget"] for r in group) / len(group), 4),
-                "exact_match": round(sum(r["exact_match"] for r in group) / len(group), 4),
-                "edit_sim": round(statistics.fmean(r["edit_sim"] for r in group), 4),
-                "empty": sum(r["empty"] for r in group),
-            }
-        )
+        if group:
+            out.append({"kind": kind, **latency_and_quality(group)})
     return out
 
 
 def lsp_markdown(report: dict[str, Any]) -> str:
     """The LSP-level table plus cold start and memory lines."""
-    head = ["kind", "n", "p50 ms", "p95 ms", "max ms", "in budget", "EM", "edit sim", "empty"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for e in report["summary"]:
-        lines.append(
-            f"| {e['kind']} | {e['n']} | {e['p50_ms']} | {e['p95_ms']} | {e['max_ms']} | "
-            f"{100 * e['within_budget']:.1f} % | {100 * e['exact_match']:.1f} % | {e['edit_sim']} | {e['empty']} |"
-        )
+    lines = [markdown(report["summary"], keys=("kind",), columns=LSP_COLUMNS).rstrip("\n")]
     server = report.get("server", {})
     lines.append("")
     lines.append(
@@ -222,8 +214,6 @@ def lsp_markdown(report: dict[str, Any]) -> str:
 
 def hardware() -> dict[str, Any]:
     """What the numbers were measured on."""
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -262,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dlm-bench``."""
     from engine import Engine, EngineError, default_model_path
-    from engine.bench import load_items, markdown, run_engine_bench
+    from engine.bench import load_items, run_engine_bench
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -42,8 +42,6 @@ class CompletionCache:
         self.max_walk = max_walk
         self._entries: OrderedDict[str, CachedSuggestion] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def put(self, prefix: str, suffix: str, suggestion: CachedSuggestion) -> None:
         """Remember ``suggestion`` for this context."""
@@ -58,15 +56,14 @@ class CompletionCache:
         """The suggestion for this context, exact or typed-through; None on a miss."""
         with self._lock:
             for typed in range(0, min(self.max_walk, len(prefix)) + 1):
-                entry = self._entries.get(context_key(prefix[: len(prefix) - typed], suffix))
+                key = context_key(prefix[: len(prefix) - typed], suffix)
+                entry = self._entries.get(key)
                 if entry is None:
                     continue
                 typed_text = prefix[len(prefix) - typed :]
                 if entry.text.startswith(typed_text) and len(entry.text) > typed:
-                    self._entries.move_to_end(context_key(prefix[: len(prefix) - typed], suffix))
-                    self.hits += 1
+                    self._entries.move_to_end(key)
                     return CachedSuggestion(entry.text[typed:], entry.replace_suffix)
-            self.misses += 1
             return None
 
     def __len__(self) -> int:

@@ -153,6 +153,9 @@ class CompletionService:
             stop.set()
             self.metrics.count("cancelled")
             raise
+        except Exception:  # the client gets the error response; the status counts it
+            self.metrics.count("errors")
+            raise
         finally:
             if self._inflight.get(uri) is stop:
                 del self._inflight[uri]

@@ -30,7 +30,6 @@ from engine.errors import (
 from engine.sampler import SamplingParams, UnmaskOrder
 
 
-
 def default_model_path() -> Path:
     """The engine folder of the default model that ships inside this package."""
     return Path(__file__).resolve().parent / "models" / "default"

@@ -26,7 +26,6 @@ rows into the JSON and table that ``dlm-bench`` writes.
 
 from __future__ import annotations
 
-import difflib
 import math
 import resource
 import statistics
@@ -39,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from engine.errors import InputError
+from engine.eval.harness import edit_similarity, exact_match, heldout_problems, load_problems
 from engine.sampler import SamplingParams, UnmaskOrder
 
 SINGLE_LINE_LENGTHS = (8, 16)
@@ -75,8 +75,6 @@ def load_items(
     seed: int = 0,
 ) -> list[Item]:
     """Up to ``count`` items per source and kind, chosen reproducibly with ``seed``."""
-    from engine.eval.harness import heldout_problems, load_problems
-
     items: list[Item] = []
     if heldout is not None:
         for kind in kinds:
@@ -111,26 +109,11 @@ def decoders(
     }
 
 
-def exact_match(completion: str, middle: str) -> bool:
-    """Equal up to trailing whitespace (as ``dlm-eval`` counts it)."""
-    return completion.rstrip() == middle.rstrip()
-
-
-def edit_similarity(completion: str, middle: str) -> float:
-    """Character-level similarity in [0, 1] (difflib's ratio, as CodeXGLUE's edit similarity), trailing whitespace ignored."""
-    a, b = completion.rstrip(), middle.rstrip()
-    if not a and not b:
-        return 1.0
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (nearest rank) of ``values``; NaN when empty."""
     if not values:
         return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return float(ordered[rank - 1])
+    return float(np.percentile(values, q, method="inverted_cdf"))
 
 
 def peak_rss_mb() -> float:
@@ -217,6 +200,21 @@ def run_engine_bench(
     return {"rows": rows, "skipped": skipped, "summary": summarize(rows), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
+def latency_and_quality(group: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What every level reports for a group of rows: count, latency percentiles, quality, budget share, empties."""
+    latencies = [r["latency_ms"] for r in group]
+    return {
+        "n": len(group),
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p95_ms": round(percentile(latencies, 95), 2),
+        "max_ms": round(max(latencies), 2),
+        "exact_match": round(sum(r["exact_match"] for r in group) / len(group), 4),
+        "edit_sim": round(statistics.fmean(r["edit_sim"] for r in group), 4),
+        "within_budget": round(sum(r["within_budget"] for r in group) / len(group), 4),
+        "empty": sum(r["empty"] for r in group),
+    }
+
+
 def summarize(rows: Iterable[dict[str, Any]], keys: Sequence[str] = ("kind", "context", "decoder")) -> list[dict[str, Any]]:
     """Aggregate rows per workload (``keys``) with the metrics of the module docstring."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -224,24 +222,15 @@ def summarize(rows: Iterable[dict[str, Any]], keys: Sequence[str] = ("kind", "co
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
     out = []
     for key, group in groups.items():
-        latencies = [r["latency_ms"] for r in group]
-        seconds = sum(latencies) / 1000
+        seconds = sum(r["latency_ms"] for r in group) / 1000
         tokens = sum(r["middle_tokens"] for r in group)
         forwards = sum(r["forward_passes"] for r in group)
-        entry = dict(zip(keys, key))
+        entry = {**dict(zip(keys, key)), **latency_and_quality(group)}
         entry.update(
             {
-                "n": len(group),
-                "p50_ms": round(statistics.median(latencies), 2),
-                "p95_ms": round(percentile(latencies, 95), 2),
-                "max_ms": round(max(latencies), 2),
                 "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
                 "forward_passes": round(forwards / len(group), 2),
                 "tokens_per_forward": round(sum(r["model_tokens"] for r in group) / forwards, 3) if forwards else 0.0,
-                "exact_match": round(sum(r["exact_match"] for r in group) / len(group), 4),
-                "edit_sim": round(statistics.fmean(r["edit_sim"] for r in group), 4),
-                "within_budget": round(sum(r["within_budget"] for r in group) / len(group), 4),
-                "empty": sum(r["empty"] for r in group),
                 "cut": sum(r["cut"] for r in group),
             }
         )
@@ -288,13 +277,17 @@ COLUMNS = (
 )
 
 
-def markdown(summary: Sequence[dict[str, Any]], keys: Sequence[str] = ("kind", "context", "decoder")) -> str:
-    """A Markdown table of :func:`summarize`'s entries."""
-    head = [*keys, "n", *(title for _, title in COLUMNS)]
+def markdown(
+    summary: Sequence[dict[str, Any]],
+    keys: Sequence[str] = ("kind", "context", "decoder"),
+    columns: Sequence[tuple[str, str]] = COLUMNS,
+) -> str:
+    """A Markdown table of summary entries (:func:`summarize`'s by default): ``keys``, n, then ``columns``."""
+    head = [*keys, "n", *(title for _, title in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in summary:
         cells = [str(entry.get(k, "")) for k in keys] + [str(entry["n"])]
-        for name, _ in COLUMNS:
+        for name, _ in columns:
             value = entry.get(name, "")
             if name in ("exact_match", "within_budget") and value != "":
                 value = f"{100 * value:.1f} %"

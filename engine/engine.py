@@ -183,19 +183,20 @@ class Engine:
         if it yields fewer tokens than the window holds, the whole text is encoded.
         """
         limit = self._char_limit()
-        if len(text) <= limit:
-            return self.tokenizer.encode(text)
         cut = text.find("\n", len(text) - limit) + 1 or len(text) - limit
-        ids = self.tokenizer.encode(text[cut:])
-        return ids if len(ids) >= self.info.arch.max_positions else self.tokenizer.encode(text)
+        return self._encode_part(text, slice(cut, None))
 
     def _encode_head(self, text: str) -> list[int]:
         """Token ids of ``text``, or of a head of it long enough to fill the window (see :meth:`_encode_tail`)."""
         limit = self._char_limit()
-        if len(text) <= limit:
-            return self.tokenizer.encode(text)
         cut = text.rfind("\n", 0, limit) + 1 or limit
-        ids = self.tokenizer.encode(text[:cut])
+        return self._encode_part(text, slice(None, cut))
+
+    def _encode_part(self, text: str, part: slice) -> list[int]:
+        """Ids of ``text[part]`` when that fills the window, else of the whole ``text``."""
+        if len(text) <= self._char_limit():
+            return self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(text[part])
         return ids if len(ids) >= self.info.arch.max_positions else self.tokenizer.encode(text)
 
     def _fit_window(

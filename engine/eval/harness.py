@@ -21,6 +21,7 @@ Per-problem results and a summary go to ``--out`` as JSON.
 from __future__ import annotations
 
 import argparse
+import difflib
 import gzip
 import json
 import statistics
@@ -111,6 +112,14 @@ def exact_match(completion: str, solution: str) -> bool:
     return completion.rstrip() == solution.rstrip()
 
 
+def edit_similarity(completion: str, solution: str) -> float:
+    """Character-level similarity in [0, 1] (difflib's ratio, as CodeXGLUE's edit similarity), trailing whitespace ignored."""
+    a, b = completion.rstrip(), solution.rstrip()
+    if not a and not b:
+        return 1.0
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
 def program(problem: Problem, completion: str) -> str:
     """The program whose exit status decides pass@1."""
     return f"{problem.prompt}{completion}{problem.suffix}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
@@ -128,7 +137,7 @@ def evaluate(
     """Complete every problem in every mode; returns ``{"summary": ..., "results": [...]}``."""
     from dataclasses import replace
 
-    from engine.bench import edit_similarity, progress
+    from engine.bench import progress
     from engine.eval.sandbox import Limits, run_program
 
     modes = list(modes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dlm_lsp.context import OpenDocument, build_context, jaccard, similar_snippets
+from dlm_lsp.context import PARSE_WINDOW_AFTER, PARSE_WINDOW_BEFORE, OpenDocument, build_context, jaccard, similar_snippets
 from dlm_lsp.settings import Settings
 
 DOC = "import os\n\n\ndef load_config(path):\n    \n\n\ndef main():\n    cfg = load_config('x')\n"
@@ -52,3 +52,15 @@ def test_snippet_budget_and_jaccard():
     big = OpenDocument("file:///w/big.py", "python", "\n".join(f"load_config_{i} = load_config(path_{i})" for i in range(200)))
     chosen = similar_snippets("load_config path", [big], budget_chars=300)
     assert sum(len(chunk) for _, chunk in chosen) <= 300
+
+
+def test_syntax_decisions_look_at_a_window_that_starts_at_a_top_level_line():
+    body = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(2000))  # ~60,000 characters
+    doc = body + "def new_function(x):\n    \n\n" + body
+    cursor = len(body) + len("def new_function(x):\n    ")
+    ctx = build_context(doc, cursor, "python", Settings(other_files=False))
+    assert ctx.multiline  # the empty body is seen as in the whole document
+    before = ctx.post.text_before
+    assert before.startswith("def ") and doc[:cursor].endswith(before)
+    assert PARSE_WINDOW_BEFORE <= len(before) <= 2 * PARSE_WINDOW_BEFORE
+    assert len(ctx.post.text_after) == PARSE_WINDOW_AFTER

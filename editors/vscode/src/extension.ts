@@ -104,9 +104,10 @@ function setStatus(kind: "loading" | "ready" | "error" | "disabled" | "stopped",
   statusItem.show();
 }
 
-function globallyEnabled(): boolean {
+/** The `dlm.enable` switch for a language id (the `*` fallback when none is given or set). */
+function enabledFor(languageId = "*"): boolean {
   const enable = vscode.workspace.getConfiguration(SECTION).get<Record<string, boolean>>("enable") ?? {};
-  return enable["*"] !== false;
+  return (enable[languageId] ?? enable["*"] ?? true) !== false;
 }
 
 async function pollStatus(): Promise<void> {
@@ -115,7 +116,7 @@ async function pollStatus(): Promise<void> {
   }
   try {
     const s = await client.sendRequest<ServerStatus>("dlm/status", {});
-    if (!globallyEnabled()) {
+    if (!enabledFor()) {
       setStatus("disabled");
     } else if (s.state === "ready") {
       setStatus("ready", s.last_latency_ms != null ? `${Math.round(s.last_latency_ms)} ms` : "");
@@ -167,23 +168,21 @@ function clientOptions(): LanguageClientOptions {
     errorHandler: new BackoffErrorHandler(),
     middleware: {
       provideInlineCompletionItems: async (document, position, context, token, next) => {
-        const enable = vscode.workspace.getConfiguration(SECTION).get<Record<string, boolean>>("enable") ?? {};
-        if ((enable[document.languageId] ?? enable["*"] ?? true) === false) {
-          return [];
+        if (!enabledFor(document.languageId)) {
+          return []; // switched off for this language: do not even ask the server
         }
         const result = await next(document, position, context, token);
         const items = Array.isArray(result) ? result : result?.items ?? [];
-        for (const item of items) {
+        const uri = document.uri.toString();
+        items.forEach((item, i) => {
           const text = typeof item.insertText === "string" ? item.insertText : item.insertText.value;
-          item.command = { command: "dlm._didAccept", title: "dlm: accepted", arguments: [document.uri.toString(), text] };
-        }
-        if (items.length > 0) {
-          const first = items[0];
-          const text = typeof first.insertText === "string" ? first.insertText : first.insertText.value;
-          const start = first.range ? first.range.start : position;
-          lastShown = { uri: document.uri.toString(), offset: document.offsetAt(start), text };
-          client?.sendNotification("dlm/didShowCompletion", { uri: lastShown.uri });
-        }
+          item.command = { command: "dlm._didAccept", title: "dlm: accepted", arguments: [uri, text] };
+          if (i === 0) {
+            const start = item.range ? item.range.start : position;
+            lastShown = { uri, offset: document.offsetAt(start), text };
+            client?.sendNotification("dlm/didShowCompletion", { uri });
+          }
+        });
         return result;
       },
     },

@@ -232,9 +232,9 @@ function M.on_cursor_moved()
   end
 end
 
---- Insert `text` at the shown position, replacing `replace` bytes after it; move the cursor to its end.
-local function insert(text, replace)
-  local s = assert(M.shown)
+--- Insert `text` at the position of `s`, replacing `replace` bytes after it; move the cursor to its end.
+---@param s dlm.Shown
+local function insert(s, text, replace)
   local lines = vim.split(text, "\n", { plain = true })
   vim.api.nvim_buf_set_text(s.bufnr, s.row, s.col, s.row, s.col + replace, lines)
   local end_row = s.row + #lines - 1
@@ -252,9 +252,7 @@ function M.accept()
   end
   local text, replace = s.items[s.index], s.replaces[s.index]
   M.clear()
-  M.shown = s -- insert() reads the position
-  insert(text, replace)
-  M.shown = nil
+  insert(s, text, replace)
   local position = vim.lsp.util.make_position_params(0, client.offset_encoding()).position
   client.notify("dlm/didAcceptCompletion", {
     acceptedLength = vim.fn.strchars(text),
@@ -289,7 +287,7 @@ local function accept_part(pick)
     return M.accept()
   end
   vim.api.nvim_buf_clear_namespace(s.bufnr, M.ns, 0, -1)
-  local row, col = insert(part, 0)
+  local row, col = insert(s, part, 0)
   s.row, s.col, s.extmark = row, col, nil
   s.items, s.replaces, s.index = { text:sub(#part + 1) }, { s.replaces[s.index] }, 1
   draw()
