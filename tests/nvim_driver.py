@@ -79,17 +79,19 @@ class Nvim:
         return self.nvim.current.buffer[:]
 
     def server_pid(self) -> int | None:
-        """PID of the server this Neovim started (found by its unique log file argument)."""
+        """PID of the newest live server this Neovim started (found by its unique log file argument)."""
+        found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
                 cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if str(self.log_file).encode() in cmdline and b"dlm_lsp" in cmdline:
-                return int(proc.name)
-        return None
+            if str(self.log_file).encode() in cmdline and b"dlm_lsp" in cmdline and stat[0] not in "ZX":
+                found.append((int(stat[19]), int(proc.name)))  # (start time, pid)
+        return max(found)[1] if found else None
 
     def kill_server(self) -> None:
         pid = self.server_pid()

@@ -154,10 +154,12 @@ def test_repeated_crashes_stop_with_a_visible_error(nvim: Nvim, tmp_path: Path):
     path = tmp_path / "fib.py"
     path.write_text(SOURCE)
     nvim.nvim.command(f"edit {path}")
-    nvim.wait(nvim.server_pid, timeout=20, message="server start")
+    first_pid = nvim.wait(nvim.server_pid, timeout=20, message="server start")
+    first = nvim.lua("return require('dlm.client').client_id")
     nvim.kill_server()
-    nvim.wait(lambda: nvim.lua("return require('dlm.client').client_id"), timeout=20, message="restart")
-    nvim.wait(nvim.server_pid, timeout=20, message="server start")
+    # wait for a new client and a new process: the old ones linger for a moment after the kill
+    nvim.wait(lambda: (c := nvim.lua("return require('dlm.client').client_id")) and c != first, timeout=20, message="restart")
+    nvim.wait(lambda: (p := nvim.server_pid()) and p != first_pid, timeout=20, message="server restart")
     nvim.kill_server()
     nvim.wait(lambda: "not restarting" in (nvim.lua("return require('dlm.client').last_error") or ""), timeout=20)
     assert nvim.lua("return require('dlm.client').client_id") is None
