@@ -12,6 +12,14 @@ M.last_error = nil ---@type string|nil
 
 local has_011 = vim.fn.has("nvim-0.11") == 1
 
+--- Show a message once Neovim is idle: a message from the server or a callback must not
+--- interrupt (and be reported as an error of) whatever command is running right now.
+local function show_message(message, level)
+  vim.schedule(function()
+    vim.notify(message, level)
+  end)
+end
+
 --- Call a client method in the 0.11+ form (`client:m(...)`) or the 0.10 form (`client.m(...)`).
 local function call(client, method, ...)
   if has_011 then
@@ -94,7 +102,7 @@ function M.client_config()
         if result and result.type == vim.lsp.protocol.MessageType.Error then
           M.last_error = result.message
         end
-        vim.notify(result.message, result.type == 1 and vim.log.levels.ERROR or vim.log.levels.WARN)
+        show_message(result.message, result.type == vim.lsp.protocol.MessageType.Error and vim.log.levels.ERROR or vim.log.levels.WARN)
       end,
     },
   }
@@ -109,9 +117,7 @@ function M.attach(bufnr)
     if not M.warned then
       M.warned = true
       M.last_error = message
-      vim.schedule(function() -- not inside the FileType autocommand that got us here
-        vim.notify(message, vim.log.levels.ERROR)
-      end)
+      show_message(message, vim.log.levels.ERROR) -- not inside the FileType autocommand that got us here
     end
     return nil
   end
@@ -139,13 +145,13 @@ function M.on_exit(code, signal)
   if #M.restarts >= config.options.restart_limit then
     M.last_error = ("dlm-lsp exited (code %s, signal %s) %d times within a minute; not restarting. "
       .. "Run :DlmEnable to try again, see :checkhealth dlm and :LspLog"):format(code, signal, #M.restarts)
-    vim.notify(M.last_error, vim.log.levels.ERROR)
+    show_message(M.last_error, vim.log.levels.ERROR)
     return
   end
   M.restarts[#M.restarts + 1] = now
   local delay = 1000 * 2 ^ (#M.restarts - 1)
   M.last_error = ("dlm-lsp exited (code %s, signal %s); restarting in %d s"):format(code, signal, delay / 1000)
-  vim.notify(M.last_error, vim.log.levels.WARN)
+  show_message(M.last_error, vim.log.levels.WARN)
   for _, buf in ipairs(vim.api.nvim_list_bufs()) do
     if vim.api.nvim_buf_is_loaded(buf) and vim.b[buf].dlm_attached then
       buffers[#buffers + 1] = buf
