@@ -150,7 +150,11 @@ def evaluate(
             if mode == "oracle":
                 length = max(1, len(engine.tokenizer.encode(problem.canonical_solution)))
                 mode_params = replace(params, lengths=(length,))
-            completion = engine.complete(problem.prompt, problem.suffix, mode_params)
+            try:
+                completion = engine.complete(problem.prompt, problem.suffix, mode_params)
+            except InputError as exc:  # e.g. an oracle middle longer than the model's window
+                results.append(_unanswerable(problem, mode, str(exc), run_tests))
+                continue
             row: dict[str, Any] = {
                 "task_id": problem.task_id,
                 "mode": mode,
@@ -174,12 +178,14 @@ def evaluate(
     summary: dict[str, Any] = {"problems": len(problems)}
     for mode in modes:
         rows = [r for r in results if r["mode"] == mode]
+        answered = [r for r in rows if "error" not in r]
         entry = {
             "exact_match": sum(r["exact_match"] for r in rows) / max(1, len(rows)),
             "edit_sim": round(statistics.fmean(r["edit_sim"] for r in rows), 4) if rows else None,
-            "median_latency_ms": statistics.median(r["latency_ms"] for r in rows) if rows else None,
-            "median_tokens_per_step": statistics.median(r["tokens_per_step"] for r in rows) if rows else None,
-            "empty": sum(not r["completion"].strip() for r in rows),
+            "median_latency_ms": statistics.median(r["latency_ms"] for r in answered) if answered else None,
+            "median_tokens_per_step": statistics.median(r["tokens_per_step"] for r in answered) if answered else None,
+            "empty": sum(not r["completion"].strip() for r in answered),
+            "unanswerable": len(rows) - len(answered),
         }
         tested = [r for r in rows if "passed" in r]
         if tested:
@@ -187,6 +193,22 @@ def evaluate(
             entry["tested"] = len(tested)
         summary[mode] = entry
     return {"summary": summary, "results": results}
+
+
+def _unanswerable(problem: Problem, mode: str, reason: str, run_tests: bool) -> dict[str, Any]:
+    """The result row of a problem the engine cannot attempt: a failure with the reason, never a crash."""
+    row: dict[str, Any] = {
+        "task_id": problem.task_id,
+        "mode": mode,
+        "completion": "",
+        "exact_match": False,
+        "edit_sim": 0.0,
+        "error": reason,
+    }
+    if run_tests and problem.test:
+        row["passed"] = False
+        row["status"] = "not run"
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,3 +106,23 @@ def test_evaluate_end_to_end(tiny_engine, tmp_path):
         rows = [r for r in report["results"] if r["mode"] == mode]
         assert all(0.0 <= r["edit_sim"] <= 1.0 for r in rows)
         assert summary[mode]["edit_sim"] == pytest.approx(sum(r["edit_sim"] for r in rows) / len(rows), abs=1e-4)
+
+
+def test_a_middle_too_long_for_the_window_is_a_failure_not_a_crash(tiny_engine, tmp_path):
+    from engine import Engine, SamplingParams
+
+    engine = Engine.load(tiny_engine, backend="cpu")
+    window = engine.info.arch.max_positions
+    long_body = "".join(f"    x{i} = {i} * {i}\n" for i in range(window))
+    too_long = {**PROBLEM, "task_id": "t/long", "canonical_solution": long_body}
+    problems = harness.load_problems(write(tmp_path / "p.jsonl", [too_long, PROBLEM]))
+    report = harness.evaluate(engine, problems, SamplingParams(lengths=(4, 8)), progress=False, timeout_s=5)
+    oracle = {r["task_id"]: r for r in report["results"] if r["mode"] == "oracle"}
+    assert "does not fit" in oracle["t/long"]["error"]
+    assert oracle["t/long"]["passed"] is False and oracle["t/long"]["status"] == "not run"
+    assert "error" not in oracle["t/0"] and "passed" in oracle["t/0"]  # the run carried on
+    unknown = {r["task_id"]: r for r in report["results"] if r["mode"] == "unknown"}
+    assert "error" not in unknown["t/long"]  # the engine's own length choice fits
+    summary = report["summary"]
+    assert summary["oracle"]["unanswerable"] == 1 and summary["unknown"]["unanswerable"] == 0
+    assert summary["oracle"]["tested"] == 2 and summary["oracle"]["pass@1"] <= 0.5
