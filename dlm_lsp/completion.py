@@ -27,7 +27,6 @@ from dlm_lsp.status import Metrics
 
 log = logging.getLogger(__name__)
 
-SINGLE_LINE_MAX_TOKENS = 16
 BUDGET_RESERVE_MS = 4.0
 BUDGET_RESERVE_SHARE = 0.05
 """Of the latency budget, this much (fixed + share) is kept for post-processing, the
@@ -51,10 +50,7 @@ def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None
     """Engine parameters for one request."""
     from engine import SamplingParams
 
-    lengths = settings.lengths()
-    if not multiline:
-        lengths = tuple(n for n in lengths if n <= SINGLE_LINE_MAX_TOKENS) or (min(lengths),)
-    return SamplingParams(lengths=lengths, threshold=settings.confidence_threshold, budget_ms=budget_ms)
+    return SamplingParams(lengths=settings.lengths(multiline), threshold=settings.confidence_threshold, budget_ms=budget_ms)
 
 
 def complete_text(

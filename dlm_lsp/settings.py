@@ -30,7 +30,11 @@ class Settings:
     max_middle_tokens: int = 64
     """Longest middle the engine may write."""
     length_candidates: tuple[int, ...] = (8, 16, 32, 64)
-    """Candidate middle lengths (tokens) tried in one batch; capped by max_middle_tokens."""
+    """Candidate middle lengths (tokens) of a multi-line middle, tried in one batch; capped by max_middle_tokens."""
+    single_line_length_candidates: tuple[int, ...] = (10,)
+    """Candidate lengths of a single-line middle. One slot of 10 tokens, measured with the shipped
+    model against (8, 16): edit similarity +0.03 (HumanEval) / +0.04 (held-out), empty suggestions
+    11 -> 0 of 300, p50 +7 ms (the model ends short spans too early; see the README)."""
     confidence_threshold: float = 0.9
     """Commit every masked position at least this confident in a denoising step."""
     debounce_ms: int = 75
@@ -54,9 +58,10 @@ class Settings:
         """Whether completions are on for ``language_id``."""
         return bool(self.enable.get(language_id, self.enable.get("*", True)))
 
-    def lengths(self) -> tuple[int, ...]:
-        """Candidate lengths within ``max_middle_tokens`` (at least one)."""
-        kept = tuple(n for n in self.length_candidates if n <= self.max_middle_tokens)
+    def lengths(self, multiline: bool = True) -> tuple[int, ...]:
+        """Candidate lengths of a multi-line or single-line middle within ``max_middle_tokens`` (at least one)."""
+        candidates = self.length_candidates if multiline else self.single_line_length_candidates
+        kept = tuple(n for n in candidates if n <= self.max_middle_tokens)
         return kept or (self.max_middle_tokens,)
 
 
@@ -92,7 +97,7 @@ def _check(name: str, value: Any, default: Any) -> Any:
         if not isinstance(value, Mapping) or not all(isinstance(v, bool) for v in value.values()):
             raise ValueError('expected a map of language ids to true/false, like {"*": true, "markdown": false}')
         return {**default, **dict(value)} if "*" not in value else dict(value)
-    if name == "length_candidates":
+    if name in ("length_candidates", "single_line_length_candidates"):
         if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 512 for v in value):
             raise ValueError("expected a non-empty list of token counts between 1 and 512")
         return tuple(sorted(set(value)))

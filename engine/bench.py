@@ -41,8 +41,8 @@ from engine.errors import InputError
 from engine.eval.harness import edit_similarity, exact_match, heldout_problems, load_problems
 from engine.sampler import SamplingParams, UnmaskOrder
 
-SINGLE_LINE_LENGTHS = (8, 16)
-"""Candidate lengths of a single-line middle (the server's: candidates up to 16 tokens)."""
+SINGLE_LINE_LENGTHS = (10,)
+"""Candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates`` default)."""
 MULTI_LINE_LENGTHS = (8, 16, 32, 64)
 """Candidate lengths of a multi-line middle (the server's defaults)."""
 SUFFIX_SHARE = 0.2

@@ -11,7 +11,7 @@ def test_defaults():
     s, problems = parse_settings(None)
     assert s == Settings() and problems == []
     assert s.enabled_for("python") and not s.enabled_for("markdown") and not s.enabled_for("plaintext")
-    assert s.lengths() == (8, 16, 32, 64)
+    assert s.lengths() == (8, 16, 32, 64) and s.lengths(multiline=False) == (10,)
 
 
 def test_camel_case_and_section_wrapper():
@@ -27,17 +27,26 @@ def test_snake_case_accepted():
     assert problems == [] and s.latency_budget_ms == 40 and s.lengths() == (8, 16)
 
 
+def test_single_line_candidates_are_their_own_setting_capped_like_the_others():
+    s, problems = parse_settings({"singleLineLengthCandidates": [24, 6], "maxMiddleTokens": 12})
+    assert problems == [] and s.single_line_length_candidates == (6, 24)
+    assert s.lengths(multiline=False) == (6,) and s.lengths() == (8,)
+    s, _ = parse_settings({"singleLineLengthCandidates": [40], "maxMiddleTokens": 12})
+    assert s.lengths(multiline=False) == (12,)  # nothing fits: the cap itself
+
+
 @pytest.mark.parametrize(
     "key, value",
     [("latencyBudgetMs", -5), ("latencyBudgetMs", "fast"), ("backend", "metal"), ("confidenceThreshold", 1.5),
-     ("lengthCandidates", []), ("lengthCandidates", [0]), ("multiline", "sometimes"), ("enable", {"python": "yes"}),
+     ("lengthCandidates", []), ("lengthCandidates", [0]), ("singleLineLengthCandidates", [1.5]), ("multiline", "sometimes"), ("enable", {"python": "yes"}),
      ("debounceMs", True), ("model", 3), ("metrics", "on")],
 )
 def test_invalid_values_fall_back_and_are_named(key, value):
     s, problems = parse_settings({key: value, "suffixTokens": 10})
     assert len(problems) == 1 and problems[0].startswith(f"dlm.{key}:") and "using the default" in problems[0]
     field = {"latencyBudgetMs": "latency_budget_ms", "backend": "backend", "confidenceThreshold": "confidence_threshold",
-             "lengthCandidates": "length_candidates", "multiline": "multiline", "enable": "enable",
+             "lengthCandidates": "length_candidates",
+             "singleLineLengthCandidates": "single_line_length_candidates", "multiline": "multiline", "enable": "enable",
              "debounceMs": "debounce_ms", "model": "model", "metrics": "metrics"}[key]
     assert getattr(s, field) == getattr(Settings(), field)
     assert s.suffix_tokens == 10  # the valid key still applies
@@ -60,3 +69,12 @@ def test_enable_map_keeps_default_fallback_and_bool_shortcut():
 def test_client_only_keys_are_ignored_silently():
     settings, problems = parse_settings({"dlm": {"server": {"path": "/x/dlm-lsp", "args": []}, "latencyBudgetMs": 90}})
     assert problems == [] and settings.latency_budget_ms == 90
+
+
+def test_the_request_uses_the_candidates_of_its_kind():
+    from dlm_lsp.completion import sampling_params
+
+    s, _ = parse_settings({"singleLineLengthCandidates": [12], "lengthCandidates": [8, 32], "latencyBudgetMs": 90})
+    assert sampling_params(s, multiline=False, budget_ms=80.0).lengths == (12,)
+    multi = sampling_params(s, multiline=True, budget_ms=80.0)
+    assert multi.lengths == (8, 32) and multi.budget_ms == 80.0
