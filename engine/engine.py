@@ -182,21 +182,24 @@ class Engine:
         its last window's worth of tokens is kept. The tail starts at a line break;
         if it yields fewer tokens than the window holds, the whole text is encoded.
         """
-        limit = self._char_limit()
-        cut = text.find("\n", len(text) - limit) + 1 or len(text) - limit
-        return self._encode_part(text, slice(cut, None))
+        return self._encode_window_part(text, keep_end=True)
 
     def _encode_head(self, text: str) -> list[int]:
         """Token ids of ``text``, or of a head of it long enough to fill the window (see :meth:`_encode_tail`)."""
-        limit = self._char_limit()
-        cut = text.rfind("\n", 0, limit) + 1 or limit
-        return self._encode_part(text, slice(None, cut))
+        return self._encode_window_part(text, keep_end=False)
 
-    def _encode_part(self, text: str, part: slice) -> list[int]:
-        """Ids of ``text[part]`` when that fills the window, else of the whole ``text``."""
-        if len(text) <= self._char_limit():
+    def _encode_window_part(self, text: str, keep_end: bool) -> list[int]:
+        """Ids of the tail (``keep_end``) or head of ``text`` cut at a line break, when the text is long."""
+        limit = self._char_limit()
+        if len(text) <= limit:
             return self.tokenizer.encode(text)
-        ids = self.tokenizer.encode(text[part])
+        if keep_end:
+            cut = text.find("\n", len(text) - limit) + 1 or len(text) - limit
+            part = text[cut:]
+        else:
+            cut = text.rfind("\n", 0, limit) + 1 or limit
+            part = text[:cut]
+        ids = self.tokenizer.encode(part)
         return ids if len(ids) >= self.info.arch.max_positions else self.tokenizer.encode(text)
 
     def _fit_window(
