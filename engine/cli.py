@@ -112,7 +112,7 @@ def complete_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-ms", type=float, default=None, help="latency budget of the denoising loop")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (random order only; decoding is greedy)")
     parser.add_argument("--family", help="family override for a checkpoint folder (torch backend)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per op (default: 1 for a model of hidden size <= 512, else all available)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser

@@ -32,6 +32,23 @@ def test_engine_load_with_gpu_backend_fails_cleanly(tiny_engine):
         Engine.load(tiny_engine, backend="tensorrt")
 
 
+def test_cpu_sessions_run_a_small_model_on_one_sleeping_thread(tiny_engine):
+    import os
+
+    from engine.backends.onnxruntime import default_threads
+
+    assert default_threads(256) == 1
+    assert default_threads(4096) == default_threads() == len(os.sched_getaffinity(0))
+    engine = Engine.load(tiny_engine, backend="cpu")
+    assert engine.info.arch.hidden_size <= 512
+    for session in engine.denoiser.sessions.values():
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    two = Engine.load(tiny_engine, backend="cpu", threads=2)
+    assert all(s.get_session_options().intra_op_num_threads == 2 for s in two.denoiser.sessions.values())
+
+
 def test_unknown_backend(tiny_engine):
     with pytest.raises(InputError, match="unknown backend 'metal'"):
         Engine.load(tiny_engine, backend="metal")
