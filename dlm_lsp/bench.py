@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from engine.bench import Item, latency_and_quality, markdown, progress
 from engine.eval.harness import edit_similarity, exact_match
-from engine.sampler import UnmaskOrder
+from engine.sampler import SamplingParams, UnmaskOrder
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,13 @@ async def run_lsp_bench(
     python: str = sys.executable,
     show_progress: bool = True,
     log_dir: Path | None = None,
+    threshold: float = 0.9,
+    tokens_per_step: int = 1,
 ) -> dict[str, Any]:
     """Start the server, measure cold start, then one invoked completion per item.
 
     The server logs (warnings and up) to ``log_dir/server.log`` (default: a new temporary folder).
+    ``threshold`` and ``tokens_per_step`` become its ``confidenceThreshold`` and ``tokensPerStep`` settings.
     """
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
@@ -84,7 +87,16 @@ async def run_lsp_bench(
     # the server logs to a file: a pipe nobody reads would fill up and block it
     await client.start_io(python, "-m", "dlm_lsp", "--log-file", str(log_dir / "server.log"), "--log-level", "warning")
     pid = client._server.pid  # type: ignore[attr-defined, union-attr]
-    options = {"dlm": {"model": model, "backend": backend, "latencyBudgetMs": budget_ms, "otherFiles": False}}
+    options = {
+        "dlm": {
+            "model": model,
+            "backend": backend,
+            "latencyBudgetMs": budget_ms,
+            "otherFiles": False,
+            "confidenceThreshold": threshold,
+            "tokensPerStep": tokens_per_step,
+        }
+    }
     await client.initialize_async(
         types.InitializeParams(
             capabilities=types.ClientCapabilities(), initialization_options=options, process_id=None
@@ -240,8 +252,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contexts", default="256,1024,2048", help="context sizes in tokens (those over the model window are skipped)")
     p.add_argument("--budget-ms", type=float, default=150.0, help="latency budget of our decoder and the server")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of our decoder")
-    p.add_argument("--order", default="confidence", choices=[o.value for o in UnmaskOrder], help="unmask order of our decoder")
+    p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of our decoder (and the server's)")
+    p.add_argument("--tokens-per-step", type=int, default=1, help="minimum commits per step of our decoder (and the server's)")
+    p.add_argument(
+        "--order", default="confidence", choices=[o.value for o in UnmaskOrder], help="unmask order of our decoder (engine level only)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads per op, engine level only (default: the engine's choice; the server always uses it)",
+    )
     p.add_argument("--reference-tokens-per-step", type=int, default=1, help="fixed commits per step of the reference sampler")
     p.add_argument("--level", choices=("engine", "lsp", "both"), default="both")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json and bench.md")
@@ -276,11 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         sections = [f"# dlm-bench {report['date']}\n\n{report['hardware']['cpu']}, {report['hardware']['cores']} cores; model {model}\n"]
         if args.level in ("engine", "both"):
-            engine = Engine.load(model, backend=args.backend)
+            engine = Engine.load(model, backend=args.backend, threads=args.threads)
             report["backend"] = engine.info.backend
+            dlm = SamplingParams(threshold=args.threshold, tokens_per_step=args.tokens_per_step, order=UnmaskOrder(args.order))
             report["engine"] = run_engine_bench(
-                engine, items, contexts, args.threshold, args.budget_ms, args.reference_tokens_per_step,
-                order=UnmaskOrder(args.order), show_progress=not args.no_progress,
+                engine, items, contexts, dlm, args.budget_ms, args.reference_tokens_per_step,
+                show_progress=not args.no_progress,
             )
             skipped = "".join(f"\nSkipped context {s['context']}: {s['reason']}." for s in report["engine"]["skipped"])
             sections.append(f"## Engine\n\n{markdown(report['engine']['summary'])}{skipped}\n")
@@ -288,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.level in ("lsp", "both"):
             report["lsp"] = asyncio.run(
                 run_lsp_bench(
-                    items, model, args.backend, args.budget_ms, show_progress=not args.no_progress, log_dir=args.out
+                    items, model, args.backend, args.budget_ms, show_progress=not args.no_progress, log_dir=args.out,
+                    threshold=args.threshold, tokens_per_step=args.tokens_per_step,
                 )
             )
             sections.append(f"## Language server (inlineCompletion over stdio)\n\n{lsp_markdown(report['lsp'])}")

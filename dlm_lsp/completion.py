@@ -50,7 +50,12 @@ def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None
     """Engine parameters for one request."""
     from engine import SamplingParams
 
-    return SamplingParams(lengths=settings.lengths(multiline), threshold=settings.confidence_threshold, budget_ms=budget_ms)
+    return SamplingParams(
+        lengths=settings.lengths(multiline),
+        threshold=settings.confidence_threshold,
+        tokens_per_step=settings.tokens_per_step,
+        budget_ms=budget_ms,
+    )
 
 
 def complete_text(

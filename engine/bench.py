@@ -9,8 +9,9 @@ the ratios compare like with like on a noisy machine.
 Decoders (:func:`decoders`):
 
 * ``dlm``: what the server runs: context cache (prefix and suffix encoded once,
-  each step runs only the span), confidence-threshold parallel commits, batched
-  length candidates with early exit, under the latency budget.
+  each step runs only the span), confidence-threshold parallel commits (at least
+  ``tokens_per_step``), batched length candidates with early exit, under the
+  latency budget.
 * ``reference``: recompute the whole window every step and commit a fixed number
   of tokens per step (one by default), lowest confidence remasked, as in LLaDA's
   reference sampler; same candidate lengths, no budget.
@@ -31,7 +32,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -95,15 +96,14 @@ def load_items(
 
 def decoders(
     lengths: Sequence[int],
-    threshold: float,
+    dlm: SamplingParams,
     budget_ms: float | None,
     reference_tokens_per_step: int = 1,
-    order: UnmaskOrder = UnmaskOrder.CONFIDENCE,
 ) -> dict[str, SamplingParams]:
-    """The decoder under test and its two baselines, on the same candidate lengths."""
+    """The decoder under test (``dlm``: its commit rule, on these lengths and budget) and its two baselines."""
     lengths = tuple(lengths)
     return {
-        "dlm": SamplingParams(lengths=lengths, threshold=threshold, budget_ms=budget_ms, order=order),
+        "dlm": replace(dlm, lengths=lengths, budget_ms=budget_ms),
         "reference": SamplingParams(lengths=lengths, threshold=1.0, tokens_per_step=reference_tokens_per_step, exact=True),
         "one-per-step": SamplingParams(lengths=lengths, threshold=1.0, order=UnmaskOrder.LEFT_TO_RIGHT),
     }
@@ -137,14 +137,16 @@ def run_engine_bench(
     engine: Any,
     items: Sequence[Item],
     contexts: Sequence[int] = (256, 1024, 2048),
-    threshold: float = 0.9,
+    dlm: SamplingParams | None = None,
     budget_ms: float | None = 150.0,
     reference_tokens_per_step: int = 1,
-    order: UnmaskOrder = UnmaskOrder.CONFIDENCE,
     warmup: int = 2,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Complete every item with every decoder at every context size that fits the model.
+
+    ``dlm`` holds the commit rule of the decoder under test (threshold, tokens per
+    step, order; default: :class:`SamplingParams`'s, what the server uses).
 
     Returns ``{"rows": [...], "skipped": [...], "summary": [...]}``: one row per
     item, context size and decoder; context sizes larger than the model's window
@@ -155,8 +157,9 @@ def run_engine_bench(
     skipped = [{"context": c, "reason": f"model window is {window} positions"} for c in contexts if c > window]
     if not sizes:
         raise InputError(f"no context size fits the model's {window}-position window: {list(contexts)}")
+    dlm = dlm or SamplingParams()
     for item in items[:warmup]:  # first runs pay for lazy allocations in ONNX Runtime
-        engine.complete(item.prefix, item.suffix, SamplingParams(lengths=SINGLE_LINE_LENGTHS))
+        engine.complete(item.prefix, item.suffix, replace(dlm, lengths=SINGLE_LINE_LENGTHS))
     rows: list[dict[str, Any]] = []
     total = len(items) * len(sizes)
     started = time.perf_counter()
@@ -166,7 +169,7 @@ def run_engine_bench(
             lengths = SINGLE_LINE_LENGTHS if item.kind == "single" else MULTI_LINE_LENGTHS
             room = size - max(lengths) - 1
             max_suffix = int(room * SUFFIX_SHARE)
-            for name, params in decoders(lengths, threshold, budget_ms, reference_tokens_per_step, order).items():
+            for name, params in decoders(lengths, dlm, budget_ms, reference_tokens_per_step).items():
                 t0 = time.perf_counter()
                 completion = engine.complete(
                     item.prefix, item.suffix, params, max_prefix_tokens=room - max_suffix, max_suffix_tokens=max_suffix

@@ -214,7 +214,7 @@ def _unanswerable(problem: Problem, mode: str, reason: str, run_tests: bool) -> 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dlm-eval``."""
     from engine.engine import Engine
-    from engine.sampler import SamplingParams
+    from engine.sampler import SamplingParams, UnmaskOrder
 
     parser = argparse.ArgumentParser(prog="dlm-eval", description="Fill-in-the-middle quality: exact match and pass@1.")
     parser.add_argument("--model", type=Path, required=True, help="engine folder (or checkpoint with --backend torch)")
@@ -227,8 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="problem order and held-out cuts")
     parser.add_argument("--mode", choices=("oracle", "unknown", "both"), default="both", help="middle length given or not")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--threshold", type=float, default=SamplingParams().threshold)
-    parser.add_argument("--lengths", default=",".join(map(str, SamplingParams().lengths)), help="unknown-length candidates")
+    defaults = SamplingParams()
+    parser.add_argument("--threshold", type=float, default=defaults.threshold, help="commit confidence threshold")
+    parser.add_argument("--tokens-per-step", type=int, default=defaults.tokens_per_step, help="minimum commits per step")
+    parser.add_argument(
+        "--order", choices=[o.value for o in UnmaskOrder], default=defaults.order.value, help="ranking of the minimum commits"
+    )
+    parser.add_argument("--lengths", default=",".join(map(str, defaults.lengths)), help="unknown-length candidates")
     parser.add_argument("--exact", action="store_true", help="reference decoding: recompute the whole window every step")
     parser.add_argument("--no-tests", action="store_true", help="exact match only, do not execute code")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per test program")
@@ -243,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             order = np.random.default_rng(args.seed).permutation(len(problems))
             problems = [problems[i] for i in sorted(order[: args.limit])]
         params = SamplingParams(
-            threshold=args.threshold, lengths=tuple(int(v) for v in args.lengths.split(",")), exact=args.exact
+            threshold=args.threshold,
+            tokens_per_step=args.tokens_per_step,
+            order=UnmaskOrder(args.order),
+            lengths=tuple(int(v) for v in args.lengths.split(",")),
+            exact=args.exact,
         )
         engine = Engine.load(args.model, backend=args.backend)
         modes = ("oracle", "unknown") if args.mode == "both" else (args.mode,)

@@ -39,7 +39,8 @@ def test_single_line_candidates_are_their_own_setting_capped_like_the_others():
     "key, value",
     [("latencyBudgetMs", -5), ("latencyBudgetMs", "fast"), ("backend", "metal"), ("confidenceThreshold", 1.5),
      ("lengthCandidates", []), ("lengthCandidates", [0]), ("singleLineLengthCandidates", [1.5]), ("multiline", "sometimes"), ("enable", {"python": "yes"}),
-     ("debounceMs", True), ("model", 3), ("metrics", "on")],
+     ("debounceMs", True), ("model", 3), ("metrics", "on"), ("tokensPerStep", 0), ("tokensPerStep", 2.5),
+     ("tokensPerStep", True), ("tokensPerStep", 513)],
 )
 def test_invalid_values_fall_back_and_are_named(key, value):
     s, problems = parse_settings({key: value, "suffixTokens": 10})
@@ -47,7 +48,7 @@ def test_invalid_values_fall_back_and_are_named(key, value):
     field = {"latencyBudgetMs": "latency_budget_ms", "backend": "backend", "confidenceThreshold": "confidence_threshold",
              "lengthCandidates": "length_candidates",
              "singleLineLengthCandidates": "single_line_length_candidates", "multiline": "multiline", "enable": "enable",
-             "debounceMs": "debounce_ms", "model": "model", "metrics": "metrics"}[key]
+             "debounceMs": "debounce_ms", "model": "model", "metrics": "metrics", "tokensPerStep": "tokens_per_step"}[key]
     assert getattr(s, field) == getattr(Settings(), field)
     assert s.suffix_tokens == 10  # the valid key still applies
 
@@ -71,10 +72,14 @@ def test_client_only_keys_are_ignored_silently():
     assert problems == [] and settings.latency_budget_ms == 90
 
 
-def test_the_request_uses_the_candidates_of_its_kind():
+def test_the_request_uses_the_candidates_of_its_kind_and_the_decoding_settings():
     from dlm_lsp.completion import sampling_params
 
     s, _ = parse_settings({"singleLineLengthCandidates": [12], "lengthCandidates": [8, 32], "latencyBudgetMs": 90})
-    assert sampling_params(s, multiline=False, budget_ms=80.0).lengths == (12,)
+    single = sampling_params(s, multiline=False, budget_ms=80.0)
+    assert single.lengths == (12,) and (single.threshold, single.tokens_per_step) == (0.9, 1)
     multi = sampling_params(s, multiline=True, budget_ms=80.0)
     assert multi.lengths == (8, 32) and multi.budget_ms == 80.0
+    s, problems = parse_settings({"confidenceThreshold": 0.95, "tokensPerStep": 3})
+    chosen = sampling_params(s, multiline=False, budget_ms=None)
+    assert problems == [] and (chosen.threshold, chosen.tokens_per_step) == (0.95, 3)
