@@ -39,8 +39,8 @@ class Settings:
     """Commit every masked position at least this confident in a denoising step."""
     tokens_per_step: int = 1
     """Commit at least this many positions per denoising step (the most confident). More is faster
-    but, with the shipped model, much worse: measured on HumanEval single-line, p50 84 -> 63 / 61 ms
-    and pass@1 2.4 -> 1.7 / 0.2 % at 2 / 3 (see the README, "Tokens per step")."""
+    but, with the shipped model, much worse: single-line p50 52 -> 42 / 37 ms and HumanEval
+    single-line pass@1 2.4 -> 1.7 / 0.2 % at 2 / 3 (see the README, "Tokens per step")."""
     debounce_ms: int = 75
     """Wait this long after the last keystroke before asking the model (automatic triggers only)."""
     enable: Mapping[str, bool] = field(default_factory=lambda: {"*": True, "plaintext": False, "markdown": False})
