@@ -108,6 +108,16 @@ def test_evaluate_end_to_end(tiny_engine, tmp_path):
         assert summary[mode]["edit_sim"] == pytest.approx(sum(r["edit_sim"] for r in rows) / len(rows), abs=1e-4)
 
 
+def test_cli_decoding_flags_reach_the_sampler(tiny_engine, tmp_path, capsys):
+    problems = write(tmp_path / "p.jsonl", [PROBLEM])
+    args = ["--model", str(tiny_engine), "--problems", str(problems), "--backend", "cpu", "--no-tests", "--mode", "oracle"]
+    assert harness.main([*args, "--threshold", "1.0"]) == 0
+    one = json.loads(capsys.readouterr().out)["oracle"]
+    assert harness.main([*args, "--threshold", "1.0", "--tokens-per-step", "3", "--order", "left-to-right"]) == 0
+    three = json.loads(capsys.readouterr().out)["oracle"]
+    assert one["median_tokens_per_step"] == 1.0 and three["median_tokens_per_step"] > 1.0
+
+
 def test_a_middle_too_long_for_the_window_is_a_failure_not_a_crash(tiny_engine, tmp_path):
     from engine import Engine, SamplingParams
 

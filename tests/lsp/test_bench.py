@@ -52,6 +52,11 @@ def test_engine_level_writes_json_and_markdown(problems_file: Path, tiny_engine:
     assert {e["decoder"] for e in report["engine"]["summary"]} == {"dlm", "reference", "one-per-step"}
     text = (out / "bench.md").read_text()
     assert "| kind | context | decoder |" in text and "Skipped context 4096" in text
+    # the decoding flags reach our decoder: three commits a step, one per step for the baselines
+    assert main([*args, "--tokens-per-step", "3", "--threshold", "1.0", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "bench.json").read_text())["engine"]["rows"]
+    assert any(r["model_tokens"] > r["steps"] for r in rows if r["decoder"] == "dlm")
+    assert all(r["model_tokens"] <= r["steps"] for r in rows if r["decoder"] == "one-per-step")
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
