@@ -47,7 +47,11 @@ class Result:
 
 
 def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None) -> Any:
-    """Engine parameters for one request."""
+    """Engine parameters for one request.
+
+    A single-line suggestion keeps only its first line (post-processing, ``scope``),
+    so its denoising stops once that line is written (``stop_at_line_break``).
+    """
     from engine import SamplingParams
 
     return SamplingParams(
@@ -55,6 +59,7 @@ def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None
         threshold=settings.confidence_threshold,
         tokens_per_step=settings.tokens_per_step,
         budget_ms=budget_ms,
+        stop_at_line_break=not multiline,
     )
 
 

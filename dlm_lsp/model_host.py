@@ -102,4 +102,5 @@ class ModelHost:
 def _warmup_params() -> Any:
     from engine import SamplingParams
 
-    return SamplingParams(lengths=(4,), threshold=0.5)
+    # stop_at_line_break: the line-break ids are computed now, not on the first request
+    return SamplingParams(lengths=(4,), threshold=0.5, stop_at_line_break=True)

@@ -16,13 +16,16 @@ Decoders (:func:`decoders`):
   of tokens per step (one by default), lowest confidence remasked, as in LLaDA's
   reference sampler; same candidate lengths, no budget.
 * ``one-per-step``: one token per forward pass, left to right, on the context
-  cache: what an autoregressive decoder needs; no budget.
+  cache: what an autoregressive decoder needs; no budget. On single-line
+  middles it stops at the first line break, as ``dlm`` does (a newline stop
+  sequence); the reference does not (LLaDA's fixed schedule).
 
 Per workload and decoder: p50/p95/max latency, tokens/s, forward passes per
 completion, tokens per forward pass, exact match, the share of requests within
 the budget, edit similarity (a graded quality signal where exact match is
-rare), and empty/cut counts. :func:`summarize` and :func:`markdown` turn
-rows into the JSON and table that ``dlm-bench`` writes.
+rare), and empty/cut counts. A single-line middle is scored on its first line,
+the part the server shows (:func:`shown`), for every decoder. :func:`summarize`
+and :func:`markdown` turn rows into the JSON and table that ``dlm-bench`` writes.
 """
 
 from __future__ import annotations
@@ -99,14 +102,27 @@ def decoders(
     dlm: SamplingParams,
     budget_ms: float | None,
     reference_tokens_per_step: int = 1,
+    single_line: bool = False,
 ) -> dict[str, SamplingParams]:
-    """The decoder under test (``dlm``: its commit rule, on these lengths and budget) and its two baselines."""
+    """The decoder under test (``dlm``: its commit rule, on these lengths and budget) and its two baselines.
+
+    For a single-line middle, ``dlm`` and ``one-per-step`` stop at the first line
+    break, as the server does and as an autoregressive decoder with a newline stop
+    sequence would; the reference runs its fixed schedule, as LLaDA's code does.
+    """
     lengths = tuple(lengths)
     return {
-        "dlm": replace(dlm, lengths=lengths, budget_ms=budget_ms),
+        "dlm": replace(dlm, lengths=lengths, budget_ms=budget_ms, stop_at_line_break=single_line),
         "reference": SamplingParams(lengths=lengths, threshold=1.0, tokens_per_step=reference_tokens_per_step, exact=True),
-        "one-per-step": SamplingParams(lengths=lengths, threshold=1.0, order=UnmaskOrder.LEFT_TO_RIGHT),
+        "one-per-step": SamplingParams(
+            lengths=lengths, threshold=1.0, order=UnmaskOrder.LEFT_TO_RIGHT, stop_at_line_break=single_line
+        ),
     }
+
+
+def shown(text: str, kind: str) -> str:
+    """The part of a middle the server would show: only the first line of a single-line middle."""
+    return text.split("\n", 1)[0] if kind == "single" else text
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -169,13 +185,14 @@ def run_engine_bench(
             lengths = SINGLE_LINE_LENGTHS if item.kind == "single" else MULTI_LINE_LENGTHS
             room = size - max(lengths) - 1
             max_suffix = int(room * SUFFIX_SHARE)
-            for name, params in decoders(lengths, dlm, budget_ms, reference_tokens_per_step).items():
+            for name, params in decoders(lengths, dlm, budget_ms, reference_tokens_per_step, item.kind == "single").items():
                 t0 = time.perf_counter()
                 completion = engine.complete(
                     item.prefix, item.suffix, params, max_prefix_tokens=room - max_suffix, max_suffix_tokens=max_suffix
                 )
                 latency = (time.perf_counter() - t0) * 1000
                 stats = completion.stats
+                text = shown(completion.text, item.kind)
                 context_tokens = len(completion.input_ids) - stats["chosen_length"]
                 rows.append(
                     {
@@ -190,9 +207,9 @@ def run_engine_bench(
                         "model_tokens": round(stats["tokens_per_forward"] * stats["forward_passes"]),
                         "forward_passes": stats["forward_passes"],
                         "steps": stats["steps"],
-                        "exact_match": exact_match(completion.text, item.middle),
-                        "edit_sim": round(edit_similarity(completion.text, item.middle), 4),
-                        "empty": not completion.text.strip(),
+                        "exact_match": exact_match(text, item.middle),
+                        "edit_sim": round(edit_similarity(text, item.middle), 4),
+                        "empty": not text.strip(),
                         "cut": completion.cut,
                         "within_budget": budget_ms is None or latency <= budget_ms,
                     }

@@ -70,6 +70,14 @@ class Engine:
         self.denoiser = denoiser
         self.tokenizer = tokenizer
         self.path = path
+        self._line_break_ids: frozenset[int] | None = None
+
+    @property
+    def line_break_ids(self) -> frozenset[int]:
+        """Ids whose text holds a line break (computed on first use: every id decoded once)."""
+        if self._line_break_ids is None:
+            self._line_break_ids = self.tokenizer.ids_containing("\n")
+        return self._line_break_ids
 
     @property
     def info(self) -> ModelInfo:
@@ -145,7 +153,8 @@ class Engine:
             prefix_ids = [tok.bos, *prefix_ids]  # the window starts where the document does
         elif not prefix_ids and self.info.arch.shifted:
             prefix_ids = [tok.eos]  # a shifted model predicts slot 0 from the position before it
-        result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop)
+        breaks = self.line_break_ids if params.stop_at_line_break else frozenset()
+        result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop, line_break_ids=breaks)
         t0 = time.perf_counter()
         text = self.tokenizer.decode(result.ids)
         stats = dict(result.stats)

@@ -24,6 +24,13 @@ step's duration) is abandoned, longest first, keeping at least the shortest. The
 longest rows set the width of the batch, so each step gets cheaper, and the time
 goes to a middle that can be finished instead of to several that are cut.
 
+Line-break stop (``stop_at_line_break``, for single-line middles whose text is cut
+at the first line break anyway): once every slot up to and including the first
+one holding a line-break token is committed, the middle ends there and later
+slots become EOS, like after an end token. Committed slots never change, so this
+is exactly the first line the full run would write, in fewer steps: no step is
+spent on the closing end token or on text after the break.
+
 Deadlines and cancellation are cooperative: between steps the loop checks the
 stop callback and whether the next step would overrun the budget; if so it
 returns only what was committed, up to the first still-masked position, marked
@@ -83,6 +90,9 @@ class SamplingParams:
     """Commit an end token only at the leftmost masked slot (False: plain textbook order)."""
     budget_pruning: bool = True
     """Under a budget, drop candidate lengths that cannot finish in the time left (see :func:`denoise`)."""
+    stop_at_line_break: bool = False
+    """For a middle only its first line of which is used: end it as soon as every slot up to the
+    first line break is written (see :func:`denoise`; needs the line-break ids)."""
 
     def __post_init__(self) -> None:
         if not self.lengths or any(int(n) < 1 for n in self.lengths):
@@ -225,11 +235,17 @@ def denoise(
     suffix: Sequence[int],
     params: SamplingParams,
     stop: Callable[[], bool] | None = None,
+    line_break_ids: frozenset[int] = frozenset(),
 ) -> SamplerResult:
-    """Fill the middle between ``prefix`` and ``suffix`` (token ids). See the module docstring."""
+    """Fill the middle between ``prefix`` and ``suffix`` (token ids). See the module docstring.
+
+    ``line_break_ids`` are the ids whose text holds a line break (used with
+    ``params.stop_at_line_break``).
+    """
     info = denoiser.info
     tok = info.token_ids
     end_ids = tok.end_ids
+    breaks = line_break_ids if params.stop_at_line_break else frozenset()
     layout = _Layout(prefix, suffix, params.lengths, info.arch.shifted)
     rng = np.random.default_rng(params.seed)
     start = time.perf_counter()
@@ -276,7 +292,7 @@ def denoise(
             first = 0
             out = denoiser.step(cache, *layout.span_batch(active))
         for r, cand in enumerate(active):
-            _commit(cand, out, r, first, params, rng, end_ids, tok.eos)
+            _commit(cand, out, r, first, params, rng, end_ids, tok.eos, breaks)
             cand.steps += 1
         stats["steps"] += 1
         stats["forward_passes"] += 1
@@ -327,8 +343,9 @@ def _commit(
     rng: np.random.Generator,
     end_ids: frozenset[int],
     eos: int,
+    breaks: frozenset[int] = frozenset(),
 ) -> None:
-    """Commit this step's positions of one candidate, then apply the end-token rule."""
+    """Commit this step's positions of one candidate, then apply the end-token and line-break rules."""
     masked = np.flatnonzero(~cand.committed)
     rows = first + masked  # output rows predicting these span slots
     top1 = out.probs[row, rows, 0]
@@ -350,8 +367,12 @@ def _commit(
         cand.committed[slot] = True
         cand.by_model[slot] = True
     ends = np.flatnonzero(cand.committed & np.isin(cand.tokens, list(end_ids)))
+    if breaks:  # the first slot that is still masked or holds a line break, if it is a written break
+        stops = np.flatnonzero(~cand.committed | np.isin(cand.tokens, list(breaks)))
+        if len(stops) and cand.committed[stops[0]]:
+            ends = np.concatenate([ends, stops[:1]])
     if len(ends):
-        after = slice(int(ends[0]) + 1, cand.length)  # past the end of the middle
+        after = slice(int(ends.min()) + 1, cand.length)  # past the end of the middle
         cand.tokens[after] = eos
         cand.committed[after] = True
         cand.by_model[after] = False

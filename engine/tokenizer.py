@@ -53,6 +53,11 @@ class Tokenizer:
         """Id of a token string, or None."""
         return self._tok.token_to_id(token)
 
+    def ids_containing(self, text: str) -> frozenset[int]:
+        """Ids whose own text contains ``text`` (every id decoded once, in one batch)."""
+        pieces = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return frozenset(i for i, piece in enumerate(pieces) if text in piece)
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():

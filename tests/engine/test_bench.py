@@ -17,6 +17,7 @@ from engine.bench import (
     markdown,
     percentile,
     run_engine_bench,
+    shown,
     summarize,
 )
 from engine.errors import InputError
@@ -73,6 +74,10 @@ def test_edit_similarity_and_kinds():
     assert edit_similarity("abc\n", "abc") == 1.0 and edit_similarity("", "") == 1.0
     assert edit_similarity("", "x") == 0.0 and 0 < edit_similarity("return x", "return y") < 1
     assert kind_of("x = 1\n") == "single" and kind_of("a\nb\n") == "multi"
+
+
+def test_single_line_middles_are_scored_on_the_line_the_server_shows():
+    assert shown("return x\n    y = 2\n", "single") == "return x" and shown("a\nb\n", "multi") == "a\nb\n"
 
 
 def test_load_items_splits_kinds_and_rejects_nothing(problems_file: Path):

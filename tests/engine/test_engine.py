@@ -99,6 +99,16 @@ def test_complete_default_params(tiny_engine):
     assert again.middle_ids == c.middle_ids  # deterministic
 
 
+def test_line_break_ids_are_the_tokens_holding_a_newline(tiny_engine):
+    engine = Engine.load(tiny_engine, backend="cpu")
+    breaks = engine.line_break_ids
+    assert breaks and all("\n" in engine.tokenizer.decode([i]) for i in breaks)
+    assert set(engine.tokenizer.encode("a = 1\nb = 2")) & breaks
+    assert not set(engine.tokenizer.encode("a = 1")) & breaks
+    c = engine.complete(PREFIX, SUFFIX, SamplingParams(lengths=(16,), stop_at_line_break=True))
+    assert not set(c.middle_ids[:-1]) & breaks  # a break can only be the last token of the middle
+
+
 def test_parallel_commits_use_fewer_steps(tiny_engine):
     engine = Engine.load(tiny_engine, backend="cpu")
     one = engine.complete(PREFIX, SUFFIX, SamplingParams(lengths=(16,), threshold=1.0))

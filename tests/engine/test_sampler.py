@@ -44,6 +44,26 @@ def test_tokens_per_step_floor():
     assert r.stats["steps"] == 2 and len(r.ids) == 6
 
 
+BREAK = 20  # a token whose text holds a line break
+
+
+def test_line_break_stop_ends_the_middle_once_everything_before_the_break_is_written():
+    # confidence order: the break (slot 1) first, then slot 0: the line is complete after two steps
+    script = {5: beliefs((10, 0.5), (BREAK, 0.9), (11, 0.4), (12, 0.3), (13, 0.2))}
+    full = denoise(ScriptedDenoiser(script), PREFIX, SUFFIX, SamplingParams(lengths=(5,), threshold=1.0))
+    d = ScriptedDenoiser(script)
+    params = SamplingParams(lengths=(5,), threshold=1.0, stop_at_line_break=True)
+    first_line = denoise(d, PREFIX, SUFFIX, params, line_break_ids=frozenset({BREAK}))
+    assert full.ids == [10, BREAK, 11, 12, 13] and full.stats["steps"] == 5
+    assert first_line.ids == [10, BREAK] and first_line.stats["steps"] == 2 and not first_line.cut
+    # after step 1 the break was written but slot 0 was not: the loop went on
+    assert [ids for kind, ids in d.calls if kind == "step"][1][0, 1:].tolist() == [MASK, BREAK, MASK, MASK, MASK]
+    # without the ids (or without the flag) nothing changes
+    assert denoise(ScriptedDenoiser(script), PREFIX, SUFFIX, params).ids == full.ids
+    no_flag = SamplingParams(lengths=(5,), threshold=1.0)
+    assert denoise(ScriptedDenoiser(script), PREFIX, SUFFIX, no_flag, line_break_ids=frozenset({BREAK})).ids == full.ids
+
+
 @pytest.mark.parametrize(
     "order, first",
     [(UnmaskOrder.CONFIDENCE, 2), (UnmaskOrder.MARGIN, 2), (UnmaskOrder.ENTROPY, 2)],

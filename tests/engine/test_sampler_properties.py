@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from doubles import EOS, MASK, ScriptedDenoiser
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from engine.sampler import SamplingParams, denoise
 
 slot = st.tuples(st.sampled_from([EOS, 10, 11, 12, 13]), st.floats(0.01, 1.0))
+BREAK = 12  # stands for a token whose text holds a line break
 
 
 @settings(max_examples=150, deadline=None)
@@ -35,3 +38,17 @@ def test_invariants(spans, threshold, per_step, stop_after):
         assert cand.steps <= cand.length  # at least one commit per step
     if stop_after is None:
         assert not r.cut and all(c.done or c.abandoned for c in r.candidates)
+
+
+@settings(max_examples=150, deadline=None)
+@given(span=st.lists(slot, min_size=1, max_size=12), threshold=st.floats(0.05, 1.0), per_step=st.integers(1, 4))
+def test_line_break_stop_writes_exactly_the_first_line_of_the_full_run(span, threshold, per_step):
+    script = {len(span): [(tok, p, p / 2, 1 - p) for tok, p in span]}
+    params = SamplingParams(lengths=(len(span),), threshold=threshold, tokens_per_step=per_step)
+    full = denoise(ScriptedDenoiser(script), [5, 6], [7], params)
+    stopped = denoise(
+        ScriptedDenoiser(script), [5, 6], [7], replace(params, stop_at_line_break=True), line_break_ids=frozenset({BREAK})
+    )
+    expected = full.ids[: full.ids.index(BREAK) + 1] if BREAK in full.ids else full.ids
+    assert stopped.ids == expected
+    assert stopped.stats["steps"] <= full.stats["steps"]

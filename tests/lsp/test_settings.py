@@ -78,8 +78,9 @@ def test_the_request_uses_the_candidates_of_its_kind_and_the_decoding_settings()
     s, _ = parse_settings({"singleLineLengthCandidates": [12], "lengthCandidates": [8, 32], "latencyBudgetMs": 90})
     single = sampling_params(s, multiline=False, budget_ms=80.0)
     assert single.lengths == (12,) and (single.threshold, single.tokens_per_step) == (0.9, 1)
+    assert single.stop_at_line_break  # only the first line is shown: stop once it is written
     multi = sampling_params(s, multiline=True, budget_ms=80.0)
-    assert multi.lengths == (8, 32) and multi.budget_ms == 80.0
+    assert multi.lengths == (8, 32) and multi.budget_ms == 80.0 and not multi.stop_at_line_break
     s, problems = parse_settings({"confidenceThreshold": 0.95, "tokensPerStep": 3})
     chosen = sampling_params(s, multiline=False, budget_ms=None)
     assert problems == [] and (chosen.threshold, chosen.tokens_per_step) == (0.95, 3)
