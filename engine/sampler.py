@@ -91,8 +91,9 @@ class SamplingParams:
     budget_pruning: bool = True
     """Under a budget, drop candidate lengths that cannot finish in the time left (see :func:`denoise`)."""
     stop_at_line_break: bool = False
-    """For a middle only its first line of which is used: end it as soon as every slot up to the
-    first line break is written (see :func:`denoise`; needs the line-break ids)."""
+    """For a middle of which only the first line is used: end it as soon as every slot up to the
+    first line-break token is written (see :func:`denoise`; needs the line-break ids). The text
+    then ends with that token, which may carry indentation after the break: keep what precedes it."""
 
     def __post_init__(self) -> None:
         if not self.lengths or any(int(n) < 1 for n in self.lengths):
