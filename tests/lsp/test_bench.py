@@ -43,6 +43,20 @@ def test_lsp_level_drives_the_real_server(problems_file: Path, tmp_path: Path):
     assert "Cold start" in (out / "bench.md").read_text()
 
 
+def test_several_lsp_runs_pool_the_requests_and_keep_each_runs_spread(problems_file: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    args = ["--problems", str(problems_file), "--level", "lsp", "--backend", "cpu", "--out", str(out), "--no-progress"]
+    assert main([*args, "--lsp-runs", "2"]) == 0
+    lsp = json.loads((out / "bench.json").read_text())["lsp"]
+    assert sorted((r["run"], r["item"]) for r in lsp["rows"]) == [(n, f"t/{i}") for n in (0, 1) for i in range(3)]
+    assert len(lsp["runs"]) == 2 and all(r["p50_ms"] > 0 and r["cold_start_ms"] > 0 for r in lsp["runs"])
+    pooled = next(e for e in lsp["summary"] if e["kind"] == "all")
+    assert pooled["n"] == 6
+    assert min(r["cold_start_ms"] for r in lsp["runs"]) <= lsp["cold_start_ms"] <= max(r["cold_start_ms"] for r in lsp["runs"])
+    assert "2 runs, a fresh server each" in (out / "bench.md").read_text()
+    assert main([*args, "--lsp-runs", "0"]) == 2
+
+
 def test_engine_level_writes_json_and_markdown(problems_file: Path, tiny_engine: Path, tmp_path: Path):
     out = tmp_path / "out"
     args = ["--model", str(tiny_engine), "--problems", str(problems_file), "--level", "engine", "--contexts", "128,4096"]
