@@ -245,9 +245,8 @@ def lsp_markdown(report: dict[str, Any]) -> str:
     runs = report.get("runs", [])
     lines.append("")
     lines.append(
-        f"Cold start (process start to first completion): {report['cold_start_ms']:.0f} ms"
-        f"{' (median of the runs)' if runs else ''} "
-        f"(model load + warm-up {report.get('server_load_ms')} ms); server peak RSS "
+        f"Cold start (process start to first completion{', median of the runs' if runs else ''}): "
+        f"{report['cold_start_ms']:.0f} ms (model load + warm-up {report.get('server_load_ms')} ms); server peak RSS "
         f"{server.get('peak_rss_mb', '?')} MiB; budget {report['budget_ms']:.0f} ms."
     )
     if runs:
