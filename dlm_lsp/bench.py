@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         threshold=args.threshold, tokens_per_step=args.tokens_per_step,
                     )
                 )
-                for _ in range(max(1, args.lsp_runs))
+                for _ in range(args.lsp_runs)
             ]
             report["lsp"] = runs[0] if len(runs) == 1 else combine_lsp_runs(runs)
             sections.append(f"## Language server (inlineCompletion over stdio)\n\n{lsp_markdown(report['lsp'])}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,14 +71,11 @@ class Engine:
         self.denoiser = denoiser
         self.tokenizer = tokenizer
         self.path = path
-        self._line_break_ids: frozenset[int] | None = None
 
-    @property
+    @cached_property
     def line_break_ids(self) -> frozenset[int]:
         """Ids whose text holds a line break (computed on first use: every id decoded once)."""
-        if self._line_break_ids is None:
-            self._line_break_ids = self.tokenizer.ids_containing("\n")
-        return self._line_break_ids
+        return self.tokenizer.ids_containing("\n")
 
     @property
     def info(self) -> ModelInfo:
