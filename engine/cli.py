@@ -48,12 +48,22 @@ def convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default="int8", help="weight precision (default: int8)")
     parser.add_argument("--top-k", type=int, default=2, help="candidates per position the graphs return (>= 2)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--to-checkpoint",
+        action="store_true",
+        help="the other way: SRC is an engine folder, DST the fp32 checkpoint folder to recover from its graphs "
+        "(int8 weights dequantised; validated against SRC)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from engine.export import convert
+    from engine.export import convert, recover_checkpoint
+
+    if args.to_checkpoint:
+        print(json.dumps({"checkpoint": str(recover_checkpoint(args.src, args.dst, force=args.force))}))
+        return 0
 
     manifest = convert(
         args.src,

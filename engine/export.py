@@ -99,9 +99,10 @@ def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.register_buffer("suppress", suppress, persistent=False)
 
-        def forward(self, input_ids, position_ids, cache_index):  # type: ignore[no-untyped-def]
-            return self.model.encode_context(input_ids, position_ids, cache_index)
+        def forward(self, input_ids, position_ids, cache_index, span_index):  # type: ignore[no-untyped-def]
+            return self.model.encode_context(input_ids, position_ids, cache_index, span_index, self.suppress, top_k)
 
     class SpanStepGraph(torch.nn.Module):
         def __init__(self) -> None:
@@ -109,10 +110,8 @@ def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
             self.model = model
             self.register_buffer("suppress", suppress, persistent=False)
 
-        def forward(self, span_ids, span_pos, span_valid, cache_keys, cache_values, cache_pos):  # type: ignore[no-untyped-def]
-            return self.model.span_step(
-                span_ids, span_pos, span_valid, cache_keys, cache_values, cache_pos, self.suppress, top_k
-            )
+        def forward(self, span_ids, span_pos, span_valid, cache_keys, cache_values):  # type: ignore[no-untyped-def]
+            return self.model.span_step(span_ids, span_pos, span_valid, cache_keys, cache_values, self.suppress, top_k)
 
     return ContextGraph().eval(), SpanStepGraph().eval()
 
@@ -122,20 +121,20 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
     arch = model.arch
     context, span = _graph_modules(model, suppress, top_k)
     t, tc, b, s = 12, 9, 2, 4
-    kv_shape = (arch.num_layers, 1, arch.num_kv_heads, tc, arch.head_dim)
     context_args = (
         torch.zeros(1, t, dtype=torch.long),
         torch.arange(t)[None],
         torch.arange(tc),
+        torch.arange(tc - 1, t),
     )
     span_args = (
         torch.zeros(b, s, dtype=torch.long),
         torch.arange(s)[None].repeat(b, 1),
         torch.ones(b, s, dtype=torch.bool),
-        torch.zeros(kv_shape),
-        torch.zeros(kv_shape),
-        torch.arange(tc)[None].repeat(b, 1),
+        torch.zeros(arch.num_layers, b, arch.num_kv_heads, tc, arch.head_dim),
+        torch.zeros(arch.num_layers, 1, arch.num_kv_heads, tc, arch.head_dim),
     )
+    outputs = {"top_ids": {0: "batch", 1: "span"}, "top_probs": {0: "batch", 1: "span"}, "entropy": {0: "batch", 1: "span"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -148,8 +147,10 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
                 "input_ids": {1: "window"},
                 "position_ids": {1: "window"},
                 "cache_index": {0: "cached"},
+                "span_index": {0: "span"},
                 "cache_keys": {3: "cached"},
                 "cache_values": {3: "cached"},
+                **{name: {1: "span"} for name in outputs},
             },
             opset_version=OPSET,
             dynamo=False,
@@ -164,12 +165,9 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
                 "span_ids": {0: "batch", 1: "span"},
                 "span_pos": {0: "batch", 1: "span"},
                 "span_valid": {0: "batch", 1: "span"},
-                "cache_keys": {3: "cached"},
+                "cache_keys": {1: "batch", 3: "cached"},
                 "cache_values": {3: "cached"},
-                "cache_pos": {0: "batch", 1: "cached"},
-                "top_ids": {0: "batch", 1: "span"},
-                "top_probs": {0: "batch", 1: "span"},
-                "entropy": {0: "batch", 1: "span"},
+                **outputs,
             },
             opset_version=OPSET,
             dynamo=False,
@@ -200,7 +198,9 @@ def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
     cases = []
     for window, batch, span in ((40, 1, 8), (64, 3, 12), (17, 2, 5)):
         ids = rng.integers(0, arch.vocab_size, window)
-        keep = np.sort(rng.choice(window, size=window - span, replace=False))
+        rng.choice(window, size=window - span, replace=False)  # keeps the draws of format-1 cases
+        start = window // 3
+        keep = np.concatenate([np.arange(start - 1), np.arange(start + span, window)])  # all but anchor + span
         span_pos = np.stack([np.arange(span) + rng.integers(0, window - span) for _ in range(batch)])
         valid = np.ones((batch, span), bool)
         valid[-1, span - 2 :] = False  # padded tail in the last row
@@ -211,6 +211,7 @@ def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
                 "input_ids": ids,
                 "positions": np.arange(window),
                 "cache_index": keep,
+                "span_index": np.arange(start - 1, start + span),
                 "span_ids": rng.integers(0, arch.vocab_size, (batch, span)),
                 "span_pos": span_pos,
                 "span_valid": valid,
@@ -226,8 +227,9 @@ def validate(reference: Any, candidate: Any, precision: str, seed: int = 0) -> V
     report = ValidationReport(precision)
     for case in validation_cases(reference.info.arch, seed):
         name = case["name"]
-        ref_cache = reference.encode_context(case["input_ids"], case["positions"], case["cache_index"])
-        got_cache = candidate.encode_context(case["input_ids"], case["positions"], case["cache_index"])
+        context = (case["input_ids"], case["positions"], case["cache_index"], case["span_index"])
+        ref_cache, ref_first = reference.encode_context(*context)
+        got_cache, got_first = candidate.encode_context(*context)
         metrics: dict[str, Any] = {"case": name}
         for label in ("keys", "values"):
             ref = np.asarray(getattr(ref_cache, label))
@@ -240,6 +242,7 @@ def validate(reference: Any, candidate: Any, precision: str, seed: int = 0) -> V
             if err > tol.cache_rtol:
                 report.failures.append(f"{name}: cache {label} relative error {err:.2e} > {tol.cache_rtol:.0e}")
         outputs = {
+            "context": (ref_first, got_first),
             "step": (
                 reference.step(ref_cache, case["span_ids"], case["span_pos"], case["span_valid"], case["cache_pos"]),
                 candidate.step(got_cache, case["span_ids"], case["span_pos"], case["span_valid"], case["cache_pos"]),
@@ -362,3 +365,116 @@ def _source_info(checkpoint: Checkpoint) -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "opset": OPSET,
     }
+
+
+_LAYER_MATMULS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+"""A block's weight matrices in the order :mod:`engine.modeling` applies them (and the graphs hold them)."""
+
+
+def engine_weights(folder: Path, arch: Any) -> dict[str, np.ndarray]:
+    """Every weight of an engine folder's model, keyed by :mod:`engine.modeling` parameter names.
+
+    The span step graph holds all of them: named initializers (embeddings, norms,
+    biases) and the matrices of its MatMul nodes, in the order the blocks apply
+    them. int8 matrices are dequantised per output channel, ``scale x (q - zero
+    point)``: what the int8 graphs compute with. Shapes are checked against the
+    architecture, so a graph of another layout fails here, not later.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from engine.checkpoint import expected_shapes
+
+    graph = onnx.load(str(folder / "span_step.onnx")).graph
+    init = {i.name: i for i in graph.initializer}
+    state = {name[len("model."):]: numpy_helper.to_array(t).astype(np.float32) for name, t in init.items() if name.startswith("model.model.")}
+    matrices = []
+    for node in graph.node:
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if node.op_type == "MatMul" and weight in init:
+            matrices.append(numpy_helper.to_array(init[weight]).astype(np.float32))
+        elif node.op_type == "MatMulInteger" and weight.endswith("_quantized") and weight in init:
+            base = weight[: -len("_quantized")]
+            q = numpy_helper.to_array(init[weight]).astype(np.float32)
+            zero = numpy_helper.to_array(init[base + "_zero_point"]).astype(np.float32)
+            matrices.append((q - zero) * numpy_helper.to_array(init[base + "_scale"]))
+    head = [m for m in matrices if m.shape == (arch.hidden_size, arch.vocab_size)]
+    blocks = [m for m in matrices if m.shape != (arch.hidden_size, arch.vocab_size)]
+    heads_expected = 0 if arch.tie_word_embeddings else 1  # a tied head may be a MatMul of the embedding
+    if len(blocks) != len(_LAYER_MATMULS) * arch.num_layers or len(head) < heads_expected or len(head) > 1:
+        raise ExportError(
+            f"{folder / 'span_step.onnx'}: expected {len(_LAYER_MATMULS) * arch.num_layers} block matrices and "
+            f"{heads_expected} LM head matrix, found {len(blocks)} and {len(head)}: not a graph dlm-convert wrote "
+            "for this architecture"
+        )
+    for i, matrix in enumerate(blocks):  # ONNX MatMul weights are (in, out): torch's transposed
+        state[f"model.layers.{i // len(_LAYER_MATMULS)}.{_LAYER_MATMULS[i % len(_LAYER_MATMULS)]}"] = matrix.T.copy()
+    if not arch.tie_word_embeddings:
+        state["lm_head.weight"] = head[0].T.copy()
+    expected = expected_shapes(arch)
+    wrong = sorted(n for n in expected if n not in state or state[n].shape != expected[n])
+    if wrong:
+        raise ExportError(f"{folder}: weights missing or misshapen after reading the graph: {', '.join(wrong[:5])}")
+    return {name: state[name] for name in expected}
+
+
+def recover_checkpoint(
+    src: str | Path, dst: str | Path, *, force: bool = False, progress: Callable[[str], None] = log.info
+) -> Path:
+    """An engine folder -> a Hugging Face checkpoint folder (fp32 safetensors, the source config, the tokenizer).
+
+    For fine-tuning or re-exporting a model whose original checkpoint is gone (the
+    shipped default model's graphs are rebuilt this way when the graph format
+    changes). From an int8 folder the weights are the int8-rounded ones, so the
+    checkpoint converts back to the same int8 weights. Validated before anything
+    is written: the recovered checkpoint on the PyTorch reference against the
+    folder's own graphs, with the folder's precision tolerances.
+    """
+    _require_export_deps()
+    from safetensors.numpy import save_file
+
+    from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+    from engine.backends.torch_ref import TorchDenoiser
+    from engine.families import get_family
+    from engine.manifest import read_manifest
+
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    manifest = read_manifest(src)
+    if dst.exists() and any(dst.iterdir()) and not force:
+        raise ExportError(f"{dst} exists and is not empty; pass --force to replace it")
+    config = src / "source_config.json"
+    if not config.is_file():
+        raise ExportError(f"{src} has no source_config.json (the checkpoint's config.json that dlm-convert keeps)")
+    ours = engine_weights(src, manifest.arch)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        shutil.copy2(config, work / "config.json")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, work / name)
+        names = get_family(manifest.family).weight_names(manifest.arch)  # ours -> the checkpoint's own names
+        save_file({names[n]: np.ascontiguousarray(t) for n, t in ours.items()}, str(work / "model.safetensors"))
+        progress(f"validating the recovered weights against {src.name}'s {manifest.precision} graphs")
+        reference = TorchDenoiser(Checkpoint.open(work, manifest.family), top_k=manifest.top_k)
+        report = validate(reference, OnnxRuntimeDenoiser(src, manifest, backend="cpu"), manifest.precision)
+        if report.failures:
+            raise ExportError(
+                f"recovered weights do not reproduce {src}'s graphs:\n  " + "\n  ".join(report.failures)
+            )
+        if dst.exists():
+            shutil.rmtree(dst)
+        work.rename(dst)
+        progress(f"wrote {dst} (fp32 checkpoint from {manifest.precision} graphs)")
+        return dst
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+

@@ -18,12 +18,14 @@ from engine.errors import ManifestError
 from engine.families import ArchConfig, TokenIds
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the context graph also returns the span's first step (``span_index`` in; top-k, entropy out)
+and the span step takes keys already rotated per row (no ``cache_pos``). 1: the first release."""
 
-CONTEXT_INPUTS = ("input_ids", "position_ids", "cache_index")
-CONTEXT_OUTPUTS = ("cache_keys", "cache_values")
-SPAN_INPUTS = ("span_ids", "span_pos", "span_valid", "cache_keys", "cache_values", "cache_pos")
 SPAN_OUTPUTS = ("top_ids", "top_probs", "entropy")
+CONTEXT_INPUTS = ("input_ids", "position_ids", "cache_index", "span_index")
+CONTEXT_OUTPUTS = ("cache_keys", "cache_values", *SPAN_OUTPUTS)
+SPAN_INPUTS = ("span_ids", "span_pos", "span_valid", "cache_keys", "cache_values")
 
 
 @dataclass
@@ -104,6 +106,11 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         if version > FORMAT_VERSION:
             raise ManifestError(
                 f"{path} has format version {version}; this engine reads up to {FORMAT_VERSION}: upgrade dlm-lsp"
+            )
+        if version < FORMAT_VERSION:
+            raise ManifestError(
+                f"{path} has format version {version}, from an older dlm-convert; this engine reads format "
+                f"{FORMAT_VERSION}: convert the checkpoint again (dlm-convert SRC {folder} --force)"
             )
         manifest = Manifest(
             family=data["family"],

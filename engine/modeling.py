@@ -9,15 +9,17 @@ the engine exports to ONNX:
 
 * :meth:`Transformer.encode_context`: one full pass over the whole window with the
   middle masked; returns every layer's keys (before rotary) and values at the
-  positions the span step will reuse (the DualCache of Fast-dLLM).
+  positions the span step will reuse (the DualCache of Fast-dLLM), and the
+  span's outputs of that pass, which are the first denoising step.
 * :meth:`Transformer.span_step`: runs only the span (plus, for a shifted model, the
   last prefix position) against that cache and returns, per input position, the
   top-k token ids and probabilities and the entropy of the distribution, so full
   vocabulary logits never leave the device.
 
-Keys are cached *before* rotary so the span step can place the suffix at a
-different offset for each candidate middle length of a batch: one shared context
-encoding serves every length.
+Keys are cached *before* rotary so one context encoding serves every candidate
+middle length of a batch (each places the suffix at a different offset). They are
+rotated once per candidate layout (:meth:`Transformer.rotate_cache_keys`, or its
+numpy twin in the ONNX Runtime backend), not in every step.
 
 torch is needed only here and in export/training; the server never imports this.
 """
@@ -101,10 +103,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(arch.hidden_size, arch.num_kv_heads * arch.head_dim, bias=arch.qkv_bias)
         self.o_proj = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D); no rotary yet."""
+    def project(
+        self, x: torch.Tensor, queries: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T', D), k and v (B, Hkv, T, D); no rotary yet.
+
+        ``queries`` (T',) picks the rows that get a query (default: all T).
+        """
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        xq = x if queries is None else x.index_select(1, queries)
+        q = self.q_proj(xq).view(b, xq.shape[1], self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
@@ -198,24 +206,42 @@ class Transformer(nn.Module):
 
     # -- the two exported computations -------------------------------------------------
     def encode_context(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full pass over the window; keys (pre-rotary) and values at ``cache_index``.
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_index: torch.Tensor,
+        span_index: torch.Tensor,
+        suppress: torch.Tensor,
+        top_k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full pass over the window: the cache, and the first denoising step of the span for free.
 
-        input_ids, position_ids (1, T); cache_index (Tc,) -> keys, values (L, 1, Hkv, Tc, D).
-        The last layer's attention output and MLP are skipped: nothing reads them.
+        input_ids, position_ids (1, T); cache_index (Tc,); span_index (S,) ->
+        keys (pre-rotary), values (L, 1, Hkv, Tc, D) at ``cache_index``, and the
+        top-k ids, probabilities (1, S, K) and entropy (1, S) at the rows
+        ``span_index`` (the masked span, plus the anchor of a shifted model):
+        exactly what a span step of the still fully masked span would return, so
+        the sampler's first step costs no forward pass of its own. The last
+        layer runs only the ``span_index`` rows: nothing reads the others.
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids)
         keys, values = [], []
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            q, k, v = layer.self_attn.project(layer.input_layernorm(x))
+            h = layer.input_layernorm(x)
+            if i == last:  # only the span's rows go on to the head: their queries are all it needs
+                x = x.index_select(1, span_index)
+                q, k, v = layer.self_attn.project(h, queries=span_index)
+                q_cos, q_sin = cos.index_select(2, span_index), sin.index_select(2, span_index)
+            else:
+                q, k, v = layer.self_attn.project(h)
+                q_cos, q_sin = cos, sin
             keys.append(k.index_select(2, cache_index))
             values.append(v.index_select(2, cache_index))
-            if i < last:
-                x = layer.finish(x, attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, None))
-        return torch.stack(keys), torch.stack(values)
+            x = layer.finish(x, attend(apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin), v, None))
+        top_ids, top_probs, entropy = summarize(F.linear(self.model.norm(x), self.head_weight()), suppress, top_k)
+        return torch.stack(keys), torch.stack(values), top_ids, top_probs, entropy
 
     def span_hidden(
         self,
@@ -224,27 +250,32 @@ class Transformer(nn.Module):
         span_valid: torch.Tensor,
         cache_keys: torch.Tensor,
         cache_values: torch.Tensor,
-        cache_pos: torch.Tensor,
     ) -> torch.Tensor:
         """Hidden states of the span attending to the cached context and to itself.
 
-        span_ids, span_pos, span_valid (B, S); cache_keys/values (L, 1, Hkv, Tc, D);
-        cache_pos (B, Tc): the position of every cached key in each row's layout.
+        span_ids, span_pos, span_valid (B, S); cache_keys (L, B, Hkv, Tc, D), already
+        rotated to each row's layout (:meth:`rotate_cache_keys`); cache_values
+        (L, 1, Hkv, Tc, D), shared by every row.
         """
         x = self.model.embed_tokens(span_ids)
         b = x.shape[0]
         cos, sin = self.rotary(span_pos)
-        cache_cos, cache_sin = self.rotary(cache_pos)
-        cache_valid = torch.ones_like(cache_pos, dtype=torch.bool)
+        cache_valid = torch.ones_like(cache_keys[0, :, 0, :, 0], dtype=torch.bool)  # (B, Tc)
         bias = key_bias(torch.cat((cache_valid, span_valid.bool()), dim=1), x.dtype)  # (B, 1, 1, Tc+S)
         for i, layer in enumerate(self.model.layers):
             q, k, v = layer.self_attn.project(layer.input_layernorm(x))
-            ck = apply_rope(cache_keys[i], cache_cos, cache_sin)  # (B, Hkv, Tc, D)
-            cv = cache_values[i].expand(b, -1, -1, -1)  # (B, Hkv, Tc, D)
-            k = torch.cat((ck, apply_rope(k, cos, sin)), dim=2)
-            v = torch.cat((cv, v), dim=2)
+            k = torch.cat((cache_keys[i], apply_rope(k, cos, sin)), dim=2)
+            v = torch.cat((cache_values[i].expand(b, -1, -1, -1), v), dim=2)
             x = layer.finish(x, attend(apply_rope(q, cos, sin), k, v, bias))
         return self.model.norm(x)
+
+    def rotate_cache_keys(self, cache_keys: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
+        """Pre-rotary cached keys (L, 1, Hkv, Tc, D) placed at each row's positions (B, Tc) -> (L, B, Hkv, Tc, D).
+
+        Done once per candidate layout, not in every step: the span step takes the result.
+        """
+        cos, sin = self.rotary(cache_pos)  # (B, 1, Tc, D)
+        return apply_rope(cache_keys, cos[None], sin[None])
 
     def span_step(
         self,
@@ -253,12 +284,14 @@ class Transformer(nn.Module):
         span_valid: torch.Tensor,
         cache_keys: torch.Tensor,
         cache_values: torch.Tensor,
-        cache_pos: torch.Tensor,
         suppress: torch.Tensor,
         top_k: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One denoising forward of the span: (B, S, K) ids, (B, S, K) probabilities, (B, S) entropy."""
-        hidden = self.span_hidden(span_ids, span_pos, span_valid, cache_keys, cache_values, cache_pos)
+        """One denoising forward of the span: (B, S, K) ids, (B, S, K) probabilities, (B, S) entropy.
+
+        ``cache_keys`` are rotated per row (:meth:`rotate_cache_keys`).
+        """
+        hidden = self.span_hidden(span_ids, span_pos, span_valid, cache_keys, cache_values)
         return summarize(F.linear(hidden, self.head_weight()), suppress, top_k)
 
 

@@ -7,6 +7,9 @@ confidence (top-1 probability) is at least ``threshold``, and at least
 stops as soon as nothing is masked. This is the confidence-threshold parallel
 decoding of Fast-dLLM (Wu et al., 2025, Alg. 1), with its DualCache: the context
 is encoded once (:meth:`Denoiser.encode_context`) and each step runs only the span.
+That context pass already sees the longest candidate's span fully masked, so its
+outputs there *are* that candidate's first step: the first step costs no forward
+pass of its own (for a single candidate; shorter ones still run theirs).
 ``exact=True`` instead recomputes the whole window every step (the reference).
 
 The middle's true length is unknown, so several candidate lengths run as one
@@ -190,12 +193,16 @@ class _Layout:
         self.lengths = list(lengths)
         self.longest = max(lengths)
 
-    def context(self, mask_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids, positions and cache index of the shared context pass (longest span, masked)."""
+    def context(self, mask_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """ids, positions, cache index and span rows of the shared context pass (longest span, masked).
+
+        The span rows are those a span step of the longest candidate feeds (the
+        anchor and the slots), so the pass's outputs there are that step's.
+        """
         p, m = len(self.prefix), self.longest
         ids = np.concatenate([self.prefix, np.full(m, mask_id, np.int64), self.suffix])
         cache_index = np.concatenate([np.arange(p - self.anchor), p + m + np.arange(len(self.suffix))])
-        return ids, np.arange(len(ids)), cache_index
+        return ids, np.arange(len(ids)), cache_index, np.arange(p - self.anchor, p + m)
 
     def cache_positions(self, m: int) -> np.ndarray:
         """Positions of the cached keys when the span has length ``m``."""
@@ -263,9 +270,11 @@ def denoise(
     ]
     stats = {"context_ms": 0.0, "denoise_ms": 0.0, "steps": 0, "forward_passes": 0}
     cache = None
+    primed: tuple[Candidate, StepOutput] | None = None  # the longest candidate's first step, from the context pass
     if not params.exact:
         t0 = time.perf_counter()
-        cache = denoiser.encode_context(*layout.context(tok.mask))
+        cache, first_step = denoiser.encode_context(*layout.context(tok.mask))
+        primed = (candidates[-1], first_step)
         stats["context_ms"] = (time.perf_counter() - t0) * 1000
         stats["forward_passes"] += 1
     cut = False
@@ -286,18 +295,27 @@ def denoise(
         if (stop is not None and stop()) or (deadline is not None and now + last_step_s > deadline):
             cut = True
             break
+        outputs: list[tuple[Candidate, StepOutput, int, int]] = []  # candidate, output, its row, row of slot 0
+        fresh = active  # the candidates this step runs a forward pass for
         if params.exact:
             ids, pos, valid, first = layout.window_batch(active)
             out = denoiser.full(ids, pos, valid)
+            outputs = [(cand, out, r, first) for r, cand in enumerate(active)]
         else:
-            first = 0
-            out = denoiser.step(cache, *layout.span_batch(active))
-        for r, cand in enumerate(active):
+            if primed is not None and any(c is primed[0] for c in active):
+                outputs.append((primed[0], primed[1], 0, 0))
+            fresh = [c for c in active if primed is None or c is not primed[0]]
+            if fresh:
+                out = denoiser.step(cache, *layout.span_batch(fresh))
+                outputs += [(cand, out, r, 0) for r, cand in enumerate(fresh)]
+            primed = None
+        for cand, out, r, first in outputs:
             _commit(cand, out, r, first, params, rng, end_ids, tok.eos, breaks)
             cand.steps += 1
         stats["steps"] += 1
-        stats["forward_passes"] += 1
-        last_step_s = time.perf_counter() - now
+        if fresh:
+            stats["forward_passes"] += 1
+            last_step_s = time.perf_counter() - now
     stats["denoise_ms"] = (time.perf_counter() - loop_start) * 1000
     scores = [-math.inf if c.abandoned else length_score(c, end_ids) for c in candidates]
     chosen = int(np.argmax(scores)) if any(math.isfinite(s) for s in scores) else len(candidates) - 1

@@ -30,11 +30,16 @@ class ScriptedDenoiser:
         self.info = ModelInfo("dream", ARCH, TokenIds(mask=MASK, eos=EOS, pad=EOS), "fp32", "scripted", "cpu", 2)
         self.calls: list[tuple[str, np.ndarray]] = []
         self.prefix_len = 0
+        self.states: list[np.ndarray] = []
+        """Span ids (B, anchor + slots) of every denoising step in turn: the first one, the fully
+        masked longest span, is answered by the context pass; the others by span steps."""
 
-    def encode_context(self, input_ids, positions, cache_index):  # type: ignore[no-untyped-def]
+    def encode_context(self, input_ids, positions, cache_index, span_index):  # type: ignore[no-untyped-def]
         self.calls.append(("context", input_ids))
         self.prefix_len = int(np.flatnonzero(input_ids == MASK)[0])
-        return type("Cache", (), {"length": len(cache_index)})()
+        longest = len(span_index) - 1  # the span rows are the anchor and the longest span's slots
+        self.states.append(np.asarray(input_ids)[np.asarray(span_index)][None])
+        return type("Cache", (), {"length": len(cache_index)})(), self._out([longest], len(span_index), 0)
 
     def _out(self, rows, width, slot0):  # type: ignore[no-untyped-def]
         ids = np.zeros((len(rows), width, 2), np.int64)
@@ -50,6 +55,7 @@ class ScriptedDenoiser:
 
     def step(self, cache, span_ids, span_pos, span_valid, cache_pos):  # type: ignore[no-untyped-def]
         self.calls.append(("step", span_ids.copy()))
+        self.states.append(span_ids.copy())
         rows = [int(v.sum()) - 1 for v in span_valid]  # span length = valid - anchor
         return self._out(rows, span_ids.shape[1], 0)
 

@@ -4,7 +4,8 @@ A *denoiser* runs a masked diffusion model in the two shapes the engine needs:
 
 * :meth:`Denoiser.encode_context`: one pass over the whole window (prefix, masked
   span, suffix) returning an opaque :class:`ContextCache` of per-layer keys/values
-  at the positions the span steps reuse;
+  at the positions the span steps reuse, and the outputs of that pass at the
+  span's rows: the first denoising step of the fully masked span, for free;
 * :meth:`Denoiser.step`: one denoising forward of a batch of spans against that cache;
 * :meth:`Denoiser.full`: one forward of whole windows with no cache (the exact
   reference mode).
@@ -69,8 +70,11 @@ class Denoiser(Protocol):
 
     info: ModelInfo
 
-    def encode_context(self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray) -> ContextCache:
-        """input_ids, positions (T,); cache_index (Tc,) -> cache of those Tc positions."""
+    def encode_context(
+        self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray, span_index: np.ndarray
+    ) -> tuple[ContextCache, StepOutput]:
+        """input_ids, positions (T,); cache_index (Tc,); span_index (S,) -> cache of the Tc positions
+        and the outputs (1, S, ...) at the S rows, as :meth:`step` would return them for that span."""
         ...
 
     def step(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +25,41 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OrtContextCache:
-    """Context keys (pre-rotary) and values, (L, 1, Hkv, Tc, D) float arrays."""
+    """Context keys (pre-rotary) and values, (L, 1, Hkv, Tc, D) float arrays.
+
+    ``rotated`` memoises the keys rotated to the layouts the span steps asked for
+    (:meth:`OnnxRuntimeDenoiser.step`): a layout is rotated once per request.
+    """
 
     keys: np.ndarray
     values: np.ndarray
+    rotated: dict[bytes, np.ndarray] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
         return int(self.keys.shape[3])
+
+
+def rotary_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (..., D) of the rotary embedding at ``positions``, float32 as the model computes them."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    freqs = positions[..., None].astype(np.float32) * inv_freq
+    emb = np.concatenate((freqs, freqs), axis=-1)
+    return np.cos(emb), np.sin(emb)
+
+
+def rotate_keys(keys: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """Pre-rotary keys (L, 1, Hkv, Tc, D) placed at ``positions`` (B, Tc) -> (L, B, Hkv, Tc, D).
+
+    The numpy twin of :meth:`engine.modeling.Transformer.rotate_cache_keys` (the
+    server does not import torch); the export's validation compares the two.
+    """
+    half = keys.shape[-1] // 2
+    cos, sin = rotary_tables(positions, keys.shape[-1], theta)  # (B, Tc, D)
+    cos, sin = cos[None, :, None], sin[None, :, None]  # (1, B, 1, Tc, D)
+    rotated_half = np.concatenate((-keys[..., half:], keys[..., :half]), axis=-1)
+    return np.ascontiguousarray(keys * cos + rotated_half * sin, dtype=np.float32)
 
 
 SMALL_MODEL_HIDDEN = 512
@@ -102,17 +129,20 @@ class OnnxRuntimeDenoiser:
             values=np.zeros((arch.num_layers, 1, arch.num_kv_heads, 0, arch.head_dim), np.float32),
         )
 
-    def encode_context(self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray) -> OrtContextCache:
+    def encode_context(
+        self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray, span_index: np.ndarray
+    ) -> tuple[OrtContextCache, StepOutput]:
         """See :meth:`engine.backends.base.Denoiser.encode_context`."""
-        keys, values = self.sessions["context"].run(
+        keys, values, ids, probs, entropy = self.sessions["context"].run(
             None,
             {
                 "input_ids": np.asarray(input_ids, np.int64)[None],
                 "position_ids": np.asarray(positions, np.int64)[None],
                 "cache_index": np.asarray(cache_index, np.int64),
+                "span_index": np.asarray(span_index, np.int64),
             },
         )
-        return OrtContextCache(keys=keys, values=values)
+        return OrtContextCache(keys=keys, values=values), StepOutput(ids=ids, probs=probs, entropy=entropy)
 
     def step(
         self,
@@ -123,15 +153,19 @@ class OnnxRuntimeDenoiser:
         cache_pos: np.ndarray,
     ) -> StepOutput:
         """See :meth:`engine.backends.base.Denoiser.step`."""
+        cache_pos = np.asarray(cache_pos, np.int64)
+        layout = cache_pos.tobytes() + bytes(str(cache_pos.shape), "ascii")
+        keys = cache.rotated.get(layout)
+        if keys is None:
+            keys = cache.rotated[layout] = rotate_keys(cache.keys, cache_pos, self.info.arch.rope_theta)
         ids, probs, entropy = self.sessions["span_step"].run(
             None,
             {
                 "span_ids": np.asarray(span_ids, np.int64),
                 "span_pos": np.asarray(span_pos, np.int64),
                 "span_valid": np.asarray(span_valid, np.bool_),
-                "cache_keys": cache.keys,
+                "cache_keys": keys,
                 "cache_values": cache.values,
-                "cache_pos": np.asarray(cache_pos, np.int64),
             },
         )
         return StepOutput(ids=ids, probs=probs, entropy=entropy)

@@ -62,16 +62,21 @@ class TorchDenoiser:
     def _tensor(self, array: np.ndarray, dtype: "object") -> "object":
         return self.torch.as_tensor(np.asarray(array), dtype=dtype)
 
-    def encode_context(self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray) -> TorchContextCache:
+    def encode_context(
+        self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray, span_index: np.ndarray
+    ) -> tuple[TorchContextCache, StepOutput]:
         """See :meth:`engine.backends.base.Denoiser.encode_context`."""
         torch = self.torch
         with torch.inference_mode():
-            keys, values = self.model.encode_context(
+            keys, values, ids, probs, entropy = self.model.encode_context(
                 self._tensor(input_ids, torch.long)[None],
                 self._tensor(positions, torch.long)[None],
                 self._tensor(cache_index, torch.long),
+                self._tensor(span_index, torch.long),
+                self.suppress,
+                self.top_k,
             )
-        return TorchContextCache(keys=keys, values=values)
+        return TorchContextCache(keys=keys, values=values), StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())
 
     def step(
         self,
@@ -84,13 +89,13 @@ class TorchDenoiser:
         """See :meth:`engine.backends.base.Denoiser.step`."""
         torch = self.torch
         with torch.inference_mode():
+            keys = self.model.rotate_cache_keys(cache.keys, self._tensor(cache_pos, torch.long))
             ids, probs, entropy = self.model.span_step(
                 self._tensor(span_ids, torch.long),
                 self._tensor(span_pos, torch.long),
                 self._tensor(span_valid, torch.bool),
-                cache.keys,
+                keys,
                 cache.values,
-                self._tensor(cache_pos, torch.long),
                 self.suppress,
                 self.top_k,
             )

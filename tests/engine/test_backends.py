@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from engine import Engine
@@ -76,3 +77,24 @@ def test_cuda_backend_runs(tiny_engine):  # pragma: no cover - runs on GPU machi
     engine = Engine.load(tiny_engine, backend="cuda")
     assert engine.info.backend == "cuda"
     assert engine.complete("def f(", ")").stats["steps"] >= 1
+
+
+@pytest.mark.parametrize("lengths", [(12,), (4, 12)])
+def test_the_context_pass_answers_the_first_step_as_a_span_step_would(tiny_engine, lengths):
+    """ONNX Runtime, fp32: the context graph's span outputs equal the span step graph's on the
+    fully masked longest span, whose cached keys the backend rotates in numpy."""
+    from engine.sampler import Candidate, _Layout
+
+    engine = Engine.load(tiny_engine, backend="cpu")
+    tok = engine.info.token_ids
+    rng = np.random.default_rng(0)
+    layout = _Layout(rng.integers(5, 200, 30).tolist(), rng.integers(5, 200, 9).tolist(), lengths, shifted=True)
+    cache, first = engine.denoiser.encode_context(*layout.context(tok.mask))
+    rows = [Candidate(m, np.full(m, tok.mask), np.zeros(m, bool), np.zeros(m, np.float32), np.zeros(m, bool)) for m in lengths]
+    out = engine.denoiser.step(cache, *layout.span_batch(rows))
+    longest = len(lengths) - 1
+    assert first.ids.shape == (1, max(lengths) + 1, engine.info.top_k)
+    np.testing.assert_array_equal(first.ids[0], out.ids[longest])
+    np.testing.assert_allclose(first.probs[0], out.probs[longest], atol=1e-5)
+    np.testing.assert_allclose(first.entropy[0], out.entropy[longest], atol=1e-4)
+    assert len(cache.rotated) == 1  # the layouts' keys were rotated once, and kept for the next steps

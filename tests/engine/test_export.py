@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 
 from engine import export  # noqa: E402
 from engine.errors import ExportError, ManifestError  # noqa: E402
-from engine.manifest import SPAN_OUTPUTS, read_manifest  # noqa: E402
+from engine.manifest import SPAN_INPUTS, SPAN_OUTPUTS, read_manifest  # noqa: E402
 
 
 def test_fp32_engine_folder_contents_and_validation(tiny_engine):
@@ -30,9 +30,11 @@ def test_graph_interface(tiny_engine):
     import onnx
 
     span = onnx.load(str(tiny_engine / "span_step.onnx"))
+    assert [i.name for i in span.graph.input] == list(SPAN_INPUTS)
     assert [o.name for o in span.graph.output] == list(SPAN_OUTPUTS)
     context = onnx.load(str(tiny_engine / "context.onnx"))
-    assert [i.name for i in context.graph.input] == ["input_ids", "position_ids", "cache_index"]
+    assert [i.name for i in context.graph.input] == ["input_ids", "position_ids", "cache_index", "span_index"]
+    assert [o.name for o in context.graph.output] == ["cache_keys", "cache_values", *SPAN_OUTPUTS]
 
 
 def test_manifest_detects_tampering(tiny_engine, tmp_path):
@@ -48,11 +50,15 @@ def test_manifest_detects_tampering(tiny_engine, tmp_path):
         read_manifest(folder)
 
 
-def test_manifest_malformed_or_newer(tiny_engine, tmp_path):
+def test_manifest_malformed_older_or_newer(tiny_engine, tmp_path):
     folder = shutil.copytree(tiny_engine, tmp_path / "e")
     data = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**data, "format_version": 99}))
     with pytest.raises(ManifestError, match="upgrade dlm-lsp"):
+        read_manifest(folder)
+    # a folder of format 1 (its graphs lack the first step and take unrotated keys): convert again
+    (folder / "manifest.json").write_text(json.dumps({**data, "format_version": 1}))
+    with pytest.raises(ManifestError, match=r"format version 1, from an older dlm-convert.*dlm-convert SRC"):
         read_manifest(folder)
     del data["arch"]
     (folder / "manifest.json").write_text(json.dumps(data))
@@ -106,3 +112,43 @@ def test_onnxruntime_matches_torch_reference(tiny_checkpoint, tiny_engine):
     b = ref.full(ids, np.arange(30)[None], np.ones((1, 30), bool))
     assert np.array_equal(a.ids, b.ids)
     assert np.allclose(a.probs, b.probs, atol=1e-5)
+
+
+def test_recovering_a_checkpoint_from_fp32_graphs_gives_back_its_weights(tiny_checkpoint, tiny_engine, tmp_path):
+    from engine.checkpoint import Checkpoint
+
+    out = export.recover_checkpoint(tiny_engine, tmp_path / "recovered")
+    original = Checkpoint.open(tiny_checkpoint).load_state("np")
+    recovered = Checkpoint.open(out).load_state("np")
+    assert set(recovered) == set(original)
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(recovered[name], tensor, err_msg=name)
+
+
+def test_the_shipped_int8_model_round_trips_through_a_recovered_checkpoint(tmp_path):
+    """int8 graphs -> dequantised fp32 checkpoint -> dlm-convert: the very same int8 weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from engine import default_model_path
+
+    shipped = default_model_path()
+    checkpoint = export.recover_checkpoint(shipped, tmp_path / "ckpt")
+    again = tmp_path / "int8"
+    export.convert(checkpoint, again, precision="int8")
+
+    def int8_weights(folder):  # type: ignore[no-untyped-def]
+        graph = onnx.load(str(folder / "span_step.onnx")).graph
+        return [numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("_quantized")]
+
+    before, after = int8_weights(shipped), int8_weights(again)
+    assert len(before) == len(after) == 7 * read_manifest(shipped).arch.num_layers + 1  # blocks + LM head
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_recovery_refuses_graphs_of_another_architecture(tiny_engine):
+    from dataclasses import replace
+
+    arch = read_manifest(tiny_engine).arch
+    with pytest.raises(ExportError, match="block matrices"):
+        export.engine_weights(tiny_engine, replace(arch, num_layers=arch.num_layers + 1))

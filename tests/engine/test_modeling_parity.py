@@ -60,7 +60,8 @@ def test_attention_is_bidirectional(tiny_checkpoint):
 
 
 def test_span_step_over_cache_equals_full_forward(tiny_checkpoint):
-    """With the same window, cached context + span step == one full forward at the span rows.
+    """With the same window, cached context + span step == one full forward at the span rows,
+    and so do the context pass's outputs at those rows (the sampler's first step).
 
     For the shifted dream family the span input starts one position early (the last
     prefix token), so output row j is the distribution of span slot j.
@@ -77,12 +78,14 @@ def test_span_step_over_cache_equals_full_forward(tiny_checkpoint):
     keep = torch.as_tensor([i for i in range(p + m + s) if i not in set(span_rows.tolist())])
     suppress = suppress_vector(ckpt.arch.vocab_size, [ckpt.token_ids.mask])
     with torch.no_grad():
-        keys, values = model.encode_context(window, positions, keep)
+        keys, values, *first_step = model.encode_context(window, positions, keep, span_rows, suppress, 2)
         ids, probs, entropy = model.span_step(
             window[:, span_rows], positions[:, span_rows], torch.ones(1, m + 1, dtype=torch.bool),
-            keys, values, keep[None], suppress, 2,
+            model.rotate_cache_keys(keys, keep[None]), values, suppress, 2,
         )
         ref_ids, ref_probs, ref_entropy = summarize(model(window)[:, span_rows], suppress, 2)
-    assert torch.equal(ids, ref_ids)
-    assert torch.allclose(probs, ref_probs, atol=1e-5)
-    assert torch.allclose(entropy, ref_entropy, atol=1e-4)
+    # the span step over the cache, and the context pass's own outputs at the span rows
+    for got_ids, got_probs, got_entropy in ((ids, probs, entropy), first_step):
+        assert torch.equal(got_ids, ref_ids)
+        assert torch.allclose(got_probs, ref_probs, atol=1e-5)
+        assert torch.allclose(got_entropy, ref_entropy, atol=1e-4)

@@ -21,7 +21,7 @@ def test_threshold_one_commits_one_per_step_in_confidence_order():
     r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4,), threshold=1.0))
     assert r.ids == [10, 11, 12, 13]
     assert r.stats["steps"] == 4 and r.stats["tokens_per_step"] == 1.0
-    steps = [ids[0, 1:] for kind, ids in d.calls if kind == "step"]  # drop the anchor column
+    steps = [ids[0, 1:] for ids in d.states]  # drop the anchor column
     # slot 1 (0.9) first, then slot 2 (0.7), slot 3 (0.6), slot 0 (0.5)
     assert steps[1].tolist() == [MASK, 11, MASK, MASK]
     assert steps[2].tolist() == [MASK, 11, 12, MASK]
@@ -35,7 +35,7 @@ def test_threshold_commits_many_per_step():
     assert r.ids == [10, 11, 12, 13, 14, 15]
     # step 1 commits the four confident slots, then one per step for the two doubtful ones
     assert r.stats["steps"] == 3 and r.stats["tokens_per_step"] == 2.0
-    assert r.stats["forward_passes"] == 4  # context pass + 3 span steps
+    assert r.stats["forward_passes"] == 3  # the context pass (also step 1) + 2 span steps
 
 
 def test_tokens_per_step_floor():
@@ -57,7 +57,7 @@ def test_line_break_stop_ends_the_middle_once_everything_before_the_break_is_wri
     assert full.ids == [10, BREAK, 11, 12, 13] and full.stats["steps"] == 5
     assert first_line.ids == [10, BREAK] and first_line.stats["steps"] == 2 and not first_line.cut
     # after step 1 the break was written but slot 0 was not: the loop went on
-    assert [ids for kind, ids in d.calls if kind == "step"][1][0, 1:].tolist() == [MASK, BREAK, MASK, MASK, MASK]
+    assert d.states[1][0, 1:].tolist() == [MASK, BREAK, MASK, MASK, MASK]
     # without the ids (or without the flag) nothing changes
     assert denoise(ScriptedDenoiser(script), PREFIX, SUFFIX, params).ids == full.ids
     no_flag = SamplingParams(lengths=(5,), threshold=1.0)
@@ -71,7 +71,7 @@ def test_line_break_stop_ends_the_middle_once_everything_before_the_break_is_wri
 def test_orders_pick_the_most_certain_slot(order, first):
     d = ScriptedDenoiser({3: beliefs((10, 0.4), (11, 0.5), (12, 0.8))})
     denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(3,), threshold=1.0, order=order))
-    second_step = [ids for kind, ids in d.calls if kind == "step"][1][0, 1:]
+    second_step = d.states[1][0, 1:]
     assert second_step.tolist() == [MASK, MASK, 12]
 
 
@@ -81,7 +81,7 @@ def test_random_order_is_seeded():
     def first_pick(seed):  # type: ignore[no-untyped-def]
         d = ScriptedDenoiser(script)
         denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(8,), threshold=1.0, order="random", seed=seed))
-        return [ids for kind, ids in d.calls if kind == "step"][1][0, 1:].tolist()
+        return d.states[1][0, 1:].tolist()
 
     assert first_pick(1) == first_pick(1)
     assert len({tuple(first_pick(s)) for s in range(6)}) > 1
@@ -101,7 +101,7 @@ def test_eos_is_only_committed_at_the_leftmost_masked_slot():
     # the model is surest of the tail padding: committing it first would crawl EOS in from the right
     d = ScriptedDenoiser({4: beliefs((10, 0.3), (11, 0.4), (EOS, 0.99), (EOS, 0.99))})
     r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4,), threshold=1.0))
-    steps = [ids[0, 1:].tolist() for kind, ids in d.calls if kind == "step"]
+    steps = [ids[0, 1:].tolist() for ids in d.states]
     assert steps[1] == [MASK, 11, MASK, MASK]  # the best eligible slot, not the confident EOS
     assert r.ids == [10, 11]
 
@@ -118,6 +118,23 @@ def test_length_choice_prefers_confident_candidate():
     assert d.calls[0][1].tolist() == PREFIX + [MASK] * 4 + SUFFIX  # one context pass, longest layout
     assert sum(kind == "context" for kind, _ in d.calls) == 1
 
+
+
+def test_the_context_pass_is_the_longest_candidates_first_step():
+    d = ScriptedDenoiser({4: beliefs((10, 0.5), (11, 0.9), (12, 0.7), (13, 0.6))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(4,), threshold=1.0))
+    # one candidate: its first step comes from the context pass, so no span step sees it fully masked
+    assert [kind for kind, _ in d.calls] == ["context", "step", "step", "step"]
+    assert all((ids[0, 1:] != MASK).any() for kind, ids in d.calls if kind == "step")
+    assert r.stats["steps"] == 4 and r.stats["forward_passes"] == 4
+    assert r.stats["tokens_per_forward"] == 1.0
+
+    d = ScriptedDenoiser({2: beliefs((10, 0.3), (11, 0.3)), 4: beliefs((10, 0.5), (11, 0.9), (12, 0.7), (13, 0.6))})
+    r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(2, 4), threshold=1.0))
+    first_step = d.calls[1][1]
+    # several candidates: the first span step runs only the shorter ones (anchor + 2 slots, all masked)
+    assert first_step.tolist() == [[PREFIX[-1], MASK, MASK]]
+    assert r.stats["forward_passes"] == r.stats["steps"] + 1
 
 def test_budget_returns_only_committed_prefix():
     d = ScriptedDenoiser({8: beliefs(*[(10 + i, 0.5 - 0.05 * i) for i in range(8)])}, delay_s=0.03)
@@ -183,7 +200,7 @@ def test_longer_candidates_are_abandoned_once_a_shorter_one_ends():
 def test_left_to_right_order_commits_the_leftmost_slot_first():
     d = ScriptedDenoiser({3: beliefs((10, 0.4), (11, 0.5), (12, 0.8))})
     r = denoise(d, PREFIX, SUFFIX, SamplingParams(lengths=(3,), threshold=1.0, order=UnmaskOrder.LEFT_TO_RIGHT))
-    steps = [ids[0, 1:].tolist() for kind, ids in d.calls if kind == "step"]
+    steps = [ids[0, 1:].tolist() for ids in d.states]
     assert steps == [[MASK, MASK, MASK], [10, MASK, MASK], [10, 11, MASK]]
     assert r.ids == [10, 11, 12] and r.stats["tokens_per_step"] == 1.0
 
