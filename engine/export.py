@@ -275,6 +275,27 @@ def validate(reference: Any, candidate: Any, precision: str, seed: int = 0) -> V
     return report
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _check_destination(dst: Path, force: bool) -> None:
+    if dst.exists() and any(dst.iterdir()) and not force:
+        raise ExportError(f"{dst} exists and is not empty; pass --force to replace it")
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _publish(built: Path, dst: Path) -> None:
+    """Move a folder built beside ``dst`` into its place (replacing what was there)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    built.rename(dst)
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -295,8 +316,7 @@ def convert(
     if top_k < 2:
         raise ExportError("top_k must be at least 2 (the margin unmasking order needs the runner-up)")
     dst = Path(dst).expanduser()
-    if dst.exists() and any(dst.iterdir()) and not force:
-        raise ExportError(f"{dst} exists and is not empty; pass --force to replace it")
+    _check_destination(dst, force)
     _require_export_deps()
     from engine.backends.onnxruntime import OnnxRuntimeDenoiser
     from engine.backends.torch_ref import TorchDenoiser
@@ -336,16 +356,12 @@ def convert(
                 f"exported graphs do not match the PyTorch reference ({len(failures)} problem(s)):\n  "
                 + "\n  ".join(failures)
             )
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (checkpoint.path / name).is_file():
-                shutil.copy2(checkpoint.path / name, final_dir / name)
+        _copy_tokenizer(checkpoint.path, final_dir)
         shutil.copy2(checkpoint.path / "config.json", final_dir / "source_config.json")
         manifest.validation = {r.precision: r.summary() for r in reports}
         manifest.source = _source_info(checkpoint)
         manifest.write(final_dir)
-        if dst.exists():
-            shutil.rmtree(dst)
-        final_dir.rename(dst)
+        _publish(final_dir, dst)
         progress(f"wrote {dst} ({manifest.precision})")
         return manifest
     finally:
@@ -448,8 +464,7 @@ def recover_checkpoint(
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     manifest = read_manifest(src)
-    if dst.exists() and any(dst.iterdir()) and not force:
-        raise ExportError(f"{dst} exists and is not empty; pass --force to replace it")
+    _check_destination(dst, force)
     config = src / "source_config.json"
     if not config.is_file():
         raise ExportError(f"{src} has no source_config.json (the checkpoint's config.json that dlm-convert keeps)")
@@ -458,9 +473,7 @@ def recover_checkpoint(
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         shutil.copy2(config, work / "config.json")
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, work / name)
+        _copy_tokenizer(src, work)
         names = get_family(manifest.family).weight_names(manifest.arch)  # ours -> the checkpoint's own names
         save_file({names[n]: np.ascontiguousarray(t) for n, t in ours.items()}, str(work / "model.safetensors"))
         progress(f"validating the recovered weights against {src.name}'s {manifest.precision} graphs")
@@ -470,9 +483,7 @@ def recover_checkpoint(
             raise ExportError(
                 f"recovered weights do not reproduce {src}'s graphs:\n  " + "\n  ".join(report.failures)
             )
-        if dst.exists():
-            shutil.rmtree(dst)
-        work.rename(dst)
+        _publish(work, dst)
         progress(f"wrote {dst} (fp32 checkpoint from {manifest.precision} graphs)")
         return dst
     finally:
