@@ -198,7 +198,7 @@ def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
     cases = []
     for window, batch, span in ((40, 1, 8), (64, 3, 12), (17, 2, 5)):
         ids = rng.integers(0, arch.vocab_size, window)
-        rng.choice(window, size=window - span, replace=False)  # keeps the draws of format-1 cases
+        rng.choice(window, size=window - span, replace=False)  # format 1 drew its cache index here: the same inputs
         start = window // 3
         keep = np.concatenate([np.arange(start - 1), np.arange(start + span, window)])  # all but anchor + span
         span_pos = np.stack([np.arange(span) + rng.integers(0, window - span) for _ in range(batch)])
