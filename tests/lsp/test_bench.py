@@ -53,6 +53,8 @@ def test_several_lsp_runs_pool_the_requests_and_keep_each_runs_spread(problems_f
     pooled = next(e for e in lsp["summary"] if e["kind"] == "all")
     assert pooled["n"] == 6
     assert min(r["cold_start_ms"] for r in lsp["runs"]) <= lsp["cold_start_ms"] <= max(r["cold_start_ms"] for r in lsp["runs"])
+    loads = [r["server_load_ms"] for r in lsp["runs"]]
+    assert all(load > 0 for load in loads) and min(loads) <= lsp["server_load_ms"] <= max(loads)
     assert "2 runs, a fresh server each" in (out / "bench.md").read_text()
     assert main([*args, "--lsp-runs", "0"]) == 2
 
