@@ -411,7 +411,11 @@ def engine_weights(folder: Path, arch: Any) -> dict[str, np.ndarray]:
 
     graph = onnx.load(str(folder / "span_step.onnx")).graph
     init = {i.name: i for i in graph.initializer}
-    state = {name[len("model."):]: numpy_helper.to_array(t).astype(np.float32) for name, t in init.items() if name.startswith("model.model.")}
+    state = {  # named initializers: the graph wrapper's "model." before our parameter names
+        name[len("model."):]: numpy_helper.to_array(t).astype(np.float32)
+        for name, t in init.items()
+        if name.startswith("model.model.")
+    }
     matrices = []
     for node in graph.node:
         weight = node.input[1] if len(node.input) > 1 else ""

@@ -76,7 +76,8 @@ class TorchDenoiser:
                 self.suppress,
                 self.top_k,
             )
-        return TorchContextCache(keys=keys, values=values), StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())
+        first_step = StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())
+        return TorchContextCache(keys=keys, values=values), first_step
 
     def step(
         self,

@@ -90,7 +90,10 @@ def test_the_context_pass_answers_the_first_step_as_a_span_step_would(tiny_engin
     rng = np.random.default_rng(0)
     layout = _Layout(rng.integers(5, 200, 30).tolist(), rng.integers(5, 200, 9).tolist(), lengths, shifted=True)
     cache, first = engine.denoiser.encode_context(*layout.context(tok.mask))
-    rows = [Candidate(m, np.full(m, tok.mask), np.zeros(m, bool), np.zeros(m, np.float32), np.zeros(m, bool)) for m in lengths]
+    rows = [
+        Candidate(m, np.full(m, tok.mask), np.zeros(m, bool), np.zeros(m, np.float32), np.zeros(m, bool))
+        for m in lengths
+    ]
     out = engine.denoiser.step(cache, *layout.span_batch(rows))
     longest = len(lengths) - 1
     assert first.ids.shape == (1, max(lengths) + 1, engine.info.top_k)
