@@ -479,7 +479,8 @@ def recover_checkpoint(
         shutil.copy2(config, work / "config.json")
         _copy_tokenizer(src, work)
         names = get_family(manifest.family).weight_names(manifest.arch)  # ours -> the checkpoint's own names
-        save_file({names[n]: np.ascontiguousarray(t) for n, t in ours.items()}, str(work / "model.safetensors"))
+        tensors = {names[n]: np.ascontiguousarray(t) for n, t in ours.items()}
+        save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})  # as transformers writes it
         progress(f"validating the recovered weights against {src.name}'s {manifest.precision} graphs")
         reference = TorchDenoiser(Checkpoint.open(work, manifest.family), top_k=manifest.top_k)
         report = validate(reference, OnnxRuntimeDenoiser(src, manifest, backend="cpu"), manifest.precision)

@@ -33,7 +33,7 @@ class OrtContextCache:
 
     keys: np.ndarray
     values: np.ndarray
-    rotated: dict[bytes, np.ndarray] = field(default_factory=dict)
+    rotated: dict[tuple[tuple[int, ...], bytes], np.ndarray] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -154,7 +154,7 @@ class OnnxRuntimeDenoiser:
     ) -> StepOutput:
         """See :meth:`engine.backends.base.Denoiser.step`."""
         cache_pos = np.asarray(cache_pos, np.int64)
-        layout = cache_pos.tobytes() + bytes(str(cache_pos.shape), "ascii")
+        layout = (cache_pos.shape, cache_pos.tobytes())
         keys = cache.rotated.get(layout)
         if keys is None:
             keys = cache.rotated[layout] = rotate_keys(cache.keys, cache_pos, self.info.arch.rope_theta)
