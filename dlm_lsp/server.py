@@ -31,6 +31,7 @@ from dlm_lsp import __version__
 from dlm_lsp.completion import CompletionService
 from dlm_lsp.context import OpenDocument
 from dlm_lsp.model_host import ModelHost
+from dlm_lsp.positions import offset_at, position_at
 from dlm_lsp.settings import SECTION, Settings, parse_settings
 from dlm_lsp.status import Metrics
 
@@ -165,7 +166,8 @@ async def on_inline_completion(
     if ls.model.state != "ready":
         return empty
     text = doc.source
-    offset = doc.offset_at_position(params.position)
+    encoding = doc.position_codec.encoding
+    offset = offset_at(text, params.position, encoding)
     others = []
     if settings.other_files:  # only same-language documents are used: skip joining the others' text
         same = [d for d in ls.workspace.text_documents.values() if d.uri != uri and d.language_id == doc.language_id]
@@ -185,8 +187,8 @@ async def on_inline_completion(
     log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
     if result.suggestion is None:
         return empty
-    start = doc.client_position_at_offset(offset)
-    end = doc.client_position_at_offset(offset + result.suggestion.replace_suffix)
+    start = position_at(text, offset, encoding)
+    end = position_at(text, offset + result.suggestion.replace_suffix, encoding)
     item = types.InlineCompletionItem(insert_text=result.suggestion.text, range=types.Range(start=start, end=end))
     return types.InlineCompletionList(items=[item])
 
@@ -223,7 +225,7 @@ async def _prefetch(ls: DlmLanguageServer, uri: str, position: types.Position) -
     """Compute the suggestion at ``position`` ahead of the request, into the type-through cache."""
     try:
         doc = ls.workspace.get_text_document(uri)
-        offset = doc.offset_at_position(position)
+        offset = offset_at(doc.source, position, doc.position_codec.encoding)
     except Exception as exc:  # noqa: BLE001 - a stale position is not worth an error
         log.debug("prefetch skipped: %s", exc)
         return
