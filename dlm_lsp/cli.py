@@ -3,6 +3,7 @@
     dlm-lsp                       # serve over stdio (what editors launch)
     dlm-lsp --tcp --port 2087     # serve over TCP on 127.0.0.1
     dlm-lsp check [FILE[:LINE:COL]] [--model DIR] [--backend cpu]
+    dlm-lsp evaluate PATH [--kind single|multi] [--count N]   # suggestions measured on your code
 
 Logs go to stderr or ``--log-file``; stdout belongs to the LSP channel.
 """
@@ -58,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")
     check.add_argument("--language", default=None, help="language id (default: from the file extension)")
     check.add_argument("--json", action="store_true", help="print the result as JSON")
+    from dlm_lsp.evaluate import add_arguments
+
+    add_arguments(sub.add_parser("evaluate", help="measure suggestions on middles cut from a local source tree"))
     return p
 
 
@@ -150,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.log_level, args.log_file)
     if args.command == "check":
         return check(args)
+    if args.command == "evaluate":
+        from dlm_lsp.evaluate import run
+
+        return run(args)
     from dlm_lsp.server import server
 
     if args.tcp:

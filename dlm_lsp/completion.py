@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from dlm_lsp.cache import CachedSuggestion, CompletionCache
 from dlm_lsp.context import CompletionContext, OpenDocument, build_context
+from dlm_lsp.gate import gate
 from dlm_lsp.postprocess import Suggestion, postprocess
 from dlm_lsp.settings import Settings
 from dlm_lsp.status import Metrics
@@ -40,10 +41,18 @@ class Result:
     suggestion: Suggestion | None
     latency_ms: float
     source: str
-    """``model``, ``cache``, or why there is nothing: ``disabled``, ``not-ready``, ``cancelled``, ``stale``, ``empty``."""
+    """``model``, ``cache``, or why there is nothing: ``disabled``, ``not-ready``, ``cancelled``, ``stale``,
+    ``empty`` (post-processing left nothing), ``gated`` (the gate hid it)."""
     cut: bool = False
     engine_stats: dict[str, Any] = field(default_factory=dict)
     raw_text: str = ""
+    ungated: Suggestion | None = None
+    """The post-processed suggestion before the gate."""
+    verdict: str = ""
+    """The gate's reason (:data:`dlm_lsp.gate.REASONS`); empty when nothing reached it."""
+    token_ends: list[int] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    context: CompletionContext | None = None
 
 
 def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None) -> Any:
@@ -87,15 +96,25 @@ def complete_text(
         max_prefix_tokens=settings.prefix_tokens + (settings.other_files_tokens if ctx.snippets else 0),
         max_suffix_tokens=settings.suffix_tokens,
         document_start=ctx.snippets == 0 and len(ctx.prefix) == offset,
+        heal=settings.token_healing,
     )
-    suggestion = postprocess(completion.text, ctx.post)
+    ungated = postprocess(completion.text, ctx.post)
+    suggestion, verdict = None, ""
+    if ungated is not None:
+        decision = gate(ungated, completion.text, completion.token_ends, completion.confidence, ctx.post, settings.min_confidence)
+        suggestion, verdict = decision.suggestion, decision.reason
     return Result(
         suggestion=suggestion,
         latency_ms=(time.perf_counter() - started) * 1000,
-        source="model" if suggestion else "empty",
+        source="model" if suggestion else "gated" if ungated else "empty",
         cut=completion.cut,
         engine_stats=completion.stats,
         raw_text=completion.text,
+        ungated=ungated,
+        verdict=verdict,
+        token_ends=completion.token_ends,
+        confidence=completion.confidence,
+        context=ctx,
     )
 
 
@@ -176,7 +195,7 @@ class CompletionService:
         if result.cut:
             self.metrics.count("budget_cuts")
         if result.suggestion is None:
-            self.metrics.count("empty")
+            self.metrics.count(result.source)  # empty or gated
             return result
         self.metrics.count("completions")
         self.cache.put(prefix, suffix, CachedSuggestion(result.suggestion.text, result.suggestion.replace_suffix))

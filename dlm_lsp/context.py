@@ -90,18 +90,25 @@ def parse_window(prefix: str, suffix: str) -> tuple[str, str]:
     milliseconds in a 10,000-line file. The window before the cursor starts at a
     line that is not indented (a top-level statement, so it parses cleanly) at or
     before the cut, looking back at most another window; failing that, at the
-    first line start after the cut.
+    first line start after the cut. The window after it ends likewise before the
+    last top-level line within its size (a cut inside a statement or a string would
+    count errors that are not there).
     """
+    after = suffix
+    if len(suffix) > PARSE_WINDOW_AFTER:  # end before a top-level line too, not inside a statement or string
+        after = suffix[:PARSE_WINDOW_AFTER]
+        ends = [m.start() + 1 for m in TOP_LEVEL_LINE.finditer(after)]
+        after = after[: ends[-1]] if ends and ends[-1] > after.find("\n") + 1 else after
     cut = len(prefix) - PARSE_WINDOW_BEFORE
     if cut <= 0:
-        return prefix, suffix[:PARSE_WINDOW_AFTER]
+        return prefix, after
     lookback = prefix[max(0, cut - PARSE_WINDOW_BEFORE) : cut + 1]
     starts = [m.end() for m in TOP_LEVEL_LINE.finditer(lookback)]
     if starts:
         start = max(0, cut - PARSE_WINDOW_BEFORE) + starts[-1]
     else:
         start = prefix.find("\n", cut) + 1 or cut
-    return prefix[start:], suffix[:PARSE_WINDOW_AFTER]
+    return prefix[start:], after
 
 
 def build_context(

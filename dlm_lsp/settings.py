@@ -41,6 +41,13 @@ class Settings:
     """Commit at least this many positions per denoising step (the most confident). More is faster
     but, with the shipped model, much worse: single-line p50 52 -> 42 / 37 ms and HumanEval
     single-line pass@1 2.4 -> 1.7 / 0.2 % at 2 / 3 (see the README, "Tokens per step")."""
+    min_confidence: float = 0.3
+    """Show only the leading part of a suggestion whose tokens the model committed with at least this
+    probability, and only when inserting it keeps the indentation and the parse (see ``dlm_lsp.gate``);
+    0 shows everything. Calibrated for the shipped model in docs/quality.md."""
+    token_healing: bool = True
+    """Back the prefix up to a token boundary and have the model write the removed text again
+    (``engine.healing``): no stray spaces after indentation, whole identifiers."""
     debounce_ms: int = 75
     """Wait this long after the last keystroke before asking the model (automatic triggers only)."""
     enable: Mapping[str, bool] = field(default_factory=lambda: {"*": True, "plaintext": False, "markdown": False})
@@ -91,7 +98,7 @@ def _check(name: str, value: Any, default: Any) -> Any:
         if value not in MULTILINE_MODES:
             raise ValueError(f"expected one of {', '.join(MULTILINE_MODES)}")
         return value
-    if name in ("other_files", "metrics"):
+    if name in ("other_files", "metrics", "token_healing"):
         if not isinstance(value, bool):
             raise ValueError("expected true or false")
         return value
@@ -105,6 +112,10 @@ def _check(name: str, value: Any, default: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 512 for v in value):
             raise ValueError("expected a non-empty list of token counts between 1 and 512")
         return tuple(sorted(set(value)))
+    if name == "min_confidence":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError("expected a number in [0, 1] (0 shows every suggestion)")
+        return float(value)
     if name == "confidence_threshold":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError("expected a number in (0, 1]")

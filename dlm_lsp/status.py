@@ -16,6 +16,8 @@ class Metrics:
     requests: int = 0
     completions: int = 0
     empty: int = 0
+    gated: int = 0
+    """Suggestions the confidence/syntax gate hid (dlm_lsp.gate)."""
     cancelled: int = 0
     stale: int = 0
     cache_hits: int = 0

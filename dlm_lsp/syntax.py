@@ -61,6 +61,20 @@ def parser_for(language: str) -> Any | None:
         return None
 
 
+def parse_errors(parser: Any, source: str) -> int:
+    """Number of ``ERROR`` and missing nodes tree-sitter finds in ``source``."""
+    tree = parser.parse(source.encode("utf-8", "surrogatepass"))
+    count = 0
+    stack = [tree.root_node]
+    while stack:
+        node = stack.pop()
+        if node.type == "ERROR" or node.is_missing:
+            count += 1
+        if node.has_error:
+            stack.extend(node.children)
+    return count
+
+
 def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" \t"))
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from engine.backends.base import BACKENDS, Denoiser, ModelInfo
 from engine.errors import CheckpointError, InputError
+from engine.healing import Healing
 from engine.manifest import is_engine_folder, read_manifest
 from engine.sampler import SamplingParams, denoise
 from engine.tokenizer import Tokenizer
@@ -37,10 +38,10 @@ class Completion:
     """The middle the engine chose, what it fed the model, and how it got there."""
 
     text: str
-    """The middle as text (end tokens stripped)."""
+    """The middle as text (end tokens stripped; with token healing, without the healed text)."""
     middle_ids: list[int]
     confidence: list[float]
-    """Top-1 probability of each middle token when it was committed."""
+    """Top-1 probability of each middle token when it was committed (1.0 for healed text the model did not choose)."""
     input_ids: list[int]
     """The window fed to the model for the chosen length: [BOS] prefix, masks, suffix."""
     cut: bool
@@ -49,6 +50,10 @@ class Completion:
     """Prefix tokens cut to fit the window (of the tokenized part: text far beyond the window is not tokenized)."""
     suffix_tokens_dropped: int
     stats: dict[str, Any] = field(default_factory=dict)
+    token_ends: list[int] = field(default_factory=list)
+    """For each middle token, where its text ends in :attr:`text` (0 for tokens inside the healed text)."""
+    healed: str = ""
+    """Text removed from the end of the prefix and written again by the first middle tokens (token healing)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``dlm-complete --json``)."""
@@ -61,6 +66,8 @@ class Completion:
             "prefix_tokens_dropped": self.prefix_tokens_dropped,
             "suffix_tokens_dropped": self.suffix_tokens_dropped,
             "stats": self.stats,
+            "token_ends": self.token_ends,
+            "healed": self.healed,
         }
 
 
@@ -130,19 +137,25 @@ class Engine:
         max_prefix_tokens: int | None = None,
         max_suffix_tokens: int | None = None,
         document_start: bool = True,
+        heal: bool = False,
     ) -> Completion:
         """Fill the middle between ``prefix`` and ``suffix``.
 
         ``stop`` is polled between denoising steps; returning True ends the run
         with the committed part (``cut=True``), as does ``params.budget_ms``.
         ``document_start`` says whether ``prefix`` begins where the document does
-        (then, if the window keeps all of it, BOS goes first).
+        (then, if the window keeps all of it, BOS goes first). ``heal`` backs the
+        prefix up by its last token and has the middle write it again
+        (:mod:`engine.healing`); the returned text starts after it.
         """
         params = params or SamplingParams()
         start = time.perf_counter()
         tok = self.info.token_ids
         prefix_ids = self._encode_tail(prefix)
         suffix_ids = self._encode_head(suffix)
+        healing = self._healing(prefix, prefix_ids) if heal else None
+        if healing is not None:
+            prefix_ids = prefix_ids[:-1]
         tokenize_ms = (time.perf_counter() - start) * 1000
         prefix_ids, suffix_ids, dropped_p, dropped_s = self._fit_window(
             prefix_ids, suffix_ids, max(params.lengths), max_prefix_tokens, max_suffix_tokens
@@ -152,9 +165,10 @@ class Engine:
         elif not prefix_ids and self.info.arch.shifted:
             prefix_ids = [tok.eos]  # a shifted model predicts slot 0 from the position before it
         breaks = self.line_break_ids if params.stop_at_line_break else frozenset()
-        result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop, line_break_ids=breaks)
+        result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop, line_break_ids=breaks, healing=healing)
         t0 = time.perf_counter()
-        text = self.tokenizer.decode(result.ids)
+        removed = healing.removed if healing is not None else ""
+        text, token_ends = self._decode_middle(result.ids, removed)
         stats = dict(result.stats)
         stats.update(
             {
@@ -164,6 +178,7 @@ class Engine:
                 "middle_tokens": len(result.ids),
                 "backend": self.info.backend,
                 "exact": params.exact,
+                "healed": removed,
             }
         )
         length = result.candidates[result.chosen].length
@@ -176,7 +191,44 @@ class Engine:
             prefix_tokens_dropped=dropped_p,
             suffix_tokens_dropped=dropped_s,
             stats=stats,
+            token_ends=token_ends,
+            healed=removed,
         )
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        tok = self.info.token_ids
+        return frozenset(i for i in (tok.mask, tok.bos, tok.eos, tok.pad, *tok.end_ids) if i is not None)
+
+    def _token_text(self, token: int) -> str:
+        """Text of one id; special tokens have none."""
+        return "" if token in self._special_ids else self.tokenizer.decode([token])
+
+    def _healing(self, prefix: str, prefix_ids: list[int]) -> Healing | None:
+        """The healing of ``prefix``'s last token, or None when there is nothing to heal.
+
+        Nothing is healed when the prefix is empty or its last token's text is not
+        the literal end of the prefix (a byte-level piece of a longer character).
+        """
+        if not prefix_ids:
+            return None
+        removed = self._token_text(prefix_ids[-1])
+        if not removed or not prefix.endswith(removed):
+            return None
+        return Healing(removed, self._token_text, self.tokenizer.encode)
+
+    def _decode_middle(self, ids: list[int], removed: str) -> tuple[str, list[int]]:
+        """The middle's text after the healed part, and where each token's text ends in it.
+
+        A middle whose text does not start with ``removed`` (healing cut short by
+        the budget or a one-token span) has nothing to show: its text is empty.
+        """
+        text = self.tokenizer.decode(ids)
+        if not text.startswith(removed):
+            return "", [0] * len(ids)
+        text = text[len(removed) :]
+        ends = [min(len(text), max(0, len(self.tokenizer.decode(ids[: i + 1])) - len(removed))) for i in range(len(ids))]
+        return text, ends
 
     def _char_limit(self) -> int:
         """Characters surely enough to fill the window: the text beyond is never tokenized."""

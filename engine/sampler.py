@@ -34,6 +34,12 @@ slots become EOS, like after an end token. Committed slots never change, so this
 is exactly the first line the full run would write, in fewer steps: no step is
 spent on the closing end token or on text after the break.
 
+Token healing (``healing``, see :mod:`engine.healing`): the prefix's last token was
+removed and the first slots must write its text again. Those slots are committed
+first, one per step, left to right, each with the most probable compatible token
+of the model's top-k (or the removed text's own token); the line-break stop looks
+only at the slots after them.
+
 Deadlines and cancellation are cooperative: between steps the loop checks the
 stop callback and whether the next step would overrun the budget; if so it
 returns only what was committed, up to the first still-masked position, marked
@@ -54,6 +60,7 @@ import numpy as np
 
 from engine.backends.base import Denoiser, StepOutput
 from engine.errors import InputError
+from engine.healing import Healing
 
 
 class UnmaskOrder(str, enum.Enum):
@@ -126,6 +133,8 @@ class Candidate:
     """(length,) bool: committed by the model (not filled in after an end token)."""
     steps: int = 0
     """Denoising steps this candidate took part in."""
+    lead: int = 0
+    """Leading slots committed by token healing (see :func:`denoise`)."""
     abandoned: bool = False
     """Dropped early: a shorter candidate already ended naturally, or it could not finish within the budget (see :func:`denoise`)."""
 
@@ -244,11 +253,13 @@ def denoise(
     params: SamplingParams,
     stop: Callable[[], bool] | None = None,
     line_break_ids: frozenset[int] = frozenset(),
+    healing: Healing | None = None,
 ) -> SamplerResult:
     """Fill the middle between ``prefix`` and ``suffix`` (token ids). See the module docstring.
 
     ``line_break_ids`` are the ids whose text holds a line break (used with
-    ``params.stop_at_line_break``).
+    ``params.stop_at_line_break``); ``healing`` constrains the first slots to
+    write the text removed from the end of the prefix.
     """
     info = denoiser.info
     tok = info.token_ids
@@ -310,7 +321,10 @@ def denoise(
                 outputs += [(cand, out, r, 0) for r, cand in enumerate(fresh)]
             primed = None
         for cand, out, r, first in outputs:
-            _commit(cand, out, r, first, params, rng, end_ids, tok.eos, breaks)
+            if healing is not None and cand.lead < cand.length and healing.pending(cand.tokens[: cand.lead]):
+                _heal(cand, out, r, first, healing)
+            else:
+                _commit(cand, out, r, first, params, rng, end_ids, tok.eos, breaks)
             cand.steps += 1
         stats["steps"] += 1
         if fresh:
@@ -353,6 +367,18 @@ def _prune(active: list[Candidate], remaining_s: float, step_s: float) -> int:
     return pruned
 
 
+def _heal(cand: Candidate, out: StepOutput, row: int, first: int, healing: Healing) -> None:
+    """Commit the next healing slot: the best compatible top-k token, else the removed text's own."""
+    slot = cand.lead
+    ranked = out.ids[row, first + slot]
+    token, rank = healing.choose(cand.tokens[:slot], ranked)
+    cand.tokens[slot] = token
+    cand.confidence[slot] = out.probs[row, first + slot, rank] if rank is not None else 1.0
+    cand.committed[slot] = True
+    cand.by_model[slot] = rank is not None
+    cand.lead += 1
+
+
 def _commit(
     cand: Candidate,
     out: StepOutput,
@@ -386,8 +412,9 @@ def _commit(
         cand.committed[slot] = True
         cand.by_model[slot] = True
     ends = np.flatnonzero(cand.committed & np.isin(cand.tokens, list(end_ids)))
-    if breaks:  # the first slot that is still masked or holds a line break, if it is a written break
+    if breaks:  # the first slot after the healed ones that is still masked or holds a line break, if it is a written break
         stops = np.flatnonzero(~cand.committed | np.isin(cand.tokens, list(breaks)))
+        stops = stops[stops >= cand.lead]
         if len(stops) and cand.committed[stops[0]]:
             ends = np.concatenate([ends, stops[:1]])
     if len(ends):

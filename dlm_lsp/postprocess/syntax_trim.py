@@ -10,20 +10,7 @@ comparison is relative. Languages without a grammar are left alone.
 from __future__ import annotations
 
 from dlm_lsp.postprocess.base import Context, Suggestion
-from dlm_lsp.syntax import parser_for
-
-
-def _errors(parser: object, source: str) -> int:
-    tree = parser.parse(source.encode("utf-8"))  # type: ignore[attr-defined]
-    count = 0
-    stack = [tree.root_node]
-    while stack:
-        node = stack.pop()
-        if node.type == "ERROR" or node.is_missing:
-            count += 1
-        if node.has_error:
-            stack.extend(node.children)
-    return count
+from dlm_lsp.syntax import parse_errors, parser_for
 
 
 def trim_to_syntax(s: Suggestion, ctx: Context) -> Suggestion | None:
@@ -35,10 +22,10 @@ def trim_to_syntax(s: Suggestion, ctx: Context) -> Suggestion | None:
     after = ctx.line_suffix[s.replace_suffix :] + ("\n" + "\n".join(ctx.next_lines) if ctx.next_lines else "")
     after = ctx.text_after or after
     before = ctx.text_before or ctx.line_prefix
-    baseline = _errors(parser, before + after)
+    baseline = parse_errors(parser, before + after)
     lines = s.text.split("\n")
     for n in range(len(lines), 0, -1):
         candidate = "\n".join(lines[:n])
-        if _errors(parser, before + candidate + after) <= baseline:
+        if parse_errors(parser, before + candidate + after) <= baseline:
             return s if n == len(lines) else s.changed(candidate, "syntax")
     return s  # nothing parses cleanly: the other filters decide

@@ -68,5 +68,5 @@ async def test_debounce_drops_superseded_automatic_requests(tiny_engine):
     await asyncio.sleep(0.02)
     second = await request()
     assert (await first).source == "cancelled"  # never reached the model
-    assert second.source in ("model", "empty")
+    assert second.source in ("model", "empty", "gated")
     assert service.metrics.cancelled == 1 and service.metrics.requests == 2

@@ -59,7 +59,7 @@ async def inline(client: LanguageClient, line: int, character: int, uri: str = U
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, "-m", "dlm_lsp", "--log-level", "debug"]))
 async def client(lsp_client: LanguageClient, tiny_engine):  # type: ignore[no-untyped-def]
-    lsp_client.set_configuration({"dlm": {"model": str(tiny_engine), "backend": "cpu", "debounceMs": 0}})
+    lsp_client.set_configuration({"dlm": {"model": str(tiny_engine), "backend": "cpu", "debounceMs": 0, "minConfidence": 0}})
     result = await lsp_client.initialize_session(init_params({"model": str(tiny_engine), "backend": "cpu"}))
     lsp_client.initialize_result = result  # type: ignore[attr-defined]
     yield

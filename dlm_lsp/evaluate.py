@@ -1,0 +1,198 @@
+"""``dlm-lsp evaluate PATH``: how useful the server's suggestions are on your own code.
+
+Middles are cut from a local source tree (:mod:`engine.eval.repo`) and completed
+through the server's own path (:func:`dlm_lsp.completion.complete_text`: context,
+engine, post-processing) with the gate off; the gate is then applied at every
+threshold of ``--thresholds``, as the server would, which gives the
+precision/coverage curve of ``minConfidence`` from one model run per middle.
+
+Per threshold, over all middles: *shown* (coverage), and over the shown ones:
+*useful* (the suggestion's first line is a non-empty prefix of the expected
+text), exact match, edit similarity (difflib ratio), *parse ok* (inserting it
+adds no tree-sitter parse error to the document as it stands at the cursor),
+*parses as the original* (no more errors than with the true middle: a correct
+but partial suggestion fails this one) and
+*whitespace errors* (it changes the indentation of the cursor's line or doubles a
+space). Threshold 0 is the ungated server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from dlm_lsp.completion import Result, complete_text
+from dlm_lsp.gate import gate
+from dlm_lsp.postprocess import Suggestion
+from dlm_lsp.settings import Settings
+from dlm_lsp.syntax import parse_errors, parser_for
+
+DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def useful(shown: str, expected: str) -> bool:
+    """The suggestion's first line is non-empty and the expected text starts with it."""
+    first = shown.split("\n")[0].rstrip()
+    return bool(first.strip()) and expected.startswith(first)
+
+
+def whitespace_error(shown: str, line_prefix: str) -> bool:
+    """The suggestion changes the indentation of a line holding only indentation, or doubles a space."""
+    return bool(shown) and shown[0] in " \t" and bool(line_prefix) and (not line_prefix.strip() or line_prefix[-1] in " \t")
+
+
+def score(problem: Any, shown: Suggestion | None, result: Result) -> dict[str, Any]:
+    """Metrics of one shown suggestion (or of nothing shown)."""
+    if shown is None:
+        return {"shown": False}
+    from engine.eval.harness import edit_similarity, exact_match
+
+    expected = problem.middle if problem.kind == "multi" else problem.middle.split("\n")[0]
+    text = shown.text
+    row: dict[str, Any] = {
+        "shown": True,
+        "useful": useful(text, expected),
+        "exact": exact_match(text, expected),
+        "edit_similarity": edit_similarity(text, expected),
+        "whitespace_error": whitespace_error(text, result.context.post.line_prefix if result.context else ""),
+    }
+    parser = parser_for(problem.language)
+    if parser is not None:
+        before, after = problem.text[: problem.offset], problem.text[problem.offset :]
+        errors = parse_errors(parser, before + text + after[shown.replace_suffix :])
+        row["parse_ok"] = errors <= parse_errors(parser, before + after)
+        row["parses_as_true"] = errors <= parse_errors(parser, before + problem.middle + after)
+    return row
+
+
+def summarise(rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
+    """Coverage and the averages over shown suggestions."""
+    shown = [r for r in rows if r["shown"]]
+    n = len(shown)
+
+    def share(key: str) -> float | None:
+        values = [r[key] for r in shown if key in r]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {
+        "shown": n,
+        "coverage": round(n / total, 4) if total else 0.0,
+        "useful": share("useful"),
+        "useful_of_all": round(sum(r["useful"] for r in shown) / total, 4) if total else 0.0,
+        "exact": share("exact"),
+        "edit_similarity": round(statistics.fmean(r["edit_similarity"] for r in shown), 4) if shown else None,
+        "parse_ok": share("parse_ok"),
+        "parses_as_true": share("parses_as_true"),
+        "whitespace_errors": sum(r["whitespace_error"] for r in shown),
+    }
+
+
+def evaluate(engine: Any, problems: Sequence[Any], settings: Settings, thresholds: Sequence[float]) -> dict[str, Any]:
+    """Complete every problem once (gate off) and score what each threshold would show."""
+    from engine.bench import progress
+
+    ungated = replace(settings, min_confidence=0.0)
+    per_threshold: dict[float, list[dict[str, Any]]] = {t: [] for t in thresholds}
+    items, latencies, verdicts = [], [], {t: {} for t in thresholds}
+    started = time.perf_counter()
+    for done, problem in enumerate(problems, 1):
+        result = complete_text(engine, problem.text, problem.offset, problem.language, ungated)
+        latencies.append(result.latency_ms)
+        item = {"task_id": problem.task_id, "middle": problem.middle, "suggestion": result.ungated.text if result.ungated else None,
+                "healed": result.engine_stats.get("healed", ""), "latency_ms": round(result.latency_ms, 1), "shown_at": {}}
+        for t in thresholds:
+            if result.ungated is None or result.context is None:
+                shown, reason = None, "empty"
+            else:
+                verdict = gate(result.ungated, result.raw_text, result.token_ends, result.confidence, result.context.post, t)
+                shown, reason = verdict.suggestion, verdict.reason
+            verdicts[t][reason] = verdicts[t].get(reason, 0) + 1
+            per_threshold[t].append(score(problem, shown, result))
+            item["shown_at"][str(t)] = shown.text if shown else None
+        items.append(item)
+        progress(done, len(problems), started)
+    curve = []
+    for t in thresholds:
+        curve.append({"threshold": t, **summarise(per_threshold[t], len(problems)), "verdicts": verdicts[t]})
+    return {
+        "problems": len(problems),
+        "median_latency_ms": round(statistics.median(latencies), 1) if latencies else None,
+        "curve": curve,
+        "items": items,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The curve as a Markdown table."""
+    head = ("| minConfidence | shown | coverage | useful (of shown) | useful (of all) | exact | edit sim | parse ok "
+            "| parses as original | whitespace errors |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|\n"
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    rows = [
+        f"| {c['threshold']:g} | {c['shown']} | {pct(c['coverage'])} | {pct(c['useful'])} | {pct(c['useful_of_all'])} | "
+        f"{pct(c['exact'])} | {'-' if c['edit_similarity'] is None else format(c['edit_similarity'], '.3f')} | "
+        f"{pct(c['parse_ok'])} | {pct(c['parses_as_true'])} | {c['whitespace_errors']} |"
+        for c in report["curve"]
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``dlm-lsp evaluate``."""
+    p.add_argument("source", type=Path, help="a folder of source code (ideally code the model was not trained on)")
+    p.add_argument("--kind", choices=["single", "multi"], default="single", help="middle kind (default: single)")
+    p.add_argument("--count", type=int, default=200, help="middles to cut (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--model", default="", help="engine folder (default: the shipped model)")
+    p.add_argument("--backend", default="cpu", choices=["auto", "tensorrt", "cuda", "cpu"])
+    p.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")
+    p.add_argument("--no-healing", action="store_true", help="turn token healing off (to measure it)")
+    p.add_argument("--thresholds", default=",".join(f"{t:g}" for t in DEFAULT_THRESHOLDS),
+                   help="minConfidence values of the curve, comma-separated (0 = ungated)")
+    p.add_argument("--out", type=Path, default=None, help="write the full report (every item) as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dlm-lsp evaluate``: print the curve as Markdown; ``--out`` keeps every item."""
+    from engine import EngineError
+    from engine.eval.repo import repo_problems
+
+    from dlm_lsp.model_host import ModelHost
+
+    try:
+        thresholds = tuple(sorted({float(t) for t in args.thresholds.split(",") if t.strip()}))
+        if not thresholds or not all(0 <= t <= 1 for t in thresholds):
+            raise ValueError("thresholds must be numbers in [0, 1]")
+        if args.count < 1:
+            raise ValueError("--count must be at least 1")
+        problems = repo_problems(args.source, args.kind, args.count, args.seed)
+    except (ValueError, EngineError) as exc:
+        print(f"dlm-lsp evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    settings = Settings(model=args.model, backend=args.backend, token_healing=not args.no_healing)
+    if args.budget_ms is not None:
+        settings = replace(settings, latency_budget_ms=args.budget_ms)
+    host = ModelHost()
+    host.load(settings.model, settings.backend)
+    host.wait()
+    if host.state != "ready":
+        print(f"dlm-lsp evaluate: error: {host.error}", file=sys.stderr)
+        return 2
+    report = evaluate(host.engine, problems, settings, thresholds)
+    report.update({"source": str(args.source), "kind": args.kind, "seed": args.seed, "model": str(host.path),
+                   "token_healing": settings.token_healing, "budget_ms": settings.latency_budget_ms})
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"{len(problems)} {args.kind}-line middles from {args.source} (seed {args.seed}), model {host.path}, "
+          f"token healing {'on' if settings.token_healing else 'off'}, median latency {report['median_latency_ms']} ms\n")
+    print(markdown_table(report), end="")
+    return 0
