@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from dlm_lsp.cache import CachedSuggestion, CompletionCache
 from dlm_lsp.context import CompletionContext, OpenDocument, build_context
-from dlm_lsp.gate import gate
+from dlm_lsp.gate import gate, parse_surroundings
 from dlm_lsp.postprocess import Suggestion, postprocess
 from dlm_lsp.settings import Settings
 from dlm_lsp.status import Metrics
@@ -101,7 +101,10 @@ def complete_text(
     ungated = postprocess(completion.text, ctx.post)
     suggestion, verdict = None, ""
     if ungated is not None:
-        decision = gate(ungated, completion.text, completion.token_ends, completion.confidence, ctx.post, settings.min_confidence)
+        decision = gate(
+            ungated, completion.text, completion.token_ends, completion.confidence, ctx.post, settings.min_confidence,
+            parse_surroundings(text, offset, ctx.post),
+        )
         suggestion, verdict = decision.suggestion, decision.reason
     return Result(
         suggestion=suggestion,

@@ -9,7 +9,8 @@ precision/coverage curve of ``minConfidence`` from one model run per middle.
 Per threshold, over all middles: *shown* (coverage), and over the shown ones:
 *useful* (the suggestion's first line is a non-empty prefix of the expected
 text), exact match, edit similarity (difflib ratio), *parse ok* (inserting it
-adds no tree-sitter parse error to the document as it stands at the cursor),
+into the whole document makes its parse no worse, as the gate judges on a window:
+:func:`dlm_lsp.gate.adds_parse_errors`),
 *parses as the original* (no more errors than with the true middle: a correct
 but partial suggestion fails this one) and
 *whitespace errors* (it changes the indentation of the cursor's line or doubles a
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dlm_lsp.completion import Result, complete_text
-from dlm_lsp.gate import gate
+from dlm_lsp.gate import adds_parse_errors, gate, parse_surroundings
 from dlm_lsp.postprocess import Suggestion
 from dlm_lsp.settings import Settings
 from dlm_lsp.syntax import parse_errors, parser_for
@@ -65,9 +66,10 @@ def score(problem: Any, shown: Suggestion | None, result: Result) -> dict[str, A
     parser = parser_for(problem.language)
     if parser is not None:
         before, after = problem.text[: problem.offset], problem.text[problem.offset :]
-        errors = parse_errors(parser, before + text + after[shown.replace_suffix :])
-        row["parse_ok"] = errors <= parse_errors(parser, before + after)
-        row["parses_as_true"] = errors <= parse_errors(parser, before + problem.middle + after)
+        row["parse_ok"] = not adds_parse_errors(parser, before, text, after[shown.replace_suffix :])
+        row["parses_as_true"] = parse_errors(parser, before + text + after[shown.replace_suffix :]) <= parse_errors(
+            parser, before + problem.middle + after
+        )
     return row
 
 
@@ -110,7 +112,8 @@ def evaluate(engine: Any, problems: Sequence[Any], settings: Settings, threshold
             if result.ungated is None or result.context is None:
                 shown, reason = None, "empty"
             else:
-                verdict = gate(result.ungated, result.raw_text, result.token_ends, result.confidence, result.context.post, t)
+                around = parse_surroundings(problem.text, problem.offset, result.context.post)
+                verdict = gate(result.ungated, result.raw_text, result.token_ends, result.confidence, result.context.post, t, around)
                 shown, reason = verdict.suggestion, verdict.reason
             verdicts[t][reason] = verdicts[t].get(reason, 0) + 1
             per_threshold[t].append(score(problem, shown, result))

@@ -87,7 +87,7 @@ def _require_export_deps() -> Any:
         import torch
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"dlm-convert needs PyTorch and onnx ({exc.name} is missing): pip install 'dlm-lsp[export]'"
+            f"dlm-convert needs PyTorch and onnx ({exc.name} is missing): pip install -e '.[export]' in your dlm-lsp clone"
         ) from exc
     return torch
 

@@ -108,7 +108,7 @@ def onnxruntime_providers(backend: str) -> tuple[list[Any], str]:
         raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from exc
     available = set(ort.get_available_providers())
     gpu_hint = (
-        "install the GPU extra (pip install 'dlm-lsp[gpu]', which brings onnxruntime-gpu and TensorRT) "
+        "install the GPU extra (pip install -e '.[gpu]' in your dlm-lsp clone, which brings onnxruntime-gpu and TensorRT) "
         "on a machine with an NVIDIA GPU and driver"
     )
     if backend == "auto":

@@ -20,7 +20,7 @@ def _torch():
         import torch
     except ImportError as exc:
         raise BackendUnavailableError(
-            "the torch reference backend needs PyTorch: pip install 'dlm-lsp[export]' (torch==2.13.0, CPU build)"
+            "the torch reference backend needs PyTorch: pip install -e '.[export]' in your dlm-lsp clone (torch==2.13.0, CPU build)"
         ) from exc
     return torch
 

@@ -32,7 +32,9 @@ def nvim(tmp_path: Path) -> Iterator[Nvim]:
 
 
 def start(nvim: Nvim, tmp_path: Path, **settings: object) -> None:
-    nvim.setup({"cmd": nvim.server_cmd(), "settings": {"backend": "cpu", "latencyBudgetMs": 2000, **settings}, "keymaps": KEYMAPS})
+    # minConfidence 0: these tests drive the client's mechanics, so every suggestion of the demo model is shown
+    settings = {"backend": "cpu", "latencyBudgetMs": 2000, "minConfidence": 0, **settings}
+    nvim.setup({"cmd": nvim.server_cmd(), "settings": settings, "keymaps": KEYMAPS})
     path = tmp_path / "fib.py"
     path.write_text(SOURCE)
     nvim.nvim.command(f"edit {path}")
@@ -62,6 +64,35 @@ def test_ghost_text_appears_while_typing_and_tab_accepts_it(nvim: Nvim, tmp_path
     assert not nvim.extmarks() or nvim.ghost() != ghost
     status = nvim.lua("return require('dlm').status()")
     assert status["shown"] >= 1 and status["accepted"] == 1
+
+
+def test_ghost_text_at_the_end_of_a_new_empty_file(nvim: Nvim, tmp_path: Path):
+    """Typing at the very end of a new file (the server's end-of-document position) shows ghost text there."""
+    start(nvim, tmp_path)
+    nvim.nvim.command(f"edit {tmp_path / 'new.py'}")  # a file that does not exist yet
+    nvim.wait(lambda: nvim.lua("return #vim.lsp.get_clients({ bufnr = 0, name = 'dlm' })") == 1, timeout=20, message="attach")
+    nvim.nvim.command("setlocal noautoindent nosmartindent indentexpr=")
+    nvim.nvim.input("idef add(a, b):<CR>    return ")
+    ghost = nvim.wait(nvim.ghost, timeout=30, message="ghost text at the end of the file")
+    marks = nvim.extmarks()
+    assert [(m[1], m[2]) for m in marks] == [(1, len("    return "))]
+    nvim.nvim.input("<Tab>")
+    nvim.wait(lambda: nvim.lines()[1] == "    return " + ghost.split("\n")[0], timeout=10, message="accepted text")
+
+
+def test_ghost_text_has_its_own_highlight_grey_in_any_terminal(nvim: Nvim, tmp_path: Path):
+    nvim.nvim.command("set notermguicolors")
+    start(nvim, tmp_path)
+    highlight = nvim.lua("return vim.api.nvim_get_hl(0, { name = 'DlmSuggestion' })")
+    assert highlight.get("ctermfg") is not None and highlight.get("fg") is not None
+    type_return(nvim)
+    details = nvim.extmarks()[0][3]
+    assert details["virt_text"][0][1] == "DlmSuggestion"
+    nvim.nvim.command("colorscheme default")  # a colour scheme clears groups: ours comes back
+    assert nvim.lua("return vim.api.nvim_get_hl(0, { name = 'DlmSuggestion' })").get("ctermfg") is not None
+    nvim.nvim.command("highlight DlmSuggestion ctermfg=1")  # the user's own choice wins over the default
+    nvim.lua("require('dlm').define_highlights()")
+    assert nvim.lua("return vim.api.nvim_get_hl(0, { name = 'DlmSuggestion' })")["ctermfg"] == 1
 
 
 def test_dismiss_hides_the_suggestion_and_escape_clears_it(nvim: Nvim, tmp_path: Path):
@@ -171,7 +202,7 @@ def test_missing_server_executable_is_reported(nvim: Nvim, tmp_path: Path):
     path.write_text(SOURCE)
     nvim.nvim.command(f"edit {path}")
     error = nvim.lua("return require('dlm.client').last_error")
-    assert "was not found" in error and "pip install dlm-lsp" in error
+    assert "was not found" in error and "pip install -e ." in error and "not on PyPI" in error
     assert nvim.lua("return require('dlm.client').client_id") is None
 
 

@@ -61,21 +61,23 @@ def _free_port() -> int:
 MISSING = "code-server, Chromium or the packaged extension missing: run editors/vscode/scripts/install-e2e.sh"
 
 
-def run_vscode(tmp_path: Path, scenario: str, **settings: object) -> tuple[dict, Path, Path]:
-    """Run ``e2e.mjs`` on a fresh profile; returns its observations, the source file and settings.json."""
+def run_vscode(tmp_path: Path, scenario: str, text: str = SOURCE, **settings: object) -> tuple[dict, Path, Path]:
+    """Run ``e2e.mjs`` on a fresh profile with ``text`` in the edited file; returns its observations,
+    the source file and settings.json. Every suggestion is shown (``minConfidence`` 0) unless asked."""
     installed = (CODE_SERVER / "out" / "node" / "entry.js").is_file() and VSIX.is_file()
     need(installed and shutil.which("chromium") is not None, MISSING)
     workspace, user, extensions, shots = (tmp_path / n for n in ("ws", "user", "ext", "shots"))
     for folder in (workspace, user / "User", extensions, shots):
         folder.mkdir(parents=True)
-    source = workspace / "fib.py"
-    source.write_text(SOURCE)
+    source = workspace / ("fib.py" if text else "new.py")
+    source.write_text(text)
     settings_file = user / "User" / "settings.json"
     settings_file.write_text(json.dumps({
         "dlm.server.path": str(Path(sys.executable).parent / "dlm-lsp"),
         "dlm.server.args": ["--log-file", str(tmp_path / "server.log")],
         "dlm.backend": "cpu",
         "dlm.latencyBudgetMs": 2000,
+        "dlm.minConfidence": 0,
         "workbench.startupEditor": "none",
         "workbench.tips.enabled": False,
         "security.workspace.trust.enabled": False,
@@ -132,10 +134,23 @@ def test_real_vscode_shows_ghost_text_accepts_with_tab_and_follows_settings(tmp_
     assert enable["python"] is True and enable["*"] is True
 
 
+def test_real_vscode_shows_ghost_text_at_the_end_of_a_new_empty_file(tmp_path: Path):
+    """No final newline after the cursor: the server's range must start at the cursor, not a line below."""
+    out, source, _ = run_vscode(tmp_path, "endOfFile", text="")
+    assert out["steps"] == ["workbench", "editor", "ready", "ghost", "accepted"]
+    ghost = out["ghost"].replace("\xa0", " ")
+    assert ghost.strip()
+    lines = source.read_text().split("\n")
+    assert lines[0] == "def add(a, b):"
+    assert lines[1].lstrip().startswith("return ") and len(lines[1].strip()) > len("return"), lines
+    assert ghost.split("\n")[0].strip() in lines[1]  # what was shown at the end of the file got inserted
+    assert (tmp_path / "shots" / "ghost.png").is_file()
+
+
 def test_missing_server_executable_shows_an_error(tmp_path: Path):
     out, _, _ = run_vscode(tmp_path, "errors", **{"dlm.server.path": str(tmp_path / "no-such-dlm-lsp")})
     assert "server not found" in out["statusError"]
-    assert "was not found" in out["notifications"] and "pip install dlm-lsp" in out["notifications"]
+    assert "was not found" in out["notifications"] and "pip install -e ." in out["notifications"] and "not on PyPI" in out["notifications"]
 
 
 def test_missing_model_folder_shows_an_error(tmp_path: Path):

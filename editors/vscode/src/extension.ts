@@ -199,7 +199,7 @@ async function startClient(): Promise<void> {
   const args = config.get<string[]>("server.args") ?? [];
   const executable = findExecutable(command);
   if (!executable) {
-    const message = `dlm: the server "${command}" was not found. Install it with "pip install dlm-lsp" and set "dlm.server.path" to the dlm-lsp of that environment.`;
+    const message = `dlm: the server "${command}" was not found. Install it from a clone of dlm-lsp ("python3 -m venv .venv && .venv/bin/pip install -e ." in the clone; it is not on PyPI, where "dlm-lsp" is an unrelated project) and set "dlm.server.path" to the clone's .venv/bin/dlm-lsp.`;
     log.error(message);
     setStatus("error", "server not found");
     void vscode.window.showErrorMessage(message, "Open Settings").then((choice) => {

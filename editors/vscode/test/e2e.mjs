@@ -4,7 +4,7 @@
 //   node e2e.mjs CONFIG.json
 //
 // CONFIG: { e2eDir, codeServer, workspace, userDataDir, extensionsDir, port, file, line,
-//           settingsFile, chromium, screenshots, scenario: "complete" | "errors" }. Prints one JSON object of observations on stdout; the
+//           settingsFile, chromium, screenshots, scenario: "complete" | "errors" | "endOfFile" }. Prints one JSON object of observations on stdout; the
 // Python test asserts on it and on the files the editor saved.
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
@@ -105,14 +105,36 @@ async function scenarioErrors(page) {
   out.steps.push("error-shown");
 }
 
-/** Type, see ghost text, accept a word then the rest, save; then settings through commands. */
-async function scenarioComplete(page) {
+async function waitReady(page) {
   out.statusLoading = await waitFor("the dlm status bar item", () => statusText(page), 60_000);
   out.statusReady = await waitFor("the model to be ready", async () => {
     const s = await statusText(page);
     return s.includes("codicon-check") ? s : "";
   }, 120_000);
   out.steps.push("ready");
+}
+
+/** In an empty file (no final newline: the cursor is at the very end of the document), type a
+ * function; ghost text must appear at the cursor; Tab accepts it; save. */
+async function scenarioEndOfFile(page) {
+  await waitReady(page);
+  await page.locator(".monaco-editor textarea").first().focus();
+  await page.keyboard.type("def add(a, b):", { delay: 40 });
+  await page.keyboard.press("Enter"); // VS Code indents the body
+  await page.keyboard.type("return ", { delay: 40 });
+  out.ghost = await waitFor("ghost text at the end of the file", () => ghostText(page), 30_000);
+  out.steps.push("ghost");
+  if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "ghost.png") });
+  await page.keyboard.press("Tab");
+  await sleep(300);
+  await page.keyboard.press("Control+S");
+  await sleep(1000);
+  out.steps.push("accepted");
+}
+
+/** Type, see ghost text, accept a word then the rest, save; then settings through commands. */
+async function scenarioComplete(page) {
+  await waitReady(page);
 
   await page.locator(".monaco-editor textarea").first().focus();
   await goToLineEnd(page, config.line);
@@ -170,7 +192,8 @@ try {
   await page.locator(".explorer-folders-view .monaco-list-row", { hasText: path.basename(config.file) }).first().click({ timeout: 30_000 });
   await page.locator(".monaco-editor .view-lines").first().waitFor({ timeout: 30_000 });
   out.steps.push("editor");
-  await (config.scenario === "errors" ? scenarioErrors(page) : scenarioComplete(page));
+  const scenarios = { errors: scenarioErrors, complete: scenarioComplete, endOfFile: scenarioEndOfFile };
+  await scenarios[config.scenario](page);
   if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "final.png") });
 } catch (err) {
   out.error = String(err && err.stack ? err.stack : err);

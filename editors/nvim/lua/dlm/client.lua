@@ -78,8 +78,9 @@ function M.executable()
     return true, nil
   end
   return false,
-    ("dlm: the server `%s` was not found. Install it (`pip install dlm-lsp`) or point `cmd` at it, "
-      .. "e.g. require('dlm').setup({ cmd = { '/path/to/venv/bin/dlm-lsp' } })"):format(exe)
+    ("dlm: the server `%s` was not found. Install it from a clone of dlm-lsp (`python3 -m venv .venv && "
+      .. ".venv/bin/pip install -e .`; it is not on PyPI, where `dlm-lsp` is an unrelated project) and point `cmd` at it, "
+      .. "e.g. require('dlm').setup({ cmd = { '/path/to/dlm-lsp/.venv/bin/dlm-lsp' } })"):format(exe)
 end
 
 --- The vim.lsp client config (also what `lsp/dlm.lua` describes).

@@ -19,7 +19,7 @@ local M = {}
 ---@field max_lines integer Show at most this many lines of a suggestion (accepting inserts all of it).
 ---@field max_line_chars integer Show at most this many characters of each line.
 ---@field restart_limit integer Restarts after a crash before giving up (within a minute each).
----@field hl_group string Highlight of the ghost text (default "Comment").
+---@field hl_group string Highlight of the ghost text (default "DlmSuggestion": like `Comment`, grey in any terminal).
 
 ---@type dlm.Config
 M.defaults = {
@@ -39,7 +39,7 @@ M.defaults = {
   max_lines = 60,
   max_line_chars = 400,
   restart_limit = 5,
-  hl_group = "Comment",
+  hl_group = "DlmSuggestion",
 }
 
 ---@type dlm.Config

@@ -186,10 +186,25 @@ end
 
 --- Set the plugin up. See `dlm.Config` (lua/dlm/config.lua) for the options and defaults.
 ---@param opts dlm.Config|table|nil
+--- Define `DlmSuggestion` (unless the user or the colour scheme already did): `Comment`'s look
+--- with a grey terminal colour, because many schemes (Neovim 0.11's default among them) give
+--- `Comment` only a GUI colour, and ghost text must never look like typed text.
+function M.define_highlights()
+  local comment = vim.api.nvim_get_hl(0, { name = "Comment", link = false })
+  vim.api.nvim_set_hl(0, "DlmSuggestion", {
+    default = true,
+    fg = comment.fg or 0x808080,
+    ctermfg = comment.ctermfg or 244,
+    italic = comment.italic,
+  })
+end
+
 function M.setup(opts)
   config.set(opts)
   set_keymaps()
   local group = vim.api.nvim_create_augroup("dlm", { clear = true })
+  M.define_highlights()
+  vim.api.nvim_create_autocmd("ColorScheme", { group = group, callback = M.define_highlights })
   vim.api.nvim_create_autocmd("FileType", {
     group = group,
     callback = function(ev)
