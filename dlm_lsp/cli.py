@@ -34,12 +34,19 @@ def main() -> None:
 CURSOR = "<CURSOR>"
 
 
+PAYLOAD_LOGGERS = ("pygls.protocol.json_rpc", "pygls.protocol.language_server")
+"""pygls logs every message it sends and receives, documents' text included, at INFO: only at DEBUG here."""
+
+
 def _setup_logging(level: str, log_file: Path | None) -> None:
+    """Logs to ``log_file`` or stderr (never stdout: the LSP channel), WARNING unless asked."""
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in PAYLOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="TCP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=2087, help="TCP port (default: 2087)")
     p.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="warning (default): problems only; info: model loads and requests; debug: everything, messages included")
     sub = p.add_subparsers(dest="command")
     check = sub.add_parser("check", help="load the model and complete once, through the server's code path")
     check.add_argument("target", nargs="?", help="FILE or FILE:LINE:COL (1-based; default: end of file). Default: a built-in sample")

@@ -21,7 +21,7 @@ from engine.sampler import SamplingParams, UnmaskOrder
 def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -119,6 +119,10 @@ def complete_parser() -> argparse.ArgumentParser:
         "--exact", action="store_true",
         help="reference decoding: recompute the whole window every step, plain confidence order (no end-token deferral)",
     )
+    parser.add_argument(
+        "--heal", action="store_true",
+        help="token healing: back the prefix up by its last token and have the middle write it again (as the server does)",
+    )
     parser.add_argument("--budget-ms", type=float, default=None, help="latency budget of the denoising loop")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (random order only; decoding is greedy)")
     parser.add_argument("--family", help="family override for a checkpoint folder (torch backend)")
@@ -157,7 +161,7 @@ def _complete(args: argparse.Namespace) -> int:
     )
     prefix, suffix = _read(args.prefix_file), _read(args.suffix_file)
     engine = Engine.load(args.model, backend=args.backend, family=args.family, threads=args.threads)
-    completion = engine.complete(prefix, suffix, params)
+    completion = engine.complete(prefix, suffix, params, heal=args.heal)
     if args.json:
         info = engine.info
         result = {
