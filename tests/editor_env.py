@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,16 @@ def main() -> None:
 '''
 """The file both editor tests edit; line 5 (``"    "``) is where they type."""
 TYPE_AT = 5
+
+
+def screenshot_dir() -> Path | None:
+    """``DLM_SCREENSHOTS``: where the end-of-file tests also leave their ghost-text screenshots
+    (``DLM_SCREENSHOTS=docs/images pytest tests/editors -k end_of_a_new`` renews the README's)."""
+    folder = os.environ.get("DLM_SCREENSHOTS")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
 
 
 def need(available: bool, what: str) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from editor_env import FIB_SOURCE as SOURCE
-from editor_env import TYPE_AT, need
+from editor_env import TYPE_AT, need, screenshot_dir
 from nvim_driver import Nvim, nvim_executable
 
 KEYMAPS = {
@@ -76,8 +78,21 @@ def test_ghost_text_at_the_end_of_a_new_empty_file(nvim: Nvim, tmp_path: Path):
     ghost = nvim.wait(nvim.ghost, timeout=30, message="ghost text at the end of the file")
     marks = nvim.extmarks()
     assert [(m[1], m[2]) for m in marks] == [(1, len("    return "))]
+    if (folder := screenshot_dir()) is not None:
+        save_screenshot(nvim, tmp_path, folder / "nvim-ghost-text.png")
     nvim.nvim.input("<Tab>")
     nvim.wait(lambda: nvim.lines()[1] == "    return " + ghost.split("\n")[0], timeout=10, message="accepted text")
+
+
+def save_screenshot(nvim: Nvim, tmp_path: Path, png: Path) -> None:
+    """The buffer as Neovim draws it (ghost text included) through ``:TOhtml``, photographed by Chromium."""
+    nvim.nvim.command("syntax on | set termguicolors")
+    html = tmp_path / "screen.html"
+    html.write_text("\n".join(nvim.lua("return require('tohtml').tohtml(0, {})")))
+    chromium = shutil.which("chromium")
+    need(chromium is not None, "chromium not installed (editors/vscode/scripts/install-e2e.sh)")
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={png}",
+                    "--window-size=640,80", html.as_uri()], check=True, capture_output=True, timeout=60)
 
 
 def test_ghost_text_has_its_own_highlight_grey_in_any_terminal(nvim: Nvim, tmp_path: Path):

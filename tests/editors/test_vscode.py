@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from editor_env import FIB_SOURCE as SOURCE
-from editor_env import TYPE_AT, need
+from editor_env import TYPE_AT, need, screenshot_dir
 
 from dlm_lsp.settings import Settings
 
@@ -145,6 +145,8 @@ def test_real_vscode_shows_ghost_text_at_the_end_of_a_new_empty_file(tmp_path: P
     assert lines[1].lstrip().startswith("return ") and len(lines[1].strip()) > len("return"), lines
     assert ghost.split("\n")[0].strip() in lines[1]  # what was shown at the end of the file got inserted
     assert (tmp_path / "shots" / "ghost.png").is_file()
+    if (folder := screenshot_dir()) is not None:
+        shutil.copyfile(tmp_path / "shots" / "ghost.png", folder / "vscode-ghost-text.png")
 
 
 def test_missing_server_executable_shows_an_error(tmp_path: Path):

@@ -23,7 +23,7 @@ def test_cpu_and_auto():
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has ONNX Runtime's CUDA provider")
 @pytest.mark.parametrize("backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")])
 def test_gpu_backends_name_what_is_missing(backend, provider):
-    with pytest.raises(BackendUnavailableError, match=f"{provider}.*dlm-lsp\\[gpu\\]"):
+    with pytest.raises(BackendUnavailableError, match=f"{provider}.*pip install -e '\\.\\[gpu\\]'"):
         onnxruntime_providers(backend)
 
 

@@ -124,7 +124,11 @@ async function scenarioEndOfFile(page) {
   await page.keyboard.type("return ", { delay: 40 });
   out.ghost = await waitFor("ghost text at the end of the file", () => ghostText(page), 30_000);
   out.steps.push("ghost");
-  if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "ghost.png") });
+  if (config.screenshots) {
+    const box = await page.locator(".monaco-editor").first().boundingBox();
+    const clip = { x: box.x, y: box.y, width: Math.min(box.width, 720), height: 80 };
+    await page.screenshot({ path: path.join(config.screenshots, "ghost.png"), clip });
+  }
   await page.keyboard.press("Tab");
   await sleep(300);
   await page.keyboard.press("Control+S");
