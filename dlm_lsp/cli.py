@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "cuda", "cpu"])
     check.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")
     check.add_argument("--language", default=None, help="language id (default: from the file extension)")
+    check.add_argument("--min-confidence", type=float, default=None,
+                       help="the gate's threshold (default: the setting's default; 0 shows every suggestion)")
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     from dlm_lsp.evaluate import add_arguments
 
@@ -98,6 +100,15 @@ def _target(spec: str | None) -> tuple[str, int, str, str]:
     return text, offset, LANGUAGES.get(file.suffix, "plaintext"), str(file)
 
 
+GATE_REASONS = {
+    "confidence": "its first tokens are below minConfidence",
+    "short": "too short to be worth showing",
+    "indentation": "it would change the line's indentation",
+    "whitespace": "it would double a space",
+    "parse": "inserting it adds a parse error",
+}
+
+
 def check(args: argparse.Namespace) -> int:
     """``dlm-lsp check``: what a newcomer runs first."""
     from dataclasses import replace
@@ -114,6 +125,8 @@ def check(args: argparse.Namespace) -> int:
     settings = Settings(model=args.model, backend=args.backend)
     if args.budget_ms is not None:
         settings = replace(settings, latency_budget_ms=args.budget_ms)
+    if args.min_confidence is not None:
+        settings = replace(settings, min_confidence=args.min_confidence)
     language = args.language or language
     host = ModelHost()
     started = time.perf_counter()
@@ -137,6 +150,8 @@ def check(args: argparse.Namespace) -> int:
         "budget_ms": settings.latency_budget_ms,
         "cut_by_budget": result.cut,
         "completion": result.suggestion.text if result.suggestion else "",
+        "gate": result.verdict,
+        "ungated_completion": result.ungated.text if result.ungated else "",
         "raw_engine_text": result.raw_text,
         "steps": result.engine_stats.get("steps"),
         "tokens_per_step": round(result.engine_stats.get("tokens_per_step", 0.0), 2),
@@ -152,7 +167,17 @@ def check(args: argparse.Namespace) -> int:
     print(f"at:       {label}")
     print("context:  " + text[line_start:offset] + "\u2502")
     print("completion:")
-    print(report["completion"] if report["completion"] else "(no suggestion)")
+    if report["completion"]:
+        print(report["completion"])
+        if result.verdict == "cut":
+            print(f"(the confident part of: {report['ungated_completion']!r})")
+    elif result.source == "gated":
+        print(f"(none shown: the gate hid {report['ungated_completion']!r} ({GATE_REASONS[result.verdict]});"
+              f" --min-confidence 0 shows everything)")
+    else:
+        print("(no suggestion)")
+    if not args.model:
+        print("note:     the shipped model is a small demo: its suggestions are rarely right (see the README)")
     return 0
 
 

@@ -62,6 +62,7 @@ def score(problem: Any, shown: Suggestion | None, result: Result) -> dict[str, A
         "exact": exact_match(text, expected),
         "edit_similarity": edit_similarity(text, expected),
         "whitespace_error": whitespace_error(text, result.context.post.line_prefix if result.context else ""),
+        "chars": len(text),
     }
     parser = parser_for(problem.language)
     if parser is not None:
@@ -92,6 +93,7 @@ def summarise(rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
         "parse_ok": share("parse_ok"),
         "parses_as_true": share("parses_as_true"),
         "whitespace_errors": sum(r["whitespace_error"] for r in shown),
+        "mean_chars": round(statistics.fmean(r["chars"] for r in shown), 1) if shown else None,
     }
 
 
@@ -134,8 +136,8 @@ def evaluate(engine: Any, problems: Sequence[Any], settings: Settings, threshold
 def markdown_table(report: dict[str, Any]) -> str:
     """The curve as a Markdown table."""
     head = ("| minConfidence | shown | coverage | useful (of shown) | useful (of all) | exact | edit sim | parse ok "
-            "| parses as original | whitespace errors |\n")
-    head += "|---|---|---|---|---|---|---|---|---|---|\n"
+            "| parses as original | whitespace errors | mean length |\n")
+    head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f} %"
@@ -143,7 +145,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     rows = [
         f"| {c['threshold']:g} | {c['shown']} | {pct(c['coverage'])} | {pct(c['useful'])} | {pct(c['useful_of_all'])} | "
         f"{pct(c['exact'])} | {'-' if c['edit_similarity'] is None else format(c['edit_similarity'], '.3f')} | "
-        f"{pct(c['parse_ok'])} | {pct(c['parses_as_true'])} | {c['whitespace_errors']} |"
+        f"{pct(c['parse_ok'])} | {pct(c['parses_as_true'])} | {c['whitespace_errors']} | "
+        f"{'-' if c['mean_chars'] is None else c['mean_chars']} |"
         for c in report["curve"]
     ]
     return head + "\n".join(rows) + "\n"

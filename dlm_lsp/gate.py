@@ -6,7 +6,7 @@ the leading part of a suggestion whose tokens all reached ``min_confidence`` and
 cuts it before the first token that did not (at an identifier boundary, so a
 word is never shown half written). What is left is shown only if
 
-* it has something visible,
+* it shows at least two characters that are not spaces,
 * it does not change the indentation of the cursor's line (the line holds only
   indentation and the suggestion starts with more) or double a space,
 * inserting it adds no tree-sitter parse error to the document beyond those
@@ -31,12 +31,14 @@ from dlm_lsp.postprocess import Context, Suggestion
 from dlm_lsp.syntax import parse_errors, parser_for
 
 IDENTIFIER_CHAR = re.compile(r"\w")
+MIN_VISIBLE_CHARS = 2
+"""A suggestion must show at least this many non-space characters: a lone ``=`` or ``)`` is noise."""
 MAX_CUTS = 4
 """Leading parts of an unsure suggestion tried against the parse check, longest first."""
 WHOLE_DOCUMENT_CHARS = 50_000
 """Up to this size the parse check reads the whole document (tree-sitter: ~0.2 ms per KB of Python on
 our 2-core machine); beyond it, the window around the cursor that the other syntax decisions use."""
-REASONS = ("shown", "cut", "confidence", "indentation", "whitespace", "parse")
+REASONS = ("shown", "cut", "confidence", "short", "indentation", "whitespace", "parse")
 """Verdicts: shown whole, shown cut to its confident part, or hidden and why."""
 
 
@@ -118,6 +120,9 @@ def gate(
         candidates = [Suggestion(cut) for cut in cuts if cut.strip()]  # what it absorbed after the cursor is cut away
     if not candidates:
         return Verdict(None, "confidence")
+    candidates = [c for c in candidates if len("".join(c.text.split())) >= MIN_VISIBLE_CHARS]
+    if not candidates:
+        return Verdict(None, "short")
     line_prefix = ctx.line_prefix
     if candidates[0].text[0] in " \t" and line_prefix:
         if not line_prefix.strip():

@@ -72,9 +72,9 @@ def test_nothing_confident_is_hidden():
     ("line_prefix", "text", "reason"),
     [
         ("        ", "  return x", "indentation"),  # more indentation on a line of only indentation
-        ("    x = ", " 1", "whitespace"),  # a doubled space
+        ("    x = ", " 10", "whitespace"),  # a doubled space
         ("", "    return x", "shown"),  # at column 0 indentation is what the line needs
-        ("    x =", " 1", "shown"),
+        ("    x =", " 10", "shown"),
     ],
 )
 def test_indentation_and_whitespace(line_prefix: str, text: str, reason: str):
@@ -109,3 +109,11 @@ def test_the_parse_check_reads_the_whole_document_when_it_is_small():
     assert parse_surroundings("abc|def", 3, context) == ("abc", "|def")
     big = "x" * 60_000
     assert parse_surroundings(big, 10, context) == ("window before", "window after")
+
+
+def test_a_lone_symbol_is_too_short_to_show():
+    raw, ends, conf = tokens((" =", 0.9),)
+    context = Context(line_prefix="x", line_suffix="", language="plaintext")
+    assert gate(Suggestion(raw), raw, ends, conf, context, 0.3) == Verdict(None, "short")
+    raw, ends, conf = tokens(("os", 0.9), (".path", 0.1))
+    assert gate(Suggestion(raw), raw, ends, conf, context, 0.3) == Verdict(Suggestion("os"), "cut")

@@ -90,3 +90,22 @@ async def test_lsp_session_with_the_shipped_model(client: LanguageClient):
         suggestions += [item.insert_text for item in result.items]
     assert suggestions, "the shipped model suggested nothing at three ordinary positions"
     assert all(s.strip() for s in suggestions)
+
+
+def test_check_says_what_the_gate_hid_and_that_the_model_is_a_demo():
+    def run(*extra: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "dlm_lsp", "check", "--backend", "cpu", "--budget-ms", "5000", *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    report = json.loads(run("--json"))
+    shown = run()
+    assert "the shipped model is a small demo" in shown
+    if report["completion"]:
+        assert report["completion"] in shown
+    else:  # the demo model is rarely confident: the user is told what was hidden and why
+        assert report["gate"] in ("confidence", "short", "indentation", "whitespace", "parse")
+        assert f"the gate hid {report['ungated_completion']!r}" in shown
+    everything = json.loads(run("--json", "--min-confidence", "0"))
+    assert everything["completion"] == everything["ungated_completion"] != ""
