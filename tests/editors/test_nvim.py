@@ -252,3 +252,15 @@ def test_replaced_range_is_converted_from_lsp_units_to_bytes(nvim: Nvim):
     assert nvim.lua(convert, "😀)", 2, "utf-32") == 5
     assert nvim.lua(convert, "é)", 3, "utf-8") == 3
     assert nvim.lua(convert, ")", 9, "utf-16") == 1  # never past the line
+
+
+def test_status_says_how_many_suggestions_the_gate_hid(nvim: Nvim, tmp_path: Path):
+    start(nvim, tmp_path, minConfidence=1.0)  # nothing is that sure: every suggestion is hidden
+    nvim.nvim.current.window.cursor = (TYPE_AT, 4)
+    nvim.nvim.input("Areturn ")
+    nvim.wait(lambda: nvim.lua("return require('dlm').status()")["gated"] >= 1, timeout=30, message="a gated suggestion")
+    assert nvim.ghost() is None
+    nvim.lua("_G.dlm_notes = {}; vim.notify = function(msg) table.insert(_G.dlm_notes, msg) end")
+    nvim.nvim.command("DlmStatus")
+    notes = nvim.wait(lambda: nvim.lua("return _G.dlm_notes"), timeout=10, message=":DlmStatus")
+    assert "hidden as unsure (settings.minConfidence)" in "\n".join(notes)

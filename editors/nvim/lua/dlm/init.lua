@@ -179,6 +179,9 @@ local function show_status()
     lines[#lines + 1] = ("  requests %d, completions %d, shown %d, accepted %d"):format(
       s.requests or 0, s.completions or 0, s.shown or 0, s.accepted or 0
     )
+    if (s.gated or 0) > 0 then
+      lines[#lines + 1] = ("  %d hidden as unsure (settings.minConfidence)"):format(s.gated)
+    end
   end
   lines[#lines + 1] = "  renderer: " .. (M.native() and "vim.lsp.inline_completion (native)" or "dlm extmarks")
   vim.notify(table.concat(lines, "\n"))
