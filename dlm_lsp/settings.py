@@ -34,13 +34,13 @@ class Settings:
     single_line_length_candidates: tuple[int, ...] = (10,)
     """Candidate lengths of a single-line middle. One slot of 10 tokens, measured with the shipped
     model against (8, 16): edit similarity +0.03 (HumanEval) / +0.04 (held-out), empty suggestions
-    11 -> 0 of 300, p50 +8 ms (the model ends short spans too early; see the README)."""
+    11 -> 0 of 300, p50 +8 ms (the model ends short spans too early; see docs/engine.md, "Single-line length")."""
     confidence_threshold: float = 0.9
     """Commit every masked position at least this confident in a denoising step."""
     tokens_per_step: int = 1
     """Commit at least this many positions per denoising step (the most confident). More is faster
     but, with the shipped model, much worse: single-line p50 52 -> 42 / 37 ms and HumanEval
-    single-line pass@1 2.4 -> 1.7 / 0.2 % at 2 / 3 (see the README, "Tokens per step")."""
+    single-line pass@1 2.4 -> 1.7 / 0.2 % at 2 / 3 (see docs/engine.md, "Tokens per step")."""
     min_confidence: float = 0.3
     """Show only the leading part of a suggestion whose tokens the model committed with at least this
     probability, and only when inserting it keeps the indentation and the parse (see ``dlm_lsp.gate``);

@@ -74,7 +74,7 @@ def default_threads(hidden_size: int | None = None) -> int:
     shipped 6 x 256 model, 2-core CPU, single-line completions, one process per
     variant, three alternating rounds (medians of the rounds' p50): 54 ms on 1
     thread, 60 ms on 2 sleeping threads, 99 ms on 2 spinning threads (the ONNX
-    Runtime default); with the other core busy 64, 60 and 138 ms (README, "Threads").
+    Runtime default); with the other core busy 64, 60 and 138 ms (docs/engine.md, "Threads").
     """
     if hidden_size is not None and hidden_size <= SMALL_MODEL_HIDDEN:
         return 1
