@@ -96,6 +96,7 @@ async def run_lsp_bench(
             "otherFiles": False,
             "confidenceThreshold": threshold,
             "tokensPerStep": tokens_per_step,
+            "minConfidence": 0,  # score everything the model writes, like the engine level: the gate has its own measure
         }
     }
     await client.initialize_async(

@@ -46,7 +46,7 @@ def _setup_logging(level: str, log_file: Path | None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in PAYLOAD_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else max(logging.WARNING, root.level))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,24 +100,18 @@ def _target(spec: str | None) -> tuple[str, int, str, str]:
     return text, offset, LANGUAGES.get(file.suffix, "plaintext"), str(file)
 
 
-GATE_REASONS = {
-    "confidence": "its first tokens are below minConfidence",
-    "short": "too short to be worth showing",
-    "indentation": "it would change the line's indentation",
-    "whitespace": "it would double a space",
-    "parse": "inserting it adds a parse error",
-}
-
-
 def check(args: argparse.Namespace) -> int:
     """``dlm-lsp check``: what a newcomer runs first."""
     from dataclasses import replace
 
     from dlm_lsp.completion import complete_text
+    from dlm_lsp.gate import HIDDEN
     from dlm_lsp.model_host import ModelHost
     from dlm_lsp.settings import Settings
 
     try:
+        if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+            raise ValueError(f"--min-confidence must be in [0, 1], got {args.min_confidence:g}")
         text, offset, language, label = _target(args.target)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         print(f"dlm-lsp check: error: {exc}", file=sys.stderr)
@@ -172,7 +166,7 @@ def check(args: argparse.Namespace) -> int:
         if result.verdict == "cut":
             print(f"(the confident part of: {report['ungated_completion']!r})")
     elif result.source == "gated":
-        print(f"(none shown: the gate hid {report['ungated_completion']!r} ({GATE_REASONS[result.verdict]});"
+        print(f"(none shown: the gate hid {report['ungated_completion']!r} ({HIDDEN[result.verdict]});"
               f" --min-confidence 0 shows everything)")
     else:
         print("(no suggestion)")

@@ -51,8 +51,11 @@ class Result:
     verdict: str = ""
     """The gate's reason (:data:`dlm_lsp.gate.REASONS`); empty when nothing reached it."""
     token_ends: list[int] = field(default_factory=list)
+    """Where each token the model wrote ends in ``raw_text`` (healed tokens left out)."""
     confidence: list[float] = field(default_factory=list)
+    """The probability of each of those tokens when it was committed."""
     context: CompletionContext | None = None
+    """The context the completion was made in (None for cache hits and dropped requests)."""
 
 
 def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None) -> Any:
@@ -99,10 +102,12 @@ def complete_text(
         heal=settings.token_healing,
     )
     ungated = postprocess(completion.text, ctx.post)
+    written = slice(completion.healed_tokens, None)  # the healed tokens are the user's text
+    token_ends, confidence = completion.token_ends[written], completion.confidence[written]
     suggestion, verdict = None, ""
     if ungated is not None:
         decision = gate(
-            ungated, completion.text, completion.token_ends, completion.confidence, ctx.post, settings.min_confidence,
+            ungated, completion.text, token_ends, confidence, ctx.post, settings.min_confidence,
             parse_surroundings(text, offset, ctx.post),
         )
         suggestion, verdict = decision.suggestion, decision.reason
@@ -115,8 +120,8 @@ def complete_text(
         raw_text=completion.text,
         ungated=ungated,
         verdict=verdict,
-        token_ends=completion.token_ends,
-        confidence=completion.confidence,
+        token_ends=token_ends,
+        confidence=confidence,
         context=ctx,
     )
 

@@ -14,8 +14,8 @@ word is never shown half written). What is left is shown only if
   50,000 characters: a window can start or end inside a string or a bracket,
   where a suggestion that breaks the code after it looks harmless.
 
-When only a tail is unsure, the longest confident leading part (at token
-boundaries, never splitting an identifier) that passes these checks is shown.
+When the confident part does not parse, shorter leading parts at token boundaries
+(never splitting an identifier) are tried, longest first, a few at most.
 
 ``min_confidence = 0`` turns the gate off. The default is calibrated on held-out
 code with ``dlm-lsp evaluate`` (see ``docs/quality.md``).
@@ -33,18 +33,26 @@ from dlm_lsp.syntax import parse_errors, parser_for
 IDENTIFIER_CHAR = re.compile(r"\w")
 MIN_VISIBLE_CHARS = 2
 """A suggestion must show at least this many non-space characters: a lone ``=`` or ``)`` is noise."""
-MAX_CUTS = 4
-"""Leading parts of an unsure suggestion tried against the parse check, longest first."""
+MAX_CANDIDATES = 6
+"""Leading parts tried against the parse check, longest first (each costs a parse of the document)."""
 WHOLE_DOCUMENT_CHARS = 50_000
 """Up to this size the parse check reads the whole document (tree-sitter: ~0.2 ms per KB of Python on
 our 2-core machine); beyond it, the window around the cursor that the other syntax decisions use."""
-REASONS = ("shown", "cut", "confidence", "short", "indentation", "whitespace", "parse")
-"""Verdicts: shown whole, shown cut to its confident part, or hidden and why."""
+HIDDEN = {
+    "confidence": "its first tokens are below minConfidence",
+    "short": "too short to be worth showing",
+    "indentation": "it would change the line's indentation",
+    "whitespace": "it would double a space",
+    "parse": "inserting it adds a parse error",
+}
+"""Why the gate hid a suggestion (the verdict's reason), as users are told."""
+REASONS = ("shown", "cut", *HIDDEN)
+"""Every verdict: shown whole, shown cut to a confident leading part, or hidden (:data:`HIDDEN`)."""
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the gate decided: the suggestion to show (None: nothing) and why."""
+    """What the gate decided: the suggestion to show (None: nothing) and why (one of :data:`REASONS`)."""
 
     suggestion: Suggestion | None
     reason: str
@@ -53,30 +61,26 @@ class Verdict:
 def confident_length(token_ends: Sequence[int], confidence: Sequence[float], threshold: float) -> int:
     """Length of the leading part of a middle written by tokens at least ``threshold`` confident.
 
-    ``token_ends[i]`` is where token ``i``'s text ends in the middle; tokens that
-    end at or before the previous one (healed text, empty pieces) are skipped.
+    ``token_ends[i]`` is where token ``i``'s text ends in the middle (a token that
+    holds part of a character ends before it, so the character counts only when
+    every token of it is confident).
     """
     kept = 0
     for end, probability in zip(token_ends, confidence):
-        if end <= kept:
-            continue
         if probability < threshold:
             return kept
-        kept = end
+        kept = max(kept, end)
     return kept
 
 
-def _word_boundary(text: str, cut: int) -> int:
-    """``cut`` moved back to the start of the identifier it would split."""
-    if 0 < cut < len(text) and IDENTIFIER_CHAR.match(text[cut - 1]) and IDENTIFIER_CHAR.match(text[cut]):
-        while cut > 0 and IDENTIFIER_CHAR.match(text[cut - 1]):
-            cut -= 1
-    return cut
-
-
-def adds_parse_errors(parser: Any, before: str, text: str, after: str) -> bool:
-    """Whether inserting ``text`` between ``before`` and ``after`` adds ``ERROR``/missing nodes."""
-    return parse_errors(parser, before + text + after) > parse_errors(parser, before + after)
+def whitespace_problem(text: str, line_prefix: str) -> str | None:
+    """``indentation`` or ``whitespace`` when inserting ``text`` after ``line_prefix`` spoils the
+    line's whitespace (more indentation on a line of only indentation, a doubled space), else None."""
+    if not text or text[0] not in " \t" or not line_prefix:
+        return None
+    if not line_prefix.strip():
+        return "indentation"
+    return "whitespace" if line_prefix[-1] in " \t" else None
 
 
 def parse_surroundings(text: str, offset: int, ctx: Context) -> tuple[str, str]:
@@ -90,6 +94,40 @@ def parse_surroundings(text: str, offset: int, ctx: Context) -> tuple[str, str]:
     return ctx.text_before or ctx.line_prefix, ctx.text_after or ctx.line_suffix
 
 
+def adds_parse_errors(parser: Any, before: str, text: str, after: str, replace_suffix: int = 0,
+                      baseline: int | None = None) -> bool:
+    """Whether inserting ``text`` at the cursor (replacing ``replace_suffix`` characters after it) gives
+    the document more ``ERROR``/missing nodes than it has now (``baseline``, counted when not given)."""
+    if baseline is None:
+        baseline = parse_errors(parser, before + after)
+    return parse_errors(parser, before + text + after[replace_suffix:]) > baseline
+
+
+def _word_boundary(text: str, cut: int) -> int:
+    """``cut`` moved back to the start of the identifier it would split."""
+    if 0 < cut < len(text) and IDENTIFIER_CHAR.match(text[cut - 1]) and IDENTIFIER_CHAR.match(text[cut]):
+        while cut > 0 and IDENTIFIER_CHAR.match(text[cut - 1]):
+            cut -= 1
+    return cut
+
+
+def _line_ends_stripped(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.split("\n"))
+
+
+def _to_suggestion(length: int, text: str, raw_text: str) -> int | None:
+    """``length`` characters of ``raw_text`` as a length in ``text`` (the post-processed suggestion).
+
+    Post-processing only trims, so ``text`` is a prefix of ``raw_text``, except
+    that trailing spaces of its lines may be gone; None when it is neither.
+    """
+    if raw_text.startswith(text.rstrip()):
+        return min(len(text), length)
+    if _line_ends_stripped(raw_text).startswith(text.rstrip()):
+        return min(len(text), len(_line_ends_stripped(raw_text[:length])))
+    return None
+
+
 def gate(
     suggestion: Suggestion,
     raw_text: str,
@@ -101,37 +139,39 @@ def gate(
 ) -> Verdict:
     """The part of ``suggestion`` (post-processed from the engine's ``raw_text``) that may be shown.
 
-    ``token_ends`` / ``confidence`` describe the tokens of ``raw_text`` (see
-    :class:`engine.Completion`); the suggestion's text is a prefix of it, as every
-    post-processing filter only trims. ``surroundings`` is the text before and
-    after the cursor to parse (:func:`parse_surroundings`; default: ``ctx``'s window).
+    ``token_ends`` / ``confidence`` describe the tokens of ``raw_text`` that the
+    model wrote (see :class:`engine.Completion`; healed tokens left out).
+    ``surroundings`` is the text before and after the cursor to parse
+    (:func:`parse_surroundings`; default: ``ctx``'s window).
     """
     if min_confidence <= 0:
         return Verdict(suggestion, "shown")
     text = suggestion.text
-    if not raw_text.startswith(text.rstrip()):
+    raw_confident = confident_length(token_ends, confidence, min_confidence)
+    confident = _to_suggestion(raw_confident, text, raw_text)
+    if confident is None:
         return Verdict(None, "confidence")  # no token information for this text: do not vouch for it
-    confident = min(len(text), confident_length(token_ends, confidence, min_confidence))
-    if confident == len(text):
-        candidates = [suggestion]
-    else:  # the confident part, then shorter ones at token boundaries, longest first
-        ends = sorted({min(confident, e) for e in token_ends if 0 < e <= confident} | {confident}, reverse=True)
-        cuts = dict.fromkeys(text[: _word_boundary(text, end)].rstrip() for end in ends[:MAX_CUTS])
-        candidates = [Suggestion(cut) for cut in cuts if cut.strip()]  # what it absorbed after the cursor is cut away
-    if not candidates:
+    candidates: list[Suggestion] = [suggestion] if confident == len(text) else []
+    cuts = sorted({_to_suggestion(end, text, raw_text) or 0 for end in token_ends if 0 < end <= raw_confident}, reverse=True)
+    for end in cuts:  # shorter leading parts; what a cut part absorbed after the cursor is given back
+        part = text[: _word_boundary(text, end)].rstrip()
+        if part and part != text and all(part != c.text for c in candidates):
+            candidates.append(Suggestion(part))
+    if not any(c.text.strip() for c in candidates):
         return Verdict(None, "confidence")
-    candidates = [c for c in candidates if len("".join(c.text.split())) >= MIN_VISIBLE_CHARS]
+    candidates = [c for c in candidates if len("".join(c.text.split())) >= MIN_VISIBLE_CHARS][:MAX_CANDIDATES]
     if not candidates:
         return Verdict(None, "short")
-    line_prefix = ctx.line_prefix
-    if candidates[0].text[0] in " \t" and line_prefix:
-        if not line_prefix.strip():
-            return Verdict(None, "indentation")
-        if line_prefix[-1] in " \t":
-            return Verdict(None, "whitespace")
+    problem = whitespace_problem(candidates[0].text, ctx.line_prefix)
+    if problem:
+        return Verdict(None, problem)
     parser = parser_for(ctx.language)
-    before, after = surroundings or (ctx.text_before or line_prefix, ctx.text_after or ctx.line_suffix)
+    if parser is None:
+        best = candidates[0]
+        return Verdict(best, "shown" if best is suggestion else "cut")
+    before, after = surroundings or (ctx.text_before or ctx.line_prefix, ctx.text_after or ctx.line_suffix)
+    baseline = parse_errors(parser, before + after)
     for candidate in candidates:
-        if parser is None or not adds_parse_errors(parser, before, candidate.text, after[candidate.replace_suffix :]):
+        if not adds_parse_errors(parser, before, candidate.text, after, candidate.replace_suffix, baseline):
             return Verdict(candidate, "shown" if candidate is suggestion else "cut")
     return Verdict(None, "parse")

@@ -6,8 +6,10 @@ pygls' own helpers split lines with :meth:`str.splitlines`, which also breaks at
 form feeds, ``\\x1c``-``\\x1e``, ``\\x85``, U+2028 and U+2029, and map the offset
 of the end of a document without a final newline to the start of a line that
 does not exist: an editor typing at the end of a new file is then answered with
-a range one line below its cursor, which VS Code silently drops. These functions
-are the single place the server converts between the two.
+a range one line below its cursor, which VS Code silently drops. The server
+converts the positions of requests and responses with these functions. (pygls
+still applies incremental edits by its own line splitting, so a document holding
+form feeds or U+2028 can be edited on the wrong line: the reliability issue.)
 """
 
 from __future__ import annotations

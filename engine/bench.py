@@ -188,7 +188,8 @@ def run_engine_bench(
             for name, params in decoders(lengths, dlm, budget_ms, reference_tokens_per_step, item.kind == "single").items():
                 t0 = time.perf_counter()
                 completion = engine.complete(
-                    item.prefix, item.suffix, params, max_prefix_tokens=room - max_suffix, max_suffix_tokens=max_suffix
+                    item.prefix, item.suffix, params, max_prefix_tokens=room - max_suffix, max_suffix_tokens=max_suffix,
+                    heal=name == "dlm",  # token healing, as the server does; the baselines are textbook decoders
                 )
                 latency = (time.perf_counter() - t0) * 1000
                 stats = completion.stats

@@ -51,9 +51,12 @@ class Completion:
     suffix_tokens_dropped: int
     stats: dict[str, Any] = field(default_factory=dict)
     token_ends: list[int] = field(default_factory=list)
-    """For each middle token, where its text ends in :attr:`text` (0 for tokens inside the healed text)."""
+    """For each middle token, where its text ends in :attr:`text` (0 for tokens inside the healed text; a token
+    holding part of a character ends before that character)."""
     healed: str = ""
     """Text removed from the end of the prefix and written again by the first middle tokens (token healing)."""
+    healed_tokens: int = 0
+    """Leading middle tokens wholly inside :attr:`healed` (the user's text, not a suggestion)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``dlm-complete --json``)."""
@@ -68,6 +71,7 @@ class Completion:
             "stats": self.stats,
             "token_ends": self.token_ends,
             "healed": self.healed,
+            "healed_tokens": self.healed_tokens,
         }
 
 
@@ -168,7 +172,7 @@ class Engine:
         result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop, line_break_ids=breaks, healing=healing)
         t0 = time.perf_counter()
         removed = healing.removed if healing is not None else ""
-        text, token_ends = self._decode_middle(result.ids, removed)
+        text, token_ends, healed_tokens = self._decode_middle(result.ids, removed)
         stats = dict(result.stats)
         stats.update(
             {
@@ -193,6 +197,7 @@ class Engine:
             stats=stats,
             token_ends=token_ends,
             healed=removed,
+            healed_tokens=healed_tokens,
         )
 
     @cached_property
@@ -217,18 +222,27 @@ class Engine:
             return None
         return Healing(removed, self._token_text, self.tokenizer.encode)
 
-    def _decode_middle(self, ids: list[int], removed: str) -> tuple[str, list[int]]:
-        """The middle's text after the healed part, and where each token's text ends in it.
+    def _decode_middle(self, ids: list[int], removed: str) -> tuple[str, list[int], int]:
+        """The middle's text after the healed part, where each token's text ends in it, and how
+        many leading tokens lie wholly inside the healed part.
 
-        A middle whose text does not start with ``removed`` (healing cut short by
-        the budget or a one-token span) has nothing to show: its text is empty.
+        A token holding only some bytes of a character ends where the last whole
+        character before it does: the character belongs to the token that completes
+        it. A middle whose text does not start with ``removed`` (healing cut short
+        by the budget or a one-token span) has nothing to show: its text is empty.
         """
         text = self.tokenizer.decode(ids)
         if not text.startswith(removed):
-            return "", [0] * len(ids)
+            return "", [0] * len(ids), len(ids)
         text = text[len(removed) :]
-        ends = [min(len(text), max(0, len(self.tokenizer.decode(ids[: i + 1])) - len(removed))) for i in range(len(ids))]
-        return text, ends
+        decoded = [self.tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
+        whole = [len(d.rstrip("\ufffd")) for d in decoded]
+        ends = [min(len(text), max(0, n - len(removed))) for n in whole]
+        healed_tokens = 0
+        while removed and healed_tokens < len(ids) and len(decoded[healed_tokens]) <= len(removed) \
+                and not decoded[healed_tokens].endswith("\ufffd"):
+            healed_tokens += 1
+        return text, ends, healed_tokens
 
     def _char_limit(self) -> int:
         """Characters surely enough to fill the window: the text beyond is never tokenized."""

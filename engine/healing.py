@@ -12,9 +12,10 @@ Healing (as in Microsoft Guidance) backs the prefix up by its last token and
 makes the first middle tokens write that text again: each constrained slot takes
 the most probable of the model's top-k candidates whose text either extends the
 removed text or is a prefix of what remains of it; when none is compatible the
-slot takes the removed text's own token (which is exactly the unhealed prefix,
-so healing never does worse than not healing). The engine strips the removed
-text from the middle it returns.
+slot takes the removed text's own token (the unhealed tokenization, for that
+slot). The engine strips the removed text from the middle it returns. The
+price: each constrained slot takes a denoising step of its own, and a middle cut
+by the budget before the removed text is written again is empty.
 
 The sampler sees ids only: it asks a :class:`Healing` which ids may go in the
 next constrained slot.

@@ -57,6 +57,9 @@ def main() -> None:
               f"{statistics.fmean(steps[name]):.2f} denoising steps per completion")
 
     gate_ms.sort()
+    if not gate_ms:
+        print("no suggestion reached the gate")
+        return
     print(f"the gate alone: p50 {statistics.median(gate_ms):.2f} ms, p95 {gate_ms[int(0.95 * (len(gate_ms) - 1))]:.2f} ms, "
           f"max {gate_ms[-1]:.1f} ms ({len(problems)} {args.kind}-line middles from {args.source})")
 

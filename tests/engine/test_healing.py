@@ -68,3 +68,13 @@ def test_the_shipped_model_writes_no_stray_space_after_indentation():
     # every token's end lies inside the text; tokens of the healed part end at 0
     assert healed.token_ends == sorted(healed.token_ends) and healed.token_ends[-1] == len(healed.text)
     assert healed.token_ends[0] == 0
+
+
+def test_token_ends_give_a_character_to_the_token_that_completes_it():
+    engine = Engine.load(default_model_path(), "cpu")
+    ids = engine.tokenizer.encode(" resé😋 = 1")  # byte-level pieces for é and 😋
+    text, ends, healed_tokens = engine._decode_middle(ids, " res")
+    assert text == "é😋 = 1" and healed_tokens == 1
+    assert [engine.tokenizer.decode([i]) for i in ids] == [" res", *["\ufffd"] * 5, " =", " 1"]
+    # é is complete after the 2nd byte-piece, 😋 after the 5th: the pieces before end where the text did
+    assert ends == [0, 0, 1, 1, 1, 2, 4, 6]

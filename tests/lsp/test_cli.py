@@ -60,27 +60,45 @@ def test_tcp_server_answers_initialize(tmp_path):
     assert log.read_text().strip()
 
 
+def _read_frame(stream) -> dict:  # type: ignore[no-untyped-def]
+    length = 0
+    while (line := stream.readline().strip()) != b"":
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return json.loads(stream.read(length))
+
+
 def _session(*args: str, timeout: float = 60) -> str:
     """A whole stdio session (initialize, a document, a completion once the model is ready, shutdown,
     exit) with the server started with ``args``; returns its stderr."""
     uri = "file:///w/a.py"
-    messages = [
-        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "processId": None}},
-        {"jsonrpc": "2.0", "method": "initialized", "params": {}},
-        {"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
-            "uri": uri, "languageId": "python", "version": 1, "text": "def f(x):\n    return "}}},
-    ]
     proc = subprocess.Popen([sys.executable, "-m", "dlm_lsp", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    assert proc.stdin is not None
-    proc.stdin.write(b"".join(_frame(m) for m in messages))
-    proc.stdin.flush()
-    time.sleep(3)  # the model loads in the background
-    request = {"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": {
-        "textDocument": {"uri": uri}, "position": {"line": 1, "character": 11}, "context": {"triggerKind": 1}}}
-    end = [{"jsonrpc": "2.0", "id": 3, "method": "shutdown"}, {"jsonrpc": "2.0", "method": "exit"}]
-    out, err = proc.communicate(b"".join(_frame(m) for m in [request, *end]), timeout=timeout)
-    assert b'"id": 2' in out or b'"id":2' in out  # the completion was answered
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(message: dict) -> None:
+        proc.stdin.write(_frame({"jsonrpc": "2.0", **message}))  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+
+    def request(id_: int, method: str, params: dict | None = None) -> dict:
+        send({"id": id_, "method": method, "params": params or {}})
+        while "id" not in (reply := _read_frame(proc.stdout)) or reply["id"] != id_:
+            pass  # notifications ($/progress, window/logMessage) and requests to the client
+        return reply
+
+    request(1, "initialize", {"capabilities": {}, "processId": None})
+    send({"method": "initialized", "params": {}})
+    send({"method": "textDocument/didOpen", "params": {"textDocument": {
+        "uri": uri, "languageId": "python", "version": 1, "text": "def f(x):\n    return "}}})
+    deadline = time.monotonic() + timeout
+    while request(2, "dlm/status")["result"]["state"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    reply = request(3, "textDocument/inlineCompletion", {
+        "textDocument": {"uri": uri}, "position": {"line": 1, "character": 11}, "context": {"triggerKind": 1}})
+    assert "result" in reply  # the completion was answered
+    request(4, "shutdown")
+    send({"method": "exit"})
+    _, err = proc.communicate(timeout=timeout)
     return err.decode()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlm_lsp.gate import Verdict, adds_parse_errors, confident_length, gate, parse_surroundings
+from dlm_lsp.gate import HIDDEN, REASONS, Verdict, adds_parse_errors, confident_length, gate, parse_surroundings, whitespace_problem
 from dlm_lsp.postprocess import Context, Suggestion
 from dlm_lsp.syntax import parser_for
 
@@ -26,10 +26,13 @@ def tokens(*pieces: tuple[str, float]) -> tuple[str, list[int], list[float]]:
     return text, ends, [p for _, p in pieces]
 
 
-def test_confident_length_stops_before_the_first_unsure_token_and_skips_healed_ones():
-    assert confident_length([0, 3, 8, 12], [0.2, 0.9, 0.5, 0.1], 0.4) == 8  # the healed token (end 0) does not count
+def test_confident_length_stops_before_the_first_unsure_token():
+    assert confident_length([3, 8, 12], [0.9, 0.5, 0.1], 0.4) == 8
     assert confident_length([3, 8], [0.9, 0.9], 0.4) == 8
     assert confident_length([3, 8], [0.1, 0.9], 0.4) == 0
+    # a character written by two byte-tokens (the first ends before it): both must be confident
+    assert confident_length([1, 1, 2], [0.9, 0.1, 0.9], 0.4) == 1
+    assert confident_length([1, 1, 2], [0.9, 0.9, 0.9], 0.4) == 2
 
 
 def test_a_confident_suggestion_is_shown_whole():
@@ -56,9 +59,31 @@ def test_a_cut_never_splits_an_identifier():
 def test_a_cut_gives_back_what_was_absorbed_after_the_cursor():
     raw, ends, conf = tokens(("len", 0.9), ("(path", 0.9), (")", 0.1))
     absorbed = Suggestion("len(path)", replace_suffix=1)  # it replaced an auto-closed ")"
-    line = ctx(line_prefix="    return max(", after=")\n")
+    line = ctx(line_prefix="    return max(", before=BEFORE + "max(", after=")" + AFTER)
     verdict = gate(absorbed, raw, ends, conf, line, 0.3)
-    assert verdict.suggestion == Suggestion("len(path", replace_suffix=0)
+    assert verdict.suggestion == Suggestion("len", replace_suffix=0)  # `max(len(path)` would not parse
+    plain = ctx(line_prefix="    return max(", before=BEFORE + "max(", after=")" + AFTER, language="plaintext")
+    assert gate(absorbed, raw, ends, conf, plain, 0.3).suggestion == Suggestion("len(path", replace_suffix=0)
+
+
+def test_a_confident_suggestion_that_does_not_parse_is_cut_to_a_part_that_does():
+    raw, ends, conf = tokens(("len", 0.9), ("(path", 0.9), ("))", 0.9))  # one ")" too many
+    verdict = gate(Suggestion(raw), raw, ends, conf, ctx(), 0.3)
+    assert verdict == Verdict(Suggestion("len"), "cut")
+
+
+def test_the_parse_baseline_is_the_document_as_it_is():
+    """Replacing an auto-closed ")" with text that does not close it is a new error."""
+    raw, ends, conf = tokens(("xy", 0.9),)
+    line = ctx(line_prefix="    return max(", before=BEFORE + "max(", after=")" + AFTER)
+    assert gate(Suggestion(raw, replace_suffix=1), raw, ends, conf, line, 0.3) == Verdict(None, "parse")
+
+
+def test_line_ends_trimmed_by_post_processing_keep_their_confidence():
+    raw, ends, conf = tokens(("x)  ", 0.9), ("\n", 0.9), ("y", 0.9))
+    trimmed = Suggestion("x)\ny", replace_suffix=1)  # closing.py strips the first line's trailing spaces
+    context = Context(line_prefix="f(", line_suffix=")", language="plaintext")
+    assert gate(trimmed, raw, ends, conf, context, 0.3) == Verdict(trimmed, "shown")
 
 
 def test_nothing_confident_is_hidden():
@@ -66,6 +91,12 @@ def test_nothing_confident_is_hidden():
     assert gate(Suggestion(raw), raw, ends, conf, ctx(), 0.3) == Verdict(None, "confidence")
     raw, ends, conf = tokens(("  ", 0.9), ("os", 0.1))  # only whitespace is confident
     assert gate(Suggestion(raw), raw, ends, conf, ctx(), 0.3) == Verdict(None, "confidence")
+
+
+def test_every_hidden_reason_is_explained():
+    assert set(REASONS) == {"shown", "cut", *HIDDEN} and all(HIDDEN.values())
+    assert whitespace_problem(" return", "    ") == "indentation" and whitespace_problem(" 1", "x = ") == "whitespace"
+    assert whitespace_problem("    return", "") is None and whitespace_problem(" 1", "x =") is None
 
 
 @pytest.mark.parametrize(

@@ -279,3 +279,26 @@ async def test_missing_model_is_reported_and_completions_are_empty(broken_client
     open_doc(client)
     result = await inline(client, 4, 14)
     assert not result.items
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, "-m", "dlm_lsp"]))
+async def shipped(lsp_client: LanguageClient):  # type: ignore[no-untyped-def]
+    """The server on the shipped model, every suggestion shown (the positions are under test, not the gate)."""
+    settings = {"backend": "cpu", "debounceMs": 0, "minConfidence": 0, "latencyBudgetMs": 5000}
+    lsp_client.set_configuration({"dlm": settings})
+    await lsp_client.initialize_session(init_params(settings))
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("text", ["def add(a, b):\n    return ", "def add(a, b):\r\n    return ", "x = 1\n\ny = "])
+async def test_the_range_starts_at_the_cursor_at_the_very_end_of_a_document(shipped: LanguageClient, text: str):
+    """No final newline: the cursor is at the end of the document (pygls' own helper put it on the next line)."""
+    assert (await wait_ready(shipped))["state"] == "ready"
+    open_doc(shipped, text=text, uri="file:///work/new.py")
+    line = text.count("\n")
+    character = len(text.rsplit("\n", 1)[-1])
+    result = await inline(shipped, line, character, uri="file:///work/new.py")
+    assert result.items, "the shipped model writes something here"
+    assert result.items[0].range.start == types.Position(line=line, character=character)

@@ -275,7 +275,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
         s.error ? `error: ${s.error}` : "",
         `latency last ${s.last_latency_ms ?? "-"} ms, median ${s.median_latency_ms ?? "-"} ms`,
         `requests ${s.requests}, completions ${s.completions}, shown ${s.shown}, accepted ${s.accepted} (+${s.partially_accepted} partly)`,
-        s.gated ? `${s.gated} hidden as unsure (dlm.minConfidence)` : "",
+        s.gated ? `${s.gated} hidden by the confidence gate (dlm.minConfidence)` : "",
       ].filter(Boolean);
       void vscode.window.showInformationMessage(`dlm: ${lines.join(" · ")}`);
     }),

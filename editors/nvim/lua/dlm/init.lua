@@ -180,15 +180,13 @@ local function show_status()
       s.requests or 0, s.completions or 0, s.shown or 0, s.accepted or 0
     )
     if (s.gated or 0) > 0 then
-      lines[#lines + 1] = ("  %d hidden as unsure (settings.minConfidence)"):format(s.gated)
+      lines[#lines + 1] = ("  %d hidden by the confidence gate (settings.minConfidence)"):format(s.gated)
     end
   end
   lines[#lines + 1] = "  renderer: " .. (M.native() and "vim.lsp.inline_completion (native)" or "dlm extmarks")
   vim.notify(table.concat(lines, "\n"))
 end
 
---- Set the plugin up. See `dlm.Config` (lua/dlm/config.lua) for the options and defaults.
----@param opts dlm.Config|table|nil
 --- Define `DlmSuggestion` (unless the user or the colour scheme already did): `Comment`'s look
 --- with a grey terminal colour, because many schemes (Neovim 0.11's default among them) give
 --- `Comment` only a GUI colour, and ghost text must never look like typed text.
@@ -202,6 +200,8 @@ function M.define_highlights()
   })
 end
 
+--- Set the plugin up. See `dlm.Config` (lua/dlm/config.lua) for the options and defaults.
+---@param opts dlm.Config|table|nil
 function M.setup(opts)
   config.set(opts)
   set_keymaps()
