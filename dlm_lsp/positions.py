@@ -27,8 +27,8 @@ def line_starts(text: str) -> list[int]:
     return [0, *(match.end() for match in LINE_BREAK.finditer(text))]
 
 
-def _units(text: str, encoding: str) -> int:
-    """Length of ``text`` in the code units of ``encoding``."""
+def _units(text: str, encoding: str | None) -> int:
+    """Length of ``text`` in the code units of ``encoding`` (UTF-16 unless UTF-8 or UTF-32 was agreed)."""
     if encoding == types.PositionEncodingKind.Utf8:
         return len(text.encode("utf-8", "surrogatepass"))
     if encoding == types.PositionEncodingKind.Utf32:
@@ -46,7 +46,7 @@ def _content_end(text: str, start: int, next_start: int) -> int:
     return end
 
 
-def offset_at(text: str, position: types.Position, encoding: str = types.PositionEncodingKind.Utf16) -> int:
+def offset_at(text: str, position: types.Position, encoding: str | None = types.PositionEncodingKind.Utf16) -> int:
     """Character offset of ``position`` in ``text``.
 
     As LSP prescribes, a ``character`` past the end of its line means the line's
@@ -72,7 +72,7 @@ def offset_at(text: str, position: types.Position, encoding: str = types.Positio
     return end
 
 
-def position_at(text: str, offset: int, encoding: str = types.PositionEncodingKind.Utf16) -> types.Position:
+def position_at(text: str, offset: int, encoding: str | None = types.PositionEncodingKind.Utf16) -> types.Position:
     """LSP position of character ``offset`` of ``text`` (clamped to the document).
 
     The end of a document without a final line break is on its last line, after

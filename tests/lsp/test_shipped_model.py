@@ -51,6 +51,8 @@ def test_check_command_at_a_file_position(tmp_path):
     assert json.loads(proc.stdout)["target"] == str(source)
     bad = subprocess.run([sys.executable, "-m", "dlm_lsp", "check", f"{source}:99:1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "outside the file" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "dlm_lsp", "check", "--min-confidence", "5"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--min-confidence must be in [0, 1]" in bad.stderr
 
 
 def test_engine_fills_a_simple_middle():
