@@ -107,6 +107,49 @@ class DlmLanguageServer(LanguageServer):
 
         self.model.load(self.settings.model, self.settings.backend, on_done=done)
 
+    def other_documents(self, uri: str, language_id: str) -> list[OpenDocument]:
+        """Other open documents of the same language, for snippets (none when the setting is off)."""
+        if not self.settings.other_files:
+            return []
+        same = [d for d in self.workspace.text_documents.values() if d.uri != uri and d.language_id == language_id]
+        return [OpenDocument(d.uri, language_id, d.source) for d in same[:MAX_OTHER_DOCUMENTS]]
+
+    async def complete_at(self, uri: str, position: types.Position, *, automatic: bool) -> types.InlineCompletionList:
+        """The one completion path, for requests and prefetches alike: the document and the other open
+        ones as they are now, the completion service (cache, debounce, cancellation, stale drop), and the
+        suggestion as an LSP item (empty when disabled, not ready, superseded, stale or hidden)."""
+        empty = types.InlineCompletionList(items=[])
+        doc = self.workspace.text_documents.get(uri)
+        if doc is None:  # never read from disk what the client did not open (pygls would, lazily)
+            log.debug("completion for %s, which is not open: none", uri)
+            return empty
+        language = doc.language_id or "plaintext"
+        settings = self.settings
+        if not settings.enabled_for(language) or self.model.state != "ready":
+            return empty
+        text = doc.source
+        encoding = doc.position_codec.encoding
+        offset = offset_at(text, position, encoding)
+        result = await self.completions.complete(
+            self.model.engine,
+            uri,
+            text,
+            offset,
+            language,
+            settings,
+            version=doc.version,
+            current_version=lambda: getattr(self.workspace.text_documents.get(uri), "version", None),
+            automatic=automatic,
+            others=self.other_documents(uri, doc.language_id or "plaintext"),
+        )
+        log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
+        if result.suggestion is None:
+            return empty
+        start = position_at(text, offset, encoding)
+        end = position_at(text, offset + result.suggestion.replace_suffix, encoding)
+        item = types.InlineCompletionItem(insert_text=result.suggestion.text, range=types.Range(start=start, end=end))
+        return types.InlineCompletionList(items=[item])
+
     def status(self) -> dict[str, Any]:
         """The ``dlm/status`` payload."""
         return {
@@ -155,42 +198,9 @@ def on_did_close(ls: DlmLanguageServer, params: types.DidCloseTextDocumentParams
 async def on_inline_completion(
     ls: DlmLanguageServer, params: types.InlineCompletionParams
 ) -> types.InlineCompletionList:
-    """Ghost text at the cursor; an empty list when disabled, not ready, superseded or stale."""
-    empty = types.InlineCompletionList(items=[])
-    uri = params.text_document.uri
-    doc = ls.workspace.get_text_document(uri)
-    language = doc.language_id or "plaintext"
-    settings = ls.settings
-    if not settings.enabled_for(language):
-        return empty
-    if ls.model.state != "ready":
-        return empty
-    text = doc.source
-    encoding = doc.position_codec.encoding
-    offset = offset_at(text, params.position, encoding)
-    others = []
-    if settings.other_files:  # only same-language documents are used: skip joining the others' text
-        same = [d for d in ls.workspace.text_documents.values() if d.uri != uri and d.language_id == doc.language_id]
-        others = [OpenDocument(d.uri, language, d.source) for d in same[:MAX_OTHER_DOCUMENTS]]
-    result = await ls.completions.complete(
-        ls.model.engine,
-        uri,
-        text,
-        offset,
-        language,
-        settings,
-        version=doc.version,
-        current_version=lambda: ls.workspace.get_text_document(uri).version,
-        automatic=params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic,
-        others=others,
-    )
-    log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
-    if result.suggestion is None:
-        return empty
-    start = position_at(text, offset, encoding)
-    end = position_at(text, offset + result.suggestion.replace_suffix, encoding)
-    item = types.InlineCompletionItem(insert_text=result.suggestion.text, range=types.Range(start=start, end=end))
-    return types.InlineCompletionList(items=[item])
+    """Ghost text at the cursor; an empty list when disabled, not ready, superseded, stale or hidden."""
+    automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+    return await ls.complete_at(params.text_document.uri, params.position, automatic=automatic)
 
 
 @server.feature(STATUS)
@@ -216,28 +226,27 @@ async def on_did_accept(ls: DlmLanguageServer, params: Any) -> None:
     if ls.settings.metrics:
         ls.metrics.count("accepted")
         ls.metrics.count("accepted_chars", _accepted_length(params))
-    uri, position = _field(params, "uri"), _field(params, "position")
-    if uri and position is not None and ls.model.state == "ready":
-        await _prefetch(ls, uri, types.Position(line=int(_field(position, "line")), character=int(_field(position, "character"))))
+    if ls.model.state == "ready":
+        await _prefetch(ls, params)
 
 
-async def _prefetch(ls: DlmLanguageServer, uri: str, position: types.Position) -> None:
-    """Compute the suggestion at ``position`` ahead of the request, into the type-through cache."""
+async def _prefetch(ls: DlmLanguageServer, params: Any) -> None:
+    """Compute the suggestion at the cursor after an accept, into the type-through cache.
+
+    Best effort: whatever goes wrong (a stale position, an engine error) is logged and
+    counted (``prefetch_errors``), never shown to the user.
+    """
     try:
-        doc = ls.workspace.get_text_document(uri)
-        offset = offset_at(doc.source, position, doc.position_codec.encoding)
-    except Exception as exc:  # noqa: BLE001 - a stale position is not worth an error
-        log.debug("prefetch skipped: %s", exc)
+        uri, position = _field(params, "uri"), _field(params, "position")
+        if not uri or position is None:
+            return
+        cursor = types.Position(line=int(_field(position, "line")), character=int(_field(position, "character")))
+        await ls.complete_at(uri, cursor, automatic=False)
+    except Exception as exc:  # noqa: BLE001 - a failed prefetch must not reach the user
+        ls.metrics.count("prefetch_errors")
+        log.warning("prefetch failed: %s", exc)
         return
-    language = doc.language_id or "plaintext"
-    if not ls.settings.enabled_for(language):
-        return
-    result = await ls.completions.complete(
-        ls.model.engine, uri, doc.source, offset, language, ls.settings,
-        version=doc.version, current_version=lambda: ls.workspace.get_text_document(uri).version, automatic=False,
-    )
     ls.metrics.count("prefetches")
-    log.debug("prefetch %s: %s", uri, result.source)
 
 
 @server.feature(DID_PARTIALLY_ACCEPT)

@@ -28,6 +28,7 @@ class Metrics:
     partially_accepted: int = 0
     accepted_chars: int = 0
     prefetches: int = 0
+    prefetch_errors: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=200))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -8,6 +8,7 @@ quality is the evaluation harness's job.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import pytest
@@ -302,3 +303,30 @@ async def test_the_range_starts_at_the_cursor_at_the_very_end_of_a_document(ship
     result = await inline(shipped, line, character, uri="file:///work/new.py")
     assert result.items, "the shipped model writes something here"
     assert result.items[0].range.start == types.Position(line=line, character=character)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_prefetch_is_counted_never_shown(client: LanguageClient):
+    await wait_ready(client)
+    open_doc(client)
+    client.protocol.notify("dlm/didAcceptCompletion", {"acceptedLength": 3, "uri": URI, "position": {"line": "x", "character": 0}})
+    for _ in range(100):
+        status = await wait_ready(client)
+        if status["prefetch_errors"]:
+            break
+        await asyncio.sleep(0.05)
+    assert status["prefetch_errors"] == 1 and status["errors"] == 0
+    assert not client.messages  # no window/showMessage popup (pytest-lsp keeps them in a tuple)
+
+
+@pytest.mark.asyncio
+async def test_documents_the_client_did_not_open_are_never_read(client: LanguageClient, tmp_path):
+    """A FIFO named by a request would block a server that reads it: nothing is read from disk."""
+    fifo = tmp_path / "pipe.py"
+    os.mkfifo(fifo)
+    await wait_ready(client)
+    client.protocol.notify("dlm/didAcceptCompletion", {"acceptedLength": 1, "uri": fifo.as_uri(), "position": {"line": 0, "character": 0}})
+    result = await asyncio.wait_for(inline(client, 0, 0, uri=fifo.as_uri()), timeout=10)
+    assert list(result.items) == []
+    status = await asyncio.wait_for(wait_ready(client), timeout=10)  # still answering
+    assert status["errors"] == 0 and status["prefetches"] == 1
