@@ -30,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.bench import Item, latency_and_quality, markdown, progress
+from engine.bench import Item, latency_and_quality, markdown
+from engine.progress import progress
 from engine.eval.harness import edit_similarity, exact_match
 from engine.sampler import SamplingParams, UnmaskOrder
 

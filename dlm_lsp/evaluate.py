@@ -99,7 +99,7 @@ def summarise(rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
 
 def evaluate(engine: Engine, problems: Sequence[RepoProblem], settings: Settings, thresholds: Sequence[float]) -> dict[str, Any]:
     """Complete every problem once (gate off) and score what each threshold would show."""
-    from engine.bench import progress
+    from engine.progress import progress
 
     ungated = replace(settings, min_confidence=0.0)
     per_threshold: dict[float, list[dict[str, Any]]] = {t: [] for t in thresholds}

@@ -39,7 +39,7 @@ class ModelHost:
     def wants_reload(self, model: str, backend: str) -> bool:
         """Whether these settings name another model or backend than the loaded one."""
         path = Path(model).expanduser() if model else default_model_path()
-        return self.state == "idle" or path != self.path or backend != self.backend
+        return path != self.path or backend != self.backend
 
     def load(self, model: str, backend: str, on_done: Callable[["ModelHost"], None] | None = None) -> threading.Thread:
         """Start loading on a thread; ``on_done`` runs on that thread when it finishes (or fails)."""

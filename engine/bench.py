@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from engine.errors import InputError
+from engine.progress import progress
 from engine.eval.harness import edit_similarity, exact_match, heldout_problems, load_problems
 from engine.sampler import SamplingParams, UnmaskOrder
 
@@ -135,18 +135,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def progress(done: int, total: int, started: float, extra: str = "") -> None:
-    """A one-line progress bar with ETA on stderr."""
-    width = 30
-    filled = int(width * done / max(1, total))
-    rate = done / max(1e-9, time.perf_counter() - started)
-    eta = (total - done) / rate if rate else 0
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra} ETA {eta:.0f}s ")
-    sys.stderr.flush()
-    if done == total:
-        sys.stderr.write("\n")
 
 
 def run_engine_bench(

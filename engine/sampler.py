@@ -114,7 +114,10 @@ class SamplingParams:
             raise InputError(f"tokens_per_step must be at least 1, got {self.tokens_per_step}")
         if self.budget_ms is not None and self.budget_ms <= 0:
             raise InputError(f"budget_ms must be positive, got {self.budget_ms}")
-        object.__setattr__(self, "order", UnmaskOrder(self.order))
+        try:
+            object.__setattr__(self, "order", UnmaskOrder(self.order))
+        except ValueError:
+            raise InputError(f"order must be one of {', '.join(o.value for o in UnmaskOrder)}, got {self.order!r}") from None
         object.__setattr__(self, "lengths", tuple(sorted({int(n) for n in self.lengths})))
 
 

@@ -7,7 +7,7 @@ text around the cursor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,7 @@ class Suggestion:
 
     text: str
     replace_suffix: int = 0
-    notes: tuple[str, ...] = field(default=(), compare=False)
-    """Which filters changed it (for logs and tests)."""
 
-    def changed(self, text: str, by: str, replace_suffix: int | None = None) -> "Suggestion":
-        """A copy with new text, recording the filter."""
-        return Suggestion(
-            text, self.replace_suffix if replace_suffix is None else replace_suffix, (*self.notes, by)
-        )
+    def changed(self, text: str, replace_suffix: int | None = None) -> "Suggestion":
+        """A copy with new text (and, if given, a new replace range)."""
+        return Suggestion(text, self.replace_suffix if replace_suffix is None else replace_suffix)

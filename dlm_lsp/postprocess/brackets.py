@@ -43,7 +43,7 @@ def _first_unmatched_closer(text: str) -> int | None:
 def keep_brackets_balanced(s: Suggestion, ctx: Context) -> Suggestion | None:
     if _first_unmatched_closer(ctx.line_prefix + ctx.line_suffix) is not None:
         return s  # the line was unbalanced before we touched it
-    first, newline, after = s.text.partition("\n")
+    first, newline, _ = s.text.partition("\n")
     replace = s.replace_suffix
     candidate = first
     while True:
@@ -58,9 +58,9 @@ def keep_brackets_balanced(s: Suggestion, ctx: Context) -> Suggestion | None:
             candidate = candidate.rstrip()[:-1]  # our extra closer orphaned one after the cursor
         else:
             return None
-        newline, after, replace = "", "", 0  # what followed the cut is gone; the suffix stays
+        newline, replace = "", 0  # what followed the cut is gone; the suffix stays
     if candidate == first:
         return s
     if not candidate.strip():
         return None
-    return s.changed(candidate, "brackets", replace_suffix=replace)
+    return s.changed(candidate, replace_suffix=replace)

@@ -20,5 +20,5 @@ def absorb_auto_closed(s: Suggestion, ctx: Context) -> Suggestion | None:
     first, newline, after = s.text.partition("\n")
     if first.rstrip().endswith(rest):
         first = first.rstrip()
-        return s.changed(first + newline + after, "closing", replace_suffix=len(rest))
+        return s.changed(first + newline + after, replace_suffix=len(rest))
     return s

@@ -29,4 +29,4 @@ def drop_suffix_duplicates(s: Suggestion, ctx: Context) -> Suggestion | None:
         text = text.rstrip()[: -len(rest)].rstrip() if "\n" in text else text.rstrip()[: -len(rest)]
     elif rest and text.strip() == rest:
         return None
-    return s if text == s.text else s.changed(text, "duplicates")
+    return s if text == s.text else s.changed(text)

@@ -21,4 +21,4 @@ def cut_repetition(s: Suggestion, ctx: Context) -> Suggestion | None:
         if kept[0].strip() and kept[0].strip() == ctx.previous_lines[-1].strip():
             return None
     text = "\n".join(kept)
-    return s if text == s.text else s.changed(text, "repetition")
+    return s if text == s.text else s.changed(text)

@@ -25,7 +25,7 @@ def _indent(line: str) -> int:
 def trim_to_scope(s: Suggestion, ctx: Context) -> Suggestion | None:
     lines = s.text.split("\n")
     if not ctx.multiline:
-        return s.changed(lines[0], "scope") if len(lines) > 1 else s
+        return s.changed(lines[0]) if len(lines) > 1 else s
     cursor_line = ctx.line_prefix + lines[0]
     base = _indent(cursor_line) if cursor_line.strip() else len(cursor_line)
     opens = cursor_line.rstrip().endswith(OPENERS)
@@ -43,4 +43,4 @@ def trim_to_scope(s: Suggestion, ctx: Context) -> Suggestion | None:
     while len(kept) > 1 and not kept[-1].strip():
         kept.pop()
     text = "\n".join(kept)
-    return s if text == s.text else s.changed(text, "scope")
+    return s if text == s.text else s.changed(text)

@@ -19,13 +19,12 @@ def trim_to_syntax(s: Suggestion, ctx: Context) -> Suggestion | None:
     parser = parser_for(ctx.language)
     if parser is None:
         return s
-    after = ctx.line_suffix[s.replace_suffix :] + ("\n" + "\n".join(ctx.next_lines) if ctx.next_lines else "")
-    after = ctx.text_after or after
+    after = (ctx.text_after or ctx.line_suffix)[s.replace_suffix :]
     before = ctx.text_before or ctx.line_prefix
     baseline = parse_errors(parser, before + after)
     lines = s.text.split("\n")
     for n in range(len(lines), 0, -1):
         candidate = "\n".join(lines[:n])
         if parse_errors(parser, before + candidate + after) <= baseline:
-            return s if n == len(lines) else s.changed(candidate, "syntax")
+            return s if n == len(lines) else s.changed(candidate)
     return s  # nothing parses cleanly: the other filters decide

@@ -60,9 +60,7 @@ class StepOutput:
 
 
 class ContextCache(Protocol):
-    """Backend-owned keys/values of the context; ``length`` is the number of cached positions."""
-
-    length: int
+    """Backend-owned keys/values of the context, opaque to the sampler: it only hands it back to :meth:`Denoiser.step`."""
 
 
 class Denoiser(Protocol):

@@ -35,9 +35,6 @@ class OrtContextCache:
     values: np.ndarray
     rotated: dict[tuple[tuple[int, ...], bytes], np.ndarray] = field(default_factory=dict)
 
-    @property
-    def length(self) -> int:
-        return int(self.keys.shape[3])
 
 
 def rotary_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

@@ -32,9 +32,6 @@ class TorchContextCache:
     keys: "object"
     values: "object"
 
-    @property
-    def length(self) -> int:
-        return int(self.keys.shape[3])  # type: ignore[attr-defined]
 
 
 class TorchDenoiser:

@@ -137,7 +137,7 @@ def evaluate(
     """Complete every problem in every mode; returns ``{"summary": ..., "results": [...]}``."""
     from dataclasses import replace
 
-    from engine.bench import progress
+    from engine.progress import progress
     from engine.eval.sandbox import Limits, run_program
 
     modes = list(modes)

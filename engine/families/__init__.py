@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
-from engine.errors import UnknownFamilyError
+from engine.errors import UnknownFamilyError, UnsupportedConfigError
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class ArchConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
+            raise UnsupportedConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
 
     @property
     def kv_groups(self) -> int:

@@ -51,10 +51,6 @@ def _parse_config(config: Mapping[str, Any]) -> ArchConfig:
         )
     if config.get("use_sliding_window"):
         raise UnsupportedConfigError("use_sliding_window=true is not supported (attention must be full)")
-    if heads % kv_heads:
-        raise UnsupportedConfigError(
-            f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
-        )
     if head_dim % 2:
         raise UnsupportedConfigError(f"head_dim={head_dim} must be even for rotary embeddings")
     return ArchConfig(
