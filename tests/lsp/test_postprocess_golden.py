@@ -7,6 +7,7 @@ filter's name, or ``all`` for the whole pipeline), ``multiline``, ``before`` (th
 document up to the cursor), ``after`` (from the cursor on), ``completion`` (what
 the engine returned), ``expected`` (``<dropped>`` when the suggestion must be
 suppressed) and optionally ``replace_suffix`` and ``language`` (default python).
+The filters see the context the server builds (``build_context``), as in production.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from dlm_lsp.context import build_context
 from dlm_lsp.postprocess import FILTERS, Context, Suggestion, postprocess
+from dlm_lsp.settings import Settings
 
 CASES = sorted((Path(__file__).parents[1] / "golden" / "postprocess").glob("*.txt"))
 
@@ -33,17 +36,9 @@ def parse_case(path: Path) -> dict[str, str]:
 
 
 def context_of(before: str, after: str, multiline: bool, language: str = "python") -> Context:
-    head, tail = before.split("\n"), after.split("\n")
-    return Context(
-        line_prefix=head[-1],
-        line_suffix=tail[0],
-        next_lines=tuple(tail[1:]),
-        previous_lines=tuple(head[:-1]),
-        multiline=multiline,
-        language=language,
-        text_before=before,
-        text_after=after,
-    )
+    """The filters' context as the server builds it (:func:`dlm_lsp.context.build_context`)."""
+    settings = Settings(multiline="always" if multiline else "never", other_files=False)
+    return build_context(before + after, len(before), language, settings).post
 
 
 def test_cases_exist_for_every_filter():
