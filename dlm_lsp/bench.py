@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine import SERVING_BACKENDS
 from engine.bench import Item, latency_and_quality, markdown
 from engine.progress import progress
 from engine.eval.harness import edit_similarity, exact_match
@@ -288,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
         description="Latency, tokens per forward pass and quality of inline completions, against two baselines.",
     )
     p.add_argument("--model", default="", help="engine folder (default: the shipped model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "cuda", "cpu"])
+    p.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
     p.add_argument("--heldout", type=Path, help="held-out corpus split (heldout.jsonl from dlm-corpus)")
     p.add_argument("--problems", type=Path, action="append", default=[], help="HumanEval-infilling .jsonl(.gz); repeatable")
     p.add_argument("--kinds", default="single,multi", help="middles to bench: single, multi or both (comma-separated)")

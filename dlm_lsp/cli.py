@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dlm_lsp import __version__
+from engine import SERVING_BACKENDS
 
 SAMPLE = '''def fibonacci(n: int) -> int:
     """Return the n-th Fibonacci number."""
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="load the model and complete once, through the server's code path")
     check.add_argument("target", nargs="?", help="FILE or FILE:LINE:COL (1-based; default: end of file). Default: a built-in sample")
     check.add_argument("--model", default="", help="engine folder (default: the shipped model)")
-    check.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "cuda", "cpu"])
+    check.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
     check.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")
     check.add_argument("--language", default=None, help="language id (default: from the file extension)")
     check.add_argument("--min-confidence", type=float, default=None,

@@ -29,6 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from engine import SERVING_BACKENDS
+
 from dlm_lsp.completion import Result, complete_text
 from dlm_lsp.gate import adds_parse_errors, gate, parse_surroundings, whitespace_problem
 from dlm_lsp.postprocess import Suggestion
@@ -159,7 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=200, help="middles to cut (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--model", default="", help="engine folder (default: the shipped model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "cuda", "cpu"])
+    p.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
     p.add_argument("--ext", default=".py", help="file name endings to read, comma-separated (default: .py)")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")
     p.add_argument("--no-healing", action="store_true", help="turn token healing off (to measure it)")

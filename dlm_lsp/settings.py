@@ -5,64 +5,132 @@ Settings arrive from ``initializationOptions``, ``workspace/configuration`` and
 a :class:`Settings`; every invalid value is replaced by its default and reported
 (the server shows the messages with ``window/showMessage``, naming the key).
 Keys use VS Code's camelCase (``dlm.latencyBudgetMs``); snake_case is accepted too.
+
+Each field carries its :class:`Rule` (type, range, choices) beside its default:
+validation is derived from it, and a test checks the VS Code schema
+(``editors/vscode/package.json``) against it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
-BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
+from engine import MULTI_LINE_LENGTHS, SERVING_BACKENDS, SINGLE_LINE_LENGTHS
+
 MULTILINE_MODES = ("auto", "always", "never")
+MAX_TOKENS = 512
+"""Longest middle, and longest candidate length, a setting may ask for."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What values a setting takes (the JSON schema VS Code shows is checked against this)."""
+
+    kind: Literal["string", "choice", "boolean", "number", "integer", "lengths", "enable"]
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    """``minimum`` itself is not allowed."""
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any, default: Any) -> Any:
+        """``value`` converted to the setting's type, or ValueError saying what is expected."""
+        if self.kind == "string":
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(f"expected one of {', '.join(self.choices)}")
+            return value
+        if self.kind == "boolean":
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        if self.kind == "enable":
+            if isinstance(value, bool):
+                return {"*": value}
+            if not isinstance(value, Mapping) or not all(isinstance(v, bool) for v in value.values()):
+                raise ValueError('expected a map of language ids to true/false, like {"*": true, "markdown": false}')
+            return {**default, **dict(value)} if "*" not in value else dict(value)
+        if self.kind == "lengths":
+            if not isinstance(value, (list, tuple)) or not value or not all(self._is_integer(v) and self._in_range(v) for v in value):
+                raise ValueError(f"expected a non-empty list of token counts between {self._range()}")
+            return tuple(sorted({int(v) for v in value}))
+        if not (self._is_integer(value) if self.kind == "integer" else self._is_number(value)) or not self._in_range(value):
+            raise ValueError(f"expected {'a whole number' if self.kind == 'integer' else 'a number'} {self._range()}")
+        return int(value) if self.kind == "integer" else float(value)
+
+    @staticmethod
+    def _is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def _is_integer(self, value: Any) -> bool:
+        return self._is_number(value) and float(value).is_integer()
+
+    def _in_range(self, value: float) -> bool:
+        low_ok = self.minimum is None or (value > self.minimum if self.exclusive_minimum else value >= self.minimum)
+        return low_ok and (self.maximum is None or value <= self.maximum)
+
+    def _range(self) -> str:
+        low = "" if self.minimum is None else f"{'above' if self.exclusive_minimum else 'from'} {self.minimum:g}"
+        high = "" if self.maximum is None else f"to {self.maximum:g}"
+        return " ".join(part for part in (low, high) if part) or "(any)"
+
+
+def _setting(default: Any, rule: Rule) -> Any:
+    """A dataclass field with its rule (mutable defaults become factories)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every user-facing setting of the server, with its default."""
+    """Every user-facing setting of the server, with its default and its :class:`Rule`."""
 
-    model: str = ""
+    model: str = _setting("", Rule("string"))
     """Engine folder to load; empty = the default model that ships with dlm-lsp."""
-    backend: str = "auto"
+    backend: str = _setting("auto", Rule("choice", choices=SERVING_BACKENDS))
     """Runtime: auto | tensorrt | cuda | cpu."""
-    latency_budget_ms: float = 150.0
+    latency_budget_ms: float = _setting(150.0, Rule("number", 1, 60_000))
     """Hard deadline of one completion; at the deadline the committed part is returned."""
-    max_middle_tokens: int = 64
+    max_middle_tokens: int = _setting(64, Rule("integer", 1, MAX_TOKENS))
     """Longest middle the engine may write."""
-    length_candidates: tuple[int, ...] = (8, 16, 32, 64)
+    length_candidates: tuple[int, ...] = _setting(MULTI_LINE_LENGTHS, Rule("lengths", 1, MAX_TOKENS))
     """Candidate middle lengths (tokens) of a multi-line middle, tried in one batch; capped by max_middle_tokens."""
-    single_line_length_candidates: tuple[int, ...] = (10,)
-    """Candidate lengths of a single-line middle. One slot of 10 tokens, measured with the shipped
-    model against (8, 16): edit similarity +0.03 (HumanEval) / +0.04 (held-out), empty suggestions
-    11 -> 0 of 300, p50 +8 ms (the model ends short spans too early; see docs/engine.md, "Single-line length")."""
-    confidence_threshold: float = 0.9
+    single_line_length_candidates: tuple[int, ...] = _setting(SINGLE_LINE_LENGTHS, Rule("lengths", 1, MAX_TOKENS))
+    """Candidate lengths of a single-line middle: one slot of 10, as the shipped model ends short spans
+    too early (measured in docs/engine.md, "Single-line length")."""
+    confidence_threshold: float = _setting(0.9, Rule("number", 0, 1, exclusive_minimum=True))
     """Commit every masked position at least this confident in a denoising step."""
-    tokens_per_step: int = 1
-    """Commit at least this many positions per denoising step (the most confident). More is faster
-    but, with the shipped model, much worse: single-line p50 52 -> 42 / 37 ms and HumanEval
-    single-line pass@1 2.4 -> 1.7 / 0.2 % at 2 / 3 (see docs/engine.md, "Tokens per step")."""
-    min_confidence: float = 0.3
+    tokens_per_step: int = _setting(1, Rule("integer", 1, MAX_TOKENS))
+    """Commit at least this many positions per denoising step (the most confident): faster, but the
+    shipped model is then much less often right (docs/engine.md, "Tokens per step")."""
+    min_confidence: float = _setting(0.3, Rule("number", 0, 1))
     """Show only the leading part of a suggestion whose tokens the model committed with at least this
     probability, and only when inserting it keeps the indentation and the parse (see ``dlm_lsp.gate``);
     0 shows everything. Calibrated for the shipped model in docs/quality.md."""
-    token_healing: bool = True
+    token_healing: bool = _setting(True, Rule("boolean"))
     """Back the prefix up to a token boundary and have the model write the removed text again
     (``engine.healing``): no stray spaces after indentation, whole identifiers."""
-    debounce_ms: int = 75
+    debounce_ms: int = _setting(75, Rule("integer", 0, 5_000))
     """Wait this long after the last keystroke before asking the model (automatic triggers only)."""
-    enable: Mapping[str, bool] = field(default_factory=lambda: {"*": True, "plaintext": False, "markdown": False})
+    enable: Mapping[str, bool] = _setting({"*": True, "plaintext": False, "markdown": False}, Rule("enable"))
     """Per-language switch; ``"*"`` is the fallback."""
-    multiline: str = "auto"
+    multiline: str = _setting("auto", Rule("choice", choices=MULTILINE_MODES))
     """auto (decided from syntax) | always | never."""
-    prefix_tokens: int = 192
+    prefix_tokens: int = _setting(192, Rule("integer", 0, 32_768))
     """Token budget of the text before the cursor."""
-    suffix_tokens: int = 48
+    suffix_tokens: int = _setting(48, Rule("integer", 0, 32_768))
     """Token budget of the text after the cursor."""
-    other_files: bool = True
+    other_files: bool = _setting(True, Rule("boolean"))
     """Add snippets from other open documents of the same language."""
-    other_files_tokens: int = 64
+    other_files_tokens: int = _setting(64, Rule("integer", 0, 8_192))
     """Token budget of those snippets (taken from the prefix budget's share of the window)."""
-    metrics: bool = True
+    metrics: bool = _setting(True, Rule("boolean"))
     """Count shown/accepted suggestions locally (never sent anywhere)."""
 
     def enabled_for(self, language_id: str) -> bool:
@@ -76,66 +144,26 @@ class Settings:
         return kept or (self.max_middle_tokens,)
 
 
+def _camel(name: str) -> str:
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+
+
 SECTION = "dlm"
 CLIENT_ONLY = frozenset({"server"})
 """Keys of the section that belong to the editor client (``dlm.server.path``/``args``): ignored silently."""
 
-_ALIASES = {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), f.name): f.name for f in fields(Settings)}
+_ALIASES = {_camel(f.name): f.name for f in fields(Settings)}
 _ALIASES.update({"latencyBudget": "latency_budget_ms", "multiLine": "multiline", "enabled": "enable"})
+
+
+def rules() -> dict[str, Rule]:
+    """Each setting's :class:`Rule`, by its camelCase key (as in VS Code's ``settings.json``)."""
+    return {_camel(f.name): f.metadata["rule"] for f in fields(Settings)}
 
 
 def _check(name: str, value: Any, default: Any) -> Any:
     """Validated value for field ``name`` or raise ValueError with the reason."""
-    if name in ("model",):
-        if not isinstance(value, str):
-            raise ValueError("expected a folder path (string)")
-        return value
-    if name == "backend":
-        if value not in BACKENDS:
-            raise ValueError(f"expected one of {', '.join(BACKENDS)}")
-        return value
-    if name == "multiline":
-        if value not in MULTILINE_MODES:
-            raise ValueError(f"expected one of {', '.join(MULTILINE_MODES)}")
-        return value
-    if name in ("other_files", "metrics", "token_healing"):
-        if not isinstance(value, bool):
-            raise ValueError("expected true or false")
-        return value
-    if name == "enable":
-        if isinstance(value, bool):
-            return {"*": value}
-        if not isinstance(value, Mapping) or not all(isinstance(v, bool) for v in value.values()):
-            raise ValueError('expected a map of language ids to true/false, like {"*": true, "markdown": false}')
-        return {**default, **dict(value)} if "*" not in value else dict(value)
-    if name in ("length_candidates", "single_line_length_candidates"):
-        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 512 for v in value):
-            raise ValueError("expected a non-empty list of token counts between 1 and 512")
-        return tuple(sorted(set(value)))
-    if name == "min_confidence":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError("expected a number in [0, 1] (0 shows every suggestion)")
-        return float(value)
-    if name == "confidence_threshold":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise ValueError("expected a number in (0, 1]")
-        return float(value)
-    if name == "tokens_per_step":
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 512:
-            raise ValueError("expected a whole number between 1 and 512")
-        return value
-    limits = {
-        "latency_budget_ms": (1, 60_000),
-        "max_middle_tokens": (1, 512),
-        "debounce_ms": (0, 5_000),
-        "prefix_tokens": (0, 32_768),
-        "suffix_tokens": (0, 32_768),
-        "other_files_tokens": (0, 8_192),
-    }
-    low, high = limits[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"expected a number between {low} and {high}")
-    return type(default)(value)
+    return Settings.__dataclass_fields__[name].metadata["rule"].check(value, default)
 
 
 def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, list[str]]:

@@ -14,7 +14,7 @@ from its own module for tools and tests.
 
 from pathlib import Path
 
-from engine.backends.base import BACKENDS, ModelInfo
+from engine.backends.base import BACKENDS, SERVING_BACKENDS, ModelInfo
 from engine.engine import Completion, Engine
 from engine.errors import (
     BackendUnavailableError,
@@ -27,7 +27,7 @@ from engine.errors import (
     UnknownFamilyError,
     UnsupportedConfigError,
 )
-from engine.sampler import SamplingParams, UnmaskOrder
+from engine.sampler import MULTI_LINE_LENGTHS, SINGLE_LINE_LENGTHS, SamplingParams, UnmaskOrder
 
 
 def default_model_path() -> Path:
@@ -45,7 +45,10 @@ __all__ = [
     "ExportError",
     "InputError",
     "ManifestError",
+    "MULTI_LINE_LENGTHS",
     "ModelInfo",
+    "SERVING_BACKENDS",
+    "SINGLE_LINE_LENGTHS",
     "SamplingParams",
     "TokenizerError",
     "UnknownFamilyError",

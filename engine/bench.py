@@ -43,12 +43,8 @@ import numpy as np
 from engine.errors import InputError
 from engine.progress import progress
 from engine.eval.harness import edit_similarity, exact_match, heldout_problems, load_problems
-from engine.sampler import SamplingParams, UnmaskOrder
+from engine.sampler import MULTI_LINE_LENGTHS, SINGLE_LINE_LENGTHS, SamplingParams, UnmaskOrder
 
-SINGLE_LINE_LENGTHS = (10,)
-"""Candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates`` default)."""
-MULTI_LINE_LENGTHS = (8, 16, 32, 64)
-"""Candidate lengths of a multi-line middle (the server's defaults)."""
 SUFFIX_SHARE = 0.2
 """Share of the context room given to the suffix (the rest goes to the prefix)."""
 

@@ -63,6 +63,12 @@ from engine.errors import InputError
 from engine.healing import Healing
 
 
+MULTI_LINE_LENGTHS = (8, 16, 32, 64)
+"""Default candidate lengths (tokens) of a middle of unknown length (the server's ``lengthCandidates``)."""
+SINGLE_LINE_LENGTHS = (10,)
+"""Default candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates``)."""
+
+
 class UnmaskOrder(str, enum.Enum):
     """Which masked positions to commit first when fewer than all pass the threshold."""
 
@@ -82,7 +88,7 @@ class UnmaskOrder(str, enum.Enum):
 class SamplingParams:
     """Parameters of one fill-in-the-middle run."""
 
-    lengths: tuple[int, ...] = (8, 16, 32, 64)
+    lengths: tuple[int, ...] = MULTI_LINE_LENGTHS
     """Candidate middle lengths in tokens, run as one batch; a single value fixes the length."""
     threshold: float = 0.9
     """Commit every masked position with top-1 probability >= threshold. 1.0 disables parallel commits."""

@@ -30,8 +30,10 @@ from engine.families import ArchConfig, TokenIds
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "torch")
-"""Accepted backend names. ``torch`` is the PyTorch reference, not a serving backend."""
+SERVING_BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
+"""Backends that serve engine folders (the server's ``backend`` setting)."""
+BACKENDS = (*SERVING_BACKENDS, "torch")
+"""Accepted backend names. ``torch`` is the PyTorch reference on checkpoint folders, not a serving backend."""
 
 
 @dataclass(frozen=True)

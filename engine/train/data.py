@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.sampler import MULTI_LINE_LENGTHS
 from engine.tiny import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, train_bpe_tokenizer
 
 SPECIAL_TOKENS = [EOS_TOKEN, MASK_TOKEN, BOS_TOKEN]
-CANDIDATE_LENGTHS = (8, 16, 32, 64)
 IGNORE = -100
 
 
@@ -170,7 +170,7 @@ class Batcher:
             if not m or len(m) > self.max_middle:
                 continue
             if rng.random() < 0.5:
-                slot = min(self.max_middle, next((n for n in CANDIDATE_LENGTHS if n >= len(m)), len(m)))
+                slot = min(self.max_middle, next((n for n in MULTI_LINE_LENGTHS if n >= len(m)), len(m)))
             else:
                 slot = min(self.max_middle, len(m) + int(rng.integers(0, 9)))
             room = self.window - slot - 1

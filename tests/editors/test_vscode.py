@@ -20,7 +20,7 @@ from pathlib import Path
 from editor_env import FIB_SOURCE as SOURCE
 from editor_env import TYPE_AT, need, screenshot_dir
 
-from dlm_lsp.settings import Settings
+from dlm_lsp.settings import Settings, rules
 
 ROOT = Path(__file__).resolve().parents[2]
 VSCODE = ROOT / "editors" / "vscode"
@@ -48,6 +48,17 @@ def test_package_json_declares_every_server_setting_with_its_default():
         value = list(value) if isinstance(value, tuple) else dict(value) if f.name == "enable" else value
         assert props[f"dlm.{_camel(f.name)}"]["default"] == value, f.name
         assert props[f"dlm.{_camel(f.name)}"].get("markdownDescription"), f.name
+    for key, rule in rules().items():  # types, ranges and choices as the server validates them
+        prop = props[f"dlm.{key}"]
+        schema = prop["items"] if rule.kind == "lengths" else prop
+        expected_type = {"string": "string", "choice": "string", "boolean": "boolean", "number": "number",
+                         "integer": "integer", "lengths": "integer", "enable": "boolean"}[rule.kind]
+        if rule.kind == "enable":
+            schema = prop["additionalProperties"]
+        assert schema["type"] == expected_type, key
+        assert tuple(prop.get("enum", ())) == rule.choices, key
+        low = "exclusiveMinimum" if rule.exclusive_minimum else "minimum"
+        assert schema.get(low) == rule.minimum and schema.get("maximum") == rule.maximum, key
     commands = {c["command"] for c in manifest["contributes"]["commands"]}
     assert {"dlm.enable", "dlm.disable", "dlm.enableLanguage", "dlm.disableLanguage", "dlm.restartServer", "dlm.showLog"} <= commands
 

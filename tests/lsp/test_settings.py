@@ -84,3 +84,27 @@ def test_the_request_uses_the_candidates_of_its_kind_and_the_decoding_settings()
     s, problems = parse_settings({"confidenceThreshold": 0.95, "tokensPerStep": 3})
     chosen = sampling_params(s, multiline=False, budget_ms=None)
     assert problems == [] and (chosen.threshold, chosen.tokens_per_step) == (0.95, 3)
+
+
+@pytest.mark.parametrize(
+    "key, value, accepted",
+    [
+        ("confidenceThreshold", 0, False), ("confidenceThreshold", 1, True),  # above 0, up to 1
+        ("minConfidence", 0, True), ("minConfidence", 1.01, False),
+        ("debounceMs", 0, True), ("debounceMs", 5000, True), ("debounceMs", 5001, False),
+        ("maxMiddleTokens", 3.0, True), ("maxMiddleTokens", 2.5, False),  # whole numbers only
+        ("lengthCandidates", [1, 512], True), ("lengthCandidates", [513], False), ("lengthCandidates", [2.5], False),
+        ("tokenHealing", 1, False), ("model", 3, False), ("multiline", "sometimes", False),
+    ],
+)
+def test_every_rule_is_enforced_at_its_edges(key, value, accepted):
+    settings, problems = parse_settings({key: value})
+    assert (problems == []) is accepted, problems
+    if not accepted:
+        assert problems[0].startswith(f"dlm.{key}: ") and "using the default" in problems[0]
+
+
+def test_range_messages_say_what_is_expected():
+    _, problems = parse_settings({"debounceMs": -1, "confidenceThreshold": 0})
+    assert "expected a whole number from 0 to 5000" in problems[0]
+    assert "expected a number above 0 to 1" in problems[1]
