@@ -48,6 +48,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """RMS-normalised ``x`` (computed in float32, cast back), scaled by the learned weight."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -74,6 +75,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine and sine tables for ``positions`` (B, T), each (B, 1, T, D) to broadcast over heads."""
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         return emb.cos(), emb.sin()
@@ -133,6 +135,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

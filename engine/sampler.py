@@ -156,6 +156,7 @@ class Candidate:
 
     @property
     def done(self) -> bool:
+        """Whether every slot is committed."""
         return bool(self.committed.all())
 
 

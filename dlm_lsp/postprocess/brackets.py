@@ -41,6 +41,7 @@ def _first_unmatched_closer(text: str) -> int | None:
 
 
 def keep_brackets_balanced(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Cut the suggestion before a closing bracket that would leave the line unbalanced (see the module)."""
     if _first_unmatched_closer(ctx.line_prefix + ctx.line_suffix) is not None:
         return s  # the line was unbalanced before we touched it
     first, newline, _ = s.text.partition("\n")

@@ -14,6 +14,7 @@ AUTO_CLOSED = set(")]}\"'`")
 
 
 def absorb_auto_closed(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Replace auto-closed characters after the cursor that the suggestion's first line ends with."""
     rest = ctx.line_suffix.rstrip()
     if not rest or not set(rest) <= AUTO_CLOSED:
         return s

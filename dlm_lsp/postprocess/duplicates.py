@@ -12,6 +12,7 @@ from dlm_lsp.postprocess.base import Context, Suggestion
 
 
 def drop_suffix_duplicates(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Drop trailing lines and the line's rest that repeat the text after the cursor."""
     lines = s.text.split("\n")
     following = [line.strip() for line in ctx.next_lines if line.strip()]
     # trailing lines that restate the next lines of the document

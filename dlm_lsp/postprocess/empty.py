@@ -6,4 +6,5 @@ from dlm_lsp.postprocess.base import Context, Suggestion
 
 
 def suppress_empty(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Drop a suggestion with nothing visible."""
     return None if not s.text.strip() else s

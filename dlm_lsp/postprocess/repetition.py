@@ -11,6 +11,7 @@ from dlm_lsp.postprocess.base import Context, Suggestion
 
 
 def cut_repetition(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Cut the suggestion where it starts repeating itself."""
     lines = s.text.split("\n")
     kept = [lines[0]]
     for line in lines[1:]:

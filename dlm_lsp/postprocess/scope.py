@@ -23,6 +23,7 @@ def _indent(line: str) -> int:
 
 
 def trim_to_scope(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Keep the first line (single-line mode) or the lines inside the cursor's block."""
     lines = s.text.split("\n")
     if not ctx.multiline:
         return s.changed(lines[0]) if len(lines) > 1 else s

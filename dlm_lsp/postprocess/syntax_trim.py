@@ -14,6 +14,7 @@ from dlm_lsp.syntax import parse_errors, parser_for
 
 
 def trim_to_syntax(s: Suggestion, ctx: Context) -> Suggestion | None:
+    """Keep the most lines of a multi-line suggestion that add no parse error."""
     if not ctx.multiline or "\n" not in s.text:
         return s
     parser = parser_for(ctx.language)

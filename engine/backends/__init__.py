@@ -1,0 +1,1 @@
+"""Runtimes of the denoiser interface: ONNX Runtime (serving) and the PyTorch reference."""

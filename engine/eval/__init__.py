@@ -1,0 +1,1 @@
+"""Evaluation: dlm-eval's harness and sandbox, middles cut from source trees."""

@@ -1,0 +1,1 @@
+"""Building the corpus and training the default model (dlm-corpus, dlm-train)."""

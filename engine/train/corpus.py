@@ -77,6 +77,7 @@ class SourceFile:
 
     @property
     def key(self) -> str:
+        """``source/path``: the file's identity across the corpus."""
         return f"{self.source}/{self.path}"
 
 
@@ -89,6 +90,7 @@ class Stats:
     dropped: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` files dropped for ``reason``."""
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
