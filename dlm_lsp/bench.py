@@ -89,7 +89,7 @@ async def run_lsp_bench(
     spawned = time.perf_counter()
     # the server logs to a file: a pipe nobody reads would fill up and block it
     await client.start_io(python, "-m", "dlm_lsp", "--log-file", str(log_dir / "server.log"), "--log-level", "warning")
-    pid = client._server.pid  # type: ignore[attr-defined, union-attr]
+    pid = client._server.pid  # type: ignore[union-attr]
     options = {
         "dlm": {
             "model": model,

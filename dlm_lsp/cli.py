@@ -85,15 +85,16 @@ def _target(spec: str | None) -> tuple[str, int, str, str]:
     if spec is None:
         offset = SAMPLE.index(CURSOR)
         return SAMPLE.replace(CURSOR, ""), offset, "python", "built-in sample"
-    path, line, col = spec, None, None
+    path, position = spec, None
     parts = spec.rsplit(":", 2)
     if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-        path, line, col = parts[0], int(parts[1]), int(parts[2])
+        path, position = parts[0], (int(parts[1]), int(parts[2]))
     file = Path(path)
     text = file.read_text(encoding="utf-8")
-    if line is None:
+    if position is None:
         offset = len(text)
     else:
+        line, col = position
         lines = text.split("\n")
         if not 1 <= line <= len(lines) or not 1 <= col <= len(lines[line - 1]) + 1:
             raise ValueError(f"{spec}: position outside the file ({len(lines)} lines)")
@@ -130,6 +131,7 @@ def check(args: argparse.Namespace) -> int:
     if host.state != "ready":
         print(f"dlm-lsp check: error: {host.error}", file=sys.stderr)
         return 2
+    assert host.engine is not None  # ready
     result = complete_text(host.engine, text, offset, language, settings)
     info = host.engine.info
     report = {

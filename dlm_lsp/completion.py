@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 from dlm_lsp.cache import CachedSuggestion, CompletionCache
 from dlm_lsp.context import CompletionContext, OpenDocument, build_context
@@ -26,7 +26,13 @@ from dlm_lsp.postprocess import Suggestion, postprocess
 from dlm_lsp.settings import Settings
 from dlm_lsp.status import Metrics
 
+if TYPE_CHECKING:
+    from engine import Engine, SamplingParams
+
 log = logging.getLogger(__name__)
+
+Source = Literal["model", "cache", "cancelled", "stale", "empty", "gated"]
+"""Where a result came from: the model or the type-through cache, or why there is no suggestion."""
 
 BUDGET_RESERVE_MS = 4.0
 BUDGET_RESERVE_SHARE = 0.05
@@ -40,9 +46,9 @@ class Result:
 
     suggestion: Suggestion | None
     latency_ms: float
-    source: str
-    """``model``, ``cache``, or why there is nothing: ``disabled``, ``not-ready``, ``cancelled``, ``stale``,
-    ``empty`` (post-processing left nothing), ``gated`` (the gate hid it)."""
+    source: Source
+    """``model``, ``cache``, or why there is nothing: ``cancelled``, ``stale``, ``empty`` (post-processing
+    left nothing), ``gated`` (the gate hid it)."""
     cut: bool = False
     engine_stats: dict[str, Any] = field(default_factory=dict)
     raw_text: str = ""
@@ -58,7 +64,7 @@ class Result:
     """The context the completion was made in (None for cache hits and dropped requests)."""
 
 
-def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None) -> Any:
+def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None) -> SamplingParams:
     """Engine parameters for one request.
 
     A single-line suggestion keeps only its first line (post-processing, ``scope``),
@@ -76,7 +82,7 @@ def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None
 
 
 def complete_text(
-    engine: Any,
+    engine: Engine,
     text: str,
     offset: int,
     language_id: str,
@@ -144,7 +150,7 @@ class CompletionService:
 
     async def complete(
         self,
-        engine: Any,
+        engine: Engine,
         uri: str,
         text: str,
         offset: int,

@@ -105,7 +105,9 @@ def evaluate(engine: Engine, problems: Sequence[RepoProblem], settings: Settings
 
     ungated = replace(settings, min_confidence=0.0)
     per_threshold: dict[float, list[dict[str, Any]]] = {t: [] for t in thresholds}
-    items, latencies, verdicts = [], [], {t: {} for t in thresholds}
+    items: list[dict[str, Any]] = []
+    latencies: list[float] = []
+    verdicts: dict[float, dict[str, int]] = {t: {} for t in thresholds}
     started = time.perf_counter()
     for done, problem in enumerate(problems, 1):
         result = complete_text(engine, problem.text, problem.offset, problem.language, ungated)
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if host.state != "ready":
         print(f"dlm-lsp evaluate: error: {host.error}", file=sys.stderr)
         return 2
+    assert host.engine is not None  # ready
     report = evaluate(host.engine, problems, settings, thresholds)
     report.update({"source": str(args.source), "kind": args.kind, "seed": args.seed, "model": str(host.path),
                    "token_healing": settings.token_healing, "budget_ms": settings.latency_budget_ms})

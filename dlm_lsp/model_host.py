@@ -11,7 +11,10 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from engine import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ class ModelHost:
     def __init__(self) -> None:
         self.state = "idle"
         self.error: str | None = None
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.path: Path | None = None
         self.backend: str | None = None
         self.load_ms: float | None = None
@@ -99,7 +102,7 @@ class ModelHost:
         }
 
 
-def _warmup_params() -> Any:
+def _warmup_params() -> SamplingParams:
     from engine import SamplingParams
 
     # stop_at_line_break: the line-break ids are computed now, not on the first request

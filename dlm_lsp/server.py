@@ -125,13 +125,14 @@ class DlmLanguageServer(LanguageServer):
             return empty
         language = doc.language_id or "plaintext"
         settings = self.settings
-        if not settings.enabled_for(language) or self.model.state != "ready":
+        engine = self.model.engine
+        if not settings.enabled_for(language) or self.model.state != "ready" or engine is None:
             return empty
         text = doc.source
         encoding = doc.position_codec.encoding
         offset = offset_at(text, position, encoding)
         result = await self.completions.complete(
-            self.model.engine,
+            engine,
             uri,
             text,
             offset,

@@ -32,11 +32,12 @@ FILTERS: tuple[tuple[str, Filter], ...] = (
 
 def postprocess(text: str, ctx: Context) -> Suggestion | None:
     """Run every filter over ``text``; None when a filter drops it."""
-    suggestion: Suggestion | None = Suggestion(text)
+    suggestion = Suggestion(text)
     for _name, run in FILTERS:
-        suggestion = run(suggestion, ctx)
-        if suggestion is None:
+        kept = run(suggestion, ctx)
+        if kept is None:
             return None
+        suggestion = kept
     return suggestion
 
 

@@ -67,11 +67,8 @@ def default_threads(hidden_size: int | None = None) -> int:
     """Threads for one op: 1 for a small model, else the CPUs this process may use.
 
     A span step of a small model is hundreds of tiny ops (microseconds each): a
-    second thread barely helps it and takes a core from the editor. Measured on the
-    shipped 6 x 256 model, 2-core CPU, single-line completions, one process per
-    variant, three alternating rounds (medians of the rounds' p50): 54 ms on 1
-    thread, 60 ms on 2 sleeping threads, 99 ms on 2 spinning threads (the ONNX
-    Runtime default); with the other core busy 64, 60 and 138 ms (docs/engine.md, "Threads").
+    second thread barely helps it and takes a core from the editor (measured in
+    docs/engine.md, "Threads").
     """
     if hidden_size is not None and hidden_size <= SMALL_MODEL_HIDDEN:
         return 1
