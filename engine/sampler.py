@@ -54,7 +54,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -169,7 +169,7 @@ class SamplerResult:
     cut: bool
     chosen: int
     candidates: list[Candidate]
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def length_score(candidate: Candidate, end_ids: frozenset[int]) -> float:
@@ -271,99 +271,136 @@ def denoise(
     ``params.stop_at_line_break``); ``healing`` constrains the first slots to
     write the text removed from the end of the prefix.
     """
-    info = denoiser.info
-    tok = info.token_ids
-    end_ids = tok.end_ids
-    breaks = line_break_ids if params.stop_at_line_break else frozenset()
-    layout = _Layout(prefix, suffix, params.lengths, info.arch.shifted)
-    rng = np.random.default_rng(params.seed)
-    start = time.perf_counter()
-    deadline = None if params.budget_ms is None else start + params.budget_ms / 1000.0
-    candidates = [
-        Candidate(
-            length=m,
-            tokens=np.full(m, tok.mask, np.int64),
-            committed=np.zeros(m, bool),
-            confidence=np.zeros(m, np.float32),
-            by_model=np.zeros(m, bool),
-        )
-        for m in layout.lengths
-    ]
-    stats = {"context_ms": 0.0, "denoise_ms": 0.0, "steps": 0, "forward_passes": 0}
-    cache = None
-    primed: tuple[Candidate, StepOutput] | None = None  # the longest candidate's first step, from the context pass
-    if not params.exact:
-        t0 = time.perf_counter()
-        cache, first_step = denoiser.encode_context(*layout.context(tok.mask))
-        primed = (candidates[-1], first_step)
-        stats["context_ms"] = (time.perf_counter() - t0) * 1000
-        stats["forward_passes"] += 1
-    cut = False
-    last_step_s = 0.0
-    loop_start = time.perf_counter()
-    while True:
-        natural = [c.length for c in candidates if c.done and c.result_len(end_ids) < c.length]
-        for c in candidates:
+    run = _Run(denoiser, prefix, suffix, params, stop, line_break_ids, healing)
+    run.encode_context()
+    while (active := run.active()) and not run.out_of_time(active):
+        run.step(active)
+    return run.result()
+
+
+class _Run:
+    """The state of one :func:`denoise` call, one method per phase of the loop."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        prefix: Sequence[int],
+        suffix: Sequence[int],
+        params: SamplingParams,
+        stop: Callable[[], bool] | None,
+        line_break_ids: frozenset[int],
+        healing: Healing | None,
+    ) -> None:
+        self.denoiser, self.params, self.stop, self.healing = denoiser, params, stop, healing
+        self.tok = denoiser.info.token_ids
+        self.end_ids = self.tok.end_ids
+        self.breaks = line_break_ids if params.stop_at_line_break else frozenset()
+        self.layout = _Layout(prefix, suffix, params.lengths, denoiser.info.arch.shifted)
+        self.rng = np.random.default_rng(params.seed)
+        self.start = time.perf_counter()
+        self.deadline = None if params.budget_ms is None else self.start + params.budget_ms / 1000.0
+        mask = self.tok.mask
+        self.candidates = [
+            Candidate(length=m, tokens=np.full(m, mask, np.int64), committed=np.zeros(m, bool),
+                      confidence=np.zeros(m, np.float32), by_model=np.zeros(m, bool))
+            for m in self.layout.lengths
+        ]
+        self.stats: dict[str, Any] = {"context_ms": 0.0, "denoise_ms": 0.0, "steps": 0, "forward_passes": 0}
+        self.cache: Any = None
+        self.primed: tuple[Candidate, StepOutput] | None = None
+        """The longest candidate's first step, answered by the context pass."""
+        self.cut = False
+        self.last_step_s = 0.0
+        self.step_started = 0.0
+        self.loop_start = self.start
+
+    def encode_context(self) -> None:
+        """The context pass (cached mode): keys/values of prefix and suffix, and the longest span's first step."""
+        if not self.params.exact:
+            t0 = time.perf_counter()
+            self.cache, first_step = self.denoiser.encode_context(*self.layout.context(self.tok.mask))
+            self.primed = (self.candidates[-1], first_step)
+            self.stats["context_ms"] = (time.perf_counter() - t0) * 1000
+            self.stats["forward_passes"] += 1
+        self.loop_start = time.perf_counter()
+
+    def active(self) -> list[Candidate]:
+        """The candidates still worth a step: early exit once a shorter one ended naturally, budget pruning."""
+        natural = [c.length for c in self.candidates if c.done and c.result_len(self.end_ids) < c.length]
+        for c in self.candidates:
             if natural and not c.done and c.length > min(natural):
                 c.abandoned = True
-        active = [c for c in candidates if not c.done and not c.abandoned]
-        if not active:
-            break
-        now = time.perf_counter()
-        if params.budget_pruning and deadline is not None and last_step_s > 0 and len(active) > 1:
-            stats["pruned"] = stats.get("pruned", 0) + _prune(active, deadline - now, last_step_s)
+        active = [c for c in self.candidates if not c.done and not c.abandoned]
+        self.step_started = time.perf_counter()
+        if active and self.params.budget_pruning and self.deadline is not None and self.last_step_s > 0 and len(active) > 1:
+            pruned = _prune(active, self.deadline - self.step_started, self.last_step_s)
+            self.stats["pruned"] = self.stats.get("pruned", 0) + pruned
             active = [c for c in active if not c.abandoned]
-        if (stop is not None and stop()) or (deadline is not None and now + last_step_s > deadline):
-            cut = True
-            break
+        return active
+
+    def out_of_time(self, active: list[Candidate]) -> bool:
+        """Whether the stop callback fired or the next step would overrun the deadline (then the run is cut)."""
+        stopped = self.stop is not None and self.stop()
+        late = self.deadline is not None and self.step_started + self.last_step_s > self.deadline
+        self.cut = stopped or late
+        return self.cut
+
+    def step(self, active: list[Candidate]) -> None:
+        """One denoising step of every active candidate: a forward pass (unless primed), then commits."""
         outputs: list[tuple[Candidate, StepOutput, int, int]] = []  # candidate, output, its row, row of slot 0
         fresh = active  # the candidates this step runs a forward pass for
-        if params.exact:
-            ids, pos, valid, first = layout.window_batch(active)
-            out = denoiser.full(ids, pos, valid)
+        if self.params.exact:
+            ids, pos, valid, first = self.layout.window_batch(active)
+            out = self.denoiser.full(ids, pos, valid)
             outputs = [(cand, out, r, first) for r, cand in enumerate(active)]
         else:
+            primed = self.primed
             if primed is not None and any(c is primed[0] for c in active):
                 outputs.append((primed[0], primed[1], 0, 0))
             fresh = [c for c in active if primed is None or c is not primed[0]]
             if fresh:
-                out = denoiser.step(cache, *layout.span_batch(fresh))
+                out = self.denoiser.step(self.cache, *self.layout.span_batch(fresh))
                 outputs += [(cand, out, r, 0) for r, cand in enumerate(fresh)]
-            primed = None
+            self.primed = None
         for cand, out, r, first in outputs:
-            if healing is not None and cand.lead < cand.length and healing.pending(cand.tokens[: cand.lead]):
+            healing = self.healing
+            if healing is not None and cand.lead < cand.length and healing.pending(cand.tokens[: cand.lead].tolist()):
                 _heal(cand, out, r, first, healing)
             else:
-                _commit(cand, out, r, first, params, rng, end_ids, tok.eos, breaks)
+                _commit(cand, out, r, first, self.params, self.rng, self.end_ids, self.tok.eos, self.breaks)
             cand.steps += 1
-        stats["steps"] += 1
+        self.stats["steps"] += 1
         if fresh:
-            stats["forward_passes"] += 1
-            last_step_s = time.perf_counter() - now
-    stats["denoise_ms"] = (time.perf_counter() - loop_start) * 1000
-    scores = [-math.inf if c.abandoned else length_score(c, end_ids) for c in candidates]
-    chosen = int(np.argmax(scores)) if any(math.isfinite(s) for s in scores) else len(candidates) - 1
-    best = candidates[chosen]
-    n = best.result_len(end_ids)
-    model_tokens = int((best.by_model & best.committed).sum())
-    stats.update(
-        {
-            "chosen_length": best.length,
-            "chosen_steps": best.steps,
-            "tokens_per_step": model_tokens / best.steps if best.steps else 0.0,
-            "tokens_per_forward": model_tokens / stats["forward_passes"] if stats["forward_passes"] else 0.0,
-            "total_ms": (time.perf_counter() - start) * 1000,
-            "scores": [s if math.isfinite(s) else None for s in scores],
-        }
-    )
-    return SamplerResult(
-        ids=[int(t) for t in best.tokens[:n]],
-        confidence=[float(c) for c in best.confidence[:n]],
-        cut=cut and not best.done,
-        chosen=chosen,
-        candidates=candidates,
-        stats=stats,
-    )
+            self.stats["forward_passes"] += 1
+            self.last_step_s = time.perf_counter() - self.step_started
+
+    def result(self) -> SamplerResult:
+        """The candidate with the best :func:`length_score`, its committed middle and the run's stats."""
+        stats = self.stats
+        stats["denoise_ms"] = (time.perf_counter() - self.loop_start) * 1000
+        scores = [-math.inf if c.abandoned else length_score(c, self.end_ids) for c in self.candidates]
+        chosen = int(np.argmax(scores)) if any(math.isfinite(s) for s in scores) else len(self.candidates) - 1
+        best = self.candidates[chosen]
+        n = best.result_len(self.end_ids)
+        model_tokens = int((best.by_model & best.committed).sum())
+        stats.update(
+            {
+                "chosen_length": best.length,
+                "chosen_steps": best.steps,
+                "tokens_per_step": model_tokens / best.steps if best.steps else 0.0,
+                "tokens_per_forward": model_tokens / stats["forward_passes"] if stats["forward_passes"] else 0.0,
+                "total_ms": (time.perf_counter() - self.start) * 1000,
+                "scores": [s if math.isfinite(s) else None for s in scores],
+            }
+        )
+        return SamplerResult(
+            ids=[int(t) for t in best.tokens[:n]],
+            confidence=[float(c) for c in best.confidence[:n]],
+            cut=self.cut and not best.done,
+            chosen=chosen,
+            candidates=self.candidates,
+            stats=stats,
+        )
 
 
 def _prune(active: list[Candidate], remaining_s: float, step_s: float) -> int:
@@ -381,7 +418,7 @@ def _heal(cand: Candidate, out: StepOutput, row: int, first: int, healing: Heali
     """Commit the next healing slot: the best compatible top-k token, else the removed text's own."""
     slot = cand.lead
     ranked = out.ids[row, first + slot]
-    token, rank = healing.choose(cand.tokens[:slot], ranked)
+    token, rank = healing.choose(cand.tokens[:slot].tolist(), ranked.tolist())
     cand.tokens[slot] = token
     cand.confidence[slot] = out.probs[row, first + slot, rank] if rank is not None else 1.0
     cand.committed[slot] = True
