@@ -43,7 +43,7 @@ import numpy as np
 from engine.errors import InputError
 from engine.progress import progress
 from engine.eval.harness import edit_similarity, exact_match, heldout_problems, load_problems
-from engine.sampler import MULTI_LINE_LENGTHS, SINGLE_LINE_LENGTHS, SamplingParams, UnmaskOrder
+from engine.sampler import MULTI_LINE_LENGTHS, SINGLE_LINE_LENGTHS, SamplingParams, UnmaskOrder, single_line
 
 SUFFIX_SHARE = 0.2
 """Share of the context room given to the suffix (the rest goes to the prefix)."""
@@ -118,7 +118,7 @@ def decoders(
 
 def shown(text: str, kind: str) -> str:
     """The part of a middle the server would show: only the first line of a single-line middle."""
-    return text.split("\n", 1)[0] if kind == "single" else text
+    return single_line(text) if kind == "single" else text
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -69,6 +69,12 @@ SINGLE_LINE_LENGTHS = (10,)
 """Default candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates``)."""
 
 
+def single_line(text: str) -> str:
+    """What a single-line middle keeps of its text: the first line (the server shows only that, and
+    ``stop_at_line_break`` ends denoising once it is written)."""
+    return text.split("\n", 1)[0]
+
+
 class UnmaskOrder(str, enum.Enum):
     """Which masked positions to commit first when fewer than all pass the threshold."""
 

@@ -12,6 +12,8 @@ lines are dropped.
 
 from __future__ import annotations
 
+from engine.sampler import single_line
+
 from dlm_lsp.postprocess.base import Context, Suggestion
 
 OPENERS = (":", "{", "(", "[")
@@ -26,7 +28,7 @@ def trim_to_scope(s: Suggestion, ctx: Context) -> Suggestion | None:
     """Keep the first line (single-line mode) or the lines inside the cursor's block."""
     lines = s.text.split("\n")
     if not ctx.multiline:
-        return s.changed(lines[0]) if len(lines) > 1 else s
+        return s.changed(single_line(s.text)) if len(lines) > 1 else s
     cursor_line = ctx.line_prefix + lines[0]
     base = _indent(cursor_line) if cursor_line.strip() else len(cursor_line)
     opens = cursor_line.rstrip().endswith(OPENERS)

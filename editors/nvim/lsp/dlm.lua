@@ -3,7 +3,7 @@
 -- keymaps and commands; use this file alone only with Neovim 0.12's native inline completion.
 return {
   cmd = { "dlm-lsp" },
-  root_markers = { ".git", "pyproject.toml", "package.json" },
+  root_markers = require("dlm.config").root_markers,
   init_options = { dlm = {} },
   settings = { dlm = {} },
 }

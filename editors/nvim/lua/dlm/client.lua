@@ -21,7 +21,9 @@ local function show_message(message, level)
 end
 
 --- Call a client method in the 0.11+ form (`client:m(...)`) or the 0.10 form (`client.m(...)`).
-local function call(client, method, ...)
+---@param client vim.lsp.Client
+---@param method string
+function M.call(client, method, ...)
   if has_011 then
     return client[method](client, ...)
   end
@@ -34,7 +36,7 @@ function M.get()
     return nil
   end
   local client = vim.lsp.get_client_by_id(M.client_id)
-  if client == nil or (client.is_stopped and call(client, "is_stopped")) then
+  if client == nil or (client.is_stopped and M.call(client, "is_stopped")) then
     return nil
   end
   return client
@@ -46,21 +48,21 @@ function M.request(method, params, handler, bufnr)
   if not client then
     return nil
   end
-  local ok, id = call(client, "request", method, params, handler, bufnr)
+  local ok, id = M.call(client, "request", method, params, handler, bufnr)
   return ok and id or nil
 end
 
 function M.cancel(id)
   local client = M.get()
   if client and id then
-    call(client, "cancel_request", id)
+    M.call(client, "cancel_request", id)
   end
 end
 
 function M.notify(method, params)
   local client = M.get()
   if client then
-    call(client, "notify", method, params)
+    M.call(client, "notify", method, params)
   end
 end
 
@@ -90,7 +92,7 @@ function M.client_config()
   return {
     name = M.name,
     cmd = config.options.cmd,
-    root_dir = vim.fs.root(0, { ".git", "pyproject.toml", "package.json" }) or vim.uv.cwd(),
+    root_dir = vim.fs.root(0, config.root_markers) or vim.uv.cwd(),
     init_options = { dlm = settings },
     settings = { dlm = settings },
     on_exit = function(code, signal)
@@ -175,7 +177,7 @@ function M.stop()
   M.stopping = true
   local client = M.get()
   if client then
-    call(client, "stop")
+    M.call(client, "stop")
   end
   M.client_id = nil
 end

@@ -45,6 +45,9 @@ M.defaults = {
 ---@type dlm.Config
 M.options = vim.deepcopy(M.defaults)
 
+--- Files that mark a project's root (the server's workspace folder); `lsp/dlm.lua` uses them too.
+M.root_markers = { ".git", "pyproject.toml", "package.json" }
+
 --- Merge user options over the defaults and check their types.
 ---@param opts table|nil
 ---@return dlm.Config

@@ -152,12 +152,7 @@ function M.status(timeout_ms)
   if not c then
     return nil
   end
-  local response
-  if vim.fn.has("nvim-0.11") == 1 then
-    response = c:request_sync("dlm/status", {}, timeout_ms or 2000)
-  else
-    response = c.request_sync("dlm/status", {}, timeout_ms or 2000)
-  end
+  local response = client.call(c, "request_sync", "dlm/status", {}, timeout_ms or 2000)
   return response and response.result or nil
 end
 
