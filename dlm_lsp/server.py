@@ -5,7 +5,11 @@ sync; position encodings negotiated by pygls (UTF-16 by default, UTF-8 when the
 client offers it). ``initialize`` is answered at once and the model loads in the
 background, reported with ``$/progress``. Custom messages:
 
-* ``dlm/status`` (request): model, family, backend, device, state, latencies, counters.
+* ``dlm/status`` (request): model, family, backend, device, state, latencies, counters, and
+  whether completions are on (``enabled``, the ``"*"`` switch of the ``enable`` setting).
+* ``dlm/didChangeStatus`` (notification to the client, when it sets ``statusNotifications:
+  true`` in ``initializationOptions``): the same payload, pushed when the model's state or the
+  settings change and after completions (at most once a second), so a status bar needs no polling.
 * ``dlm/didShowCompletion``, ``dlm/didAcceptCompletion``,
   ``dlm/didPartiallyAcceptCompletion`` (notifications with ``{"acceptedLength": N}``):
   counted locally, never sent anywhere. ``dlm/didAcceptCompletion`` may also carry
@@ -20,7 +24,9 @@ Settings (section ``dlm``, :mod:`dlm_lsp.settings`) come from
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -41,6 +47,9 @@ STATUS = "dlm/status"
 DID_SHOW = "dlm/didShowCompletion"
 DID_ACCEPT = "dlm/didAcceptCompletion"
 DID_PARTIALLY_ACCEPT = "dlm/didPartiallyAcceptCompletion"
+DID_CHANGE_STATUS = "dlm/didChangeStatus"
+STATUS_PUSH_INTERVAL_S = 1.0
+"""Completions push the status at most this often (model and settings changes push at once)."""
 MAX_OTHER_DOCUMENTS = 20
 
 
@@ -53,6 +62,10 @@ class DlmLanguageServer(LanguageServer):
         self.model = ModelHost()
         self.metrics = Metrics()
         self.completions = CompletionService(self.metrics)
+        self.push_status = False
+        """Whether the client asked for ``dlm/didChangeStatus`` (``initializationOptions.statusNotifications``)."""
+        self._status_pushed_at = 0.0
+        self._status_push_scheduled = False
 
     # -- settings ---------------------------------------------------------------------
     def apply_settings(self, raw: Any) -> None:
@@ -64,6 +77,7 @@ class DlmLanguageServer(LanguageServer):
         self.settings = settings
         if self.model.state != "idle" and self.model.wants_reload(settings.model, settings.backend):
             self.start_model_load()
+        self.send_status()
 
     async def pull_settings(self) -> None:
         """Ask the client for the ``dlm`` section, if it supports ``workspace/configuration``."""
@@ -97,6 +111,7 @@ class DlmLanguageServer(LanguageServer):
                 token = None
 
         def done(host: ModelHost) -> None:
+            self.send_status()
             if token is not None:
                 message = "ready" if host.state == "ready" else f"failed: {host.error}"
                 self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
@@ -106,6 +121,29 @@ class DlmLanguageServer(LanguageServer):
                 )
 
         self.model.load(self.settings.model, self.settings.backend, on_done=done)
+        self.send_status()
+
+    def send_status(self) -> None:
+        """Push ``dlm/didChangeStatus`` (the ``dlm/status`` payload) to a client that asked for it."""
+        if not self.push_status:
+            return
+        self._status_pushed_at = time.monotonic()
+        self._status_push_scheduled = False
+        try:
+            self.protocol.notify(DID_CHANGE_STATUS, self.status())
+        except Exception as exc:  # noqa: BLE001 - a status update is never worth an error
+            log.debug("status push failed: %s", exc)
+
+    def send_status_soon(self) -> None:
+        """Push the status after a completion, at most every ``STATUS_PUSH_INTERVAL_S`` (the last one always)."""
+        if not self.push_status or self._status_push_scheduled:
+            return
+        wait = self._status_pushed_at + STATUS_PUSH_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.send_status()
+            return
+        self._status_push_scheduled = True
+        asyncio.get_running_loop().call_later(wait, self.send_status)
 
     def other_documents(self, uri: str, language_id: str) -> list[OpenDocument]:
         """Other open documents of the same language, for snippets (none when the setting is off)."""
@@ -144,6 +182,7 @@ class DlmLanguageServer(LanguageServer):
             others=self.other_documents(uri, doc.language_id or "plaintext"),
         )
         log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
+        self.send_status_soon()
         if result.suggestion is None:
             return empty
         start = position_at(text, offset, encoding)
@@ -158,6 +197,7 @@ class DlmLanguageServer(LanguageServer):
             **self.model.describe(),
             **self.metrics.snapshot(),
             "cache_entries": len(self.completions.cache),
+            "enabled": self.settings.enabled_for("*"),
             "settings": {"latencyBudgetMs": self.settings.latency_budget_ms, "backend": self.settings.backend},
         }
 
@@ -167,9 +207,12 @@ server = DlmLanguageServer()
 
 @server.feature(types.INITIALIZE)
 def on_initialize(ls: DlmLanguageServer, params: types.InitializeParams) -> None:
-    """Take settings from ``initializationOptions`` (the whole options object or its ``dlm`` key)."""
-    if params.initialization_options is not None:
-        ls.apply_settings(params.initialization_options)
+    """Take settings from ``initializationOptions`` (the whole options object or its ``dlm`` key); a
+    ``statusNotifications: true`` beside the ``dlm`` key asks for ``dlm/didChangeStatus`` pushes."""
+    options = params.initialization_options
+    ls.push_status = isinstance(options, dict) and options.get("statusNotifications") is True
+    if options is not None:
+        ls.apply_settings(options)
 
 
 @server.feature(types.INITIALIZED)

@@ -30,12 +30,12 @@ def config(text: str, probability: float) -> ClientServerConfig:
     return ClientServerConfig(server_command=[sys.executable, SERVER], server_env=env)
 
 
-async def start(client: LanguageClient, **settings: object) -> None:
+async def start(client: LanguageClient, push: bool = False, **settings: object) -> None:
     options = {**SETTINGS, **settings}
     client.set_configuration({"dlm": options})
     await client.initialize_session(types.InitializeParams(
         capabilities=types.ClientCapabilities(workspace=types.WorkspaceClientCapabilities(configuration=True)),
-        initialization_options=options,
+        initialization_options={"dlm": options, "statusNotifications": push},
     ))
     for _ in range(300):
         if (await status(client))["state"] in ("ready", "error"):
@@ -141,3 +141,38 @@ async def test_unsure_suggestions_are_hidden_unless_the_gate_is_off(unsure: Lang
             break
         await asyncio.sleep(0.05)
     assert await complete(unsure, 1, 11) == item("a + b", 1, 11)
+
+
+@pytest.mark.asyncio
+async def test_the_server_pushes_its_status_to_a_client_that_asks(sure: LanguageClient):
+    pushed: list[dict] = []
+    sure.feature("dlm/didChangeStatus")(lambda params: pushed.append(params if isinstance(params, dict) else params._asdict()))
+    await start(sure, push=True)
+    for _ in range(100):
+        if any(p["state"] == "ready" for p in pushed):
+            break
+        await asyncio.sleep(0.05)
+    assert [p["state"] for p in pushed][-1] == "ready" and pushed[-1]["enabled"] is True
+    assert await complete(sure, 1, 11) == item("a + b", 1, 11)
+    for _ in range(60):  # at most a second after the completion
+        if pushed[-1]["requests"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert pushed[-1]["requests"] == 1 and pushed[-1]["last_latency_ms"] is not None
+    sure.set_configuration({"dlm": {**SETTINGS, "enable": {"*": False}}})
+    sure.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    for _ in range(60):
+        if pushed[-1]["enabled"] is False:
+            break
+        await asyncio.sleep(0.05)
+    assert pushed[-1]["enabled"] is False
+
+
+@pytest.mark.asyncio
+async def test_no_status_is_pushed_unless_asked(sure: LanguageClient):
+    pushed: list[object] = []
+    sure.feature("dlm/didChangeStatus")(lambda params: pushed.append(params))
+    await start(sure)
+    assert await complete(sure, 1, 11) == item("a + b", 1, 11)
+    await asyncio.sleep(1.2)
+    assert pushed == []
