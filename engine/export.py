@@ -95,22 +95,22 @@ def _require_export_deps() -> Any:
 def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
     torch = _require_export_deps()
 
-    class ContextGraph(torch.nn.Module):
+    class ContextGraph(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.model = model
             self.register_buffer("suppress", suppress, persistent=False)
 
-        def forward(self, input_ids, position_ids, cache_index, span_index):  # type: ignore[no-untyped-def]
+        def forward(self, input_ids: Any, position_ids: Any, cache_index: Any, span_index: Any) -> Any:
             return self.model.encode_context(input_ids, position_ids, cache_index, span_index, self.suppress, top_k)
 
-    class SpanStepGraph(torch.nn.Module):
+    class SpanStepGraph(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.model = model
             self.register_buffer("suppress", suppress, persistent=False)
 
-        def forward(self, span_ids, span_pos, span_valid, cache_keys, cache_values):  # type: ignore[no-untyped-def]
+        def forward(self, span_ids: Any, span_pos: Any, span_valid: Any, cache_keys: Any, cache_values: Any) -> Any:
             return self.model.span_step(span_ids, span_pos, span_valid, cache_keys, cache_values, self.suppress, top_k)
 
     return ContextGraph().eval(), SpanStepGraph().eval()

@@ -26,6 +26,8 @@ torch is needed only here and in export/training; the server never imports this.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +70,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Rotary(nn.Module):
     """cos/sin tables of the rotary embedding for arbitrary position ids."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -164,6 +168,10 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
+    def blocks(self) -> list[Block]:
+        """The transformer blocks, in order (``layers`` typed for what it holds)."""
+        return cast("list[Block]", list(self.layers))
+
 
 def key_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """valid (B, T) bool/int -> additive attention bias (B, 1, 1, T)."""
@@ -196,7 +204,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids)
         bias = None if valid is None else key_bias(valid, x.dtype)
-        for layer in self.model.layers:
+        for layer in self.model.blocks():
             q, k, v = layer.self_attn.project(layer.input_layernorm(x))
             x = layer.finish(x, attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, bias))
         return self.model.norm(x)
@@ -231,7 +239,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(position_ids)
         keys, values = [], []
         last = len(self.model.layers) - 1
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.model.blocks()):
             h = layer.input_layernorm(x)
             if i == last:  # only the span's rows go on to the head: their queries are all it needs
                 x = x.index_select(1, span_index)
@@ -265,7 +273,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(span_pos)
         cache_valid = torch.ones_like(cache_keys[0, :, 0, :, 0], dtype=torch.bool)  # (B, Tc)
         bias = key_bias(torch.cat((cache_valid, span_valid.bool()), dim=1), x.dtype)  # (B, 1, 1, Tc+S)
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.model.blocks()):
             q, k, v = layer.self_attn.project(layer.input_layernorm(x))
             k = torch.cat((cache_keys[i], apply_rope(k, cos, sin)), dim=2)
             v = torch.cat((cache_values[i].expand(b, -1, -1, -1), v), dim=2)

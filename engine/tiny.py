@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|beginoftext|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> "object":
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> HFTokenizer:
     """Train a byte-level BPE (Hugging Face ``tokenizers``) on ``texts``; special tokens get the first ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -101,7 +104,9 @@ def write_random_checkpoint(
         tie_word_embeddings=tie_word_embeddings,
         shifted=True,
     )
-    token_ids = TokenIds(mask=ids["mask"], eos=ids["eos"], pad=ids["eos"], bos=ids["bos"])
+    mask, eos = ids["mask"], ids["eos"]
+    assert mask is not None and eos is not None, "special tokens are added by train_bpe_tokenizer"
+    token_ids = TokenIds(mask=mask, eos=eos, pad=eos, bos=ids["bos"])
     (folder / "config.json").write_text(json.dumps(to_config(arch, token_ids), indent=2) + "\n", encoding="utf-8")
     write_tokenizer_config(folder)
     rng = np.random.default_rng(seed)

@@ -79,7 +79,7 @@ class Denoiser(Protocol):
 
     def step(
         self,
-        cache: ContextCache,
+        cache: Any,
         span_ids: np.ndarray,
         span_pos: np.ndarray,
         span_valid: np.ndarray,

@@ -8,11 +8,17 @@ it needs torch, which the server does not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.backends.base import ModelInfo, StepOutput
 from engine.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.checkpoint import Checkpoint
 
 
 def _torch():
@@ -29,25 +35,25 @@ def _torch():
 class TorchContextCache:
     """Context keys (pre-rotary) and values as torch tensors, (L, 1, Hkv, Tc, D)."""
 
-    keys: "object"
-    values: "object"
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 
 class TorchDenoiser:
     """The :class:`~engine.backends.base.Denoiser` of a checkpoint, in eager PyTorch."""
 
-    def __init__(self, checkpoint: "object", top_k: int = 2) -> None:
+    def __init__(self, checkpoint: Checkpoint, top_k: int = 2) -> None:
         torch = _torch()
         from engine.modeling import load_transformer, suppress_vector
 
         self.torch = torch
         self.model = load_transformer(checkpoint)
-        arch, token_ids = checkpoint.arch, checkpoint.token_ids  # type: ignore[attr-defined]
+        arch, token_ids = checkpoint.arch, checkpoint.token_ids
         self.suppress = suppress_vector(arch.vocab_size, [token_ids.mask])
         self.top_k = top_k
         self.info = ModelInfo(
-            family=checkpoint.family.name,  # type: ignore[attr-defined]
+            family=checkpoint.family.name,
             arch=arch,
             token_ids=token_ids,
             precision="fp32",
@@ -56,7 +62,7 @@ class TorchDenoiser:
             top_k=top_k,
         )
 
-    def _tensor(self, array: np.ndarray, dtype: "object") -> "object":
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return self.torch.as_tensor(np.asarray(array), dtype=dtype)
 
     def encode_context(

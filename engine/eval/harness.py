@@ -57,7 +57,7 @@ def load_problems(path: Path) -> list[Problem]:
     opener = gzip.open if path.suffix == ".gz" else open
     problems = []
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:  # type: ignore[operator]
+        with opener(path, "rt", encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -87,7 +87,7 @@ def heldout_problems(path: Path, kind: str, count: int, seed: int) -> list[Probl
 
     rng = np.random.default_rng(seed)
     files = [row["text"] for row in read_jsonl(path)]
-    problems = []
+    problems: list[Problem] = []
     attempts = 0
     while len(problems) < count and attempts < count * 20:
         attempts += 1
@@ -137,7 +137,7 @@ def evaluate(
     """Complete every problem in every mode; returns ``{"summary": ..., "results": [...]}``."""
     from dataclasses import replace
 
-    from engine.progress import progress
+    from engine.progress import progress as progress_bar
     from engine.eval.sandbox import Limits, run_program
 
     modes = list(modes)
@@ -174,7 +174,7 @@ def evaluate(
             hits[mode] += row["exact_match"]
             results.append(row)
         if progress:
-            progress(n, len(problems), started, " ".join(f"EM[{m}]={hits[m] / n:.3f}" for m in modes))
+            progress_bar(n, len(problems), started, " ".join(f"EM[{m}]={hits[m] / n:.3f}" for m in modes))
     summary: dict[str, Any] = {"problems": len(problems)}
     for mode in modes:
         rows = [r for r in results if r["mode"] == mode]

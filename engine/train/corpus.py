@@ -22,6 +22,7 @@ and ``OUT/heldout.jsonl``; ``OUT/corpus_manifest.json`` records every package
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -35,7 +36,7 @@ import zipfile
 from dataclasses import dataclass, field
 from email.parser import Parser
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger("dlm-corpus")
 
@@ -129,26 +130,31 @@ def _read_pkg_info(archive: Path) -> dict[str, list[str]]:
     return {}
 
 
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    return handle.read() if handle is not None else b""
+
+
 class _open_archive:
     """Iterate ``(name, read)`` over a .tar.gz or .zip sdist."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __enter__(self) -> Iterator[tuple[str, object]]:
+    def __enter__(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
         if self.path.suffix == ".zip":
             self._zip = zipfile.ZipFile(self.path)
-            return ((i.filename, (lambda i=i: self._zip.read(i))) for i in self._zip.infolist() if not i.is_dir())
+            zipped = self._zip
+            return ((i.filename, functools.partial(zipped.read, i)) for i in zipped.infolist() if not i.is_dir())
         self._tar = tarfile.open(self.path)
-        return (
-            (m.name, (lambda m=m: self._tar.extractfile(m).read()))  # type: ignore[union-attr]
-            for m in self._tar.getmembers()
-            if m.isfile()
-        )
+        tar = self._tar
+        return ((m.name, functools.partial(_read_member, tar, m)) for m in tar.getmembers() if m.isfile())
 
     def __exit__(self, *exc: object) -> None:
-        getattr(self, "_zip", None) and self._zip.close()
-        getattr(self, "_tar", None) and self._tar.close()
+        if getattr(self, "_zip", None) is not None:
+            self._zip.close()
+        if getattr(self, "_tar", None) is not None:
+            self._tar.close()
 
 
 def _excluded(parts: Iterable[str]) -> bool:
@@ -256,7 +262,7 @@ def package_files(name: str, version: str, archive: Path, stats: Stats) -> Itera
                 continue
             if parts[0] in ("docs", "doc"):
                 continue
-            text = usable_text(read(), member, stats)  # type: ignore[operator]
+            text = usable_text(read(), member, stats)
             if text is not None:
                 count += 1
                 yield SourceFile(name, version, licence, "/".join(parts), text)
@@ -306,7 +312,7 @@ def load_problems_text(paths: Iterable[Path]) -> list[str]:
     texts = []
     for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as handle:  # type: ignore[operator]
+        with opener(path, "rt", encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():
                     p = json.loads(line)
@@ -324,7 +330,8 @@ def split_and_decontaminate(
     ``boilerplate_df`` or more training files (a licence header, a common import
     block) identifies no file, so it does not count against the held-out split.
     """
-    heldout, train = [], []
+    heldout: list[SourceFile] = []
+    train: list[SourceFile] = []
     for f in files:
         bucket = int(hashlib.sha256(f.key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (heldout if bucket < heldout_share else train).append(f)

@@ -22,11 +22,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.sampler import MULTI_LINE_LENGTHS
 from engine.tiny import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 SPECIAL_TOKENS = [EOS_TOKEN, MASK_TOKEN, BOS_TOKEN]
 IGNORE = -100
@@ -47,7 +51,7 @@ def read_texts(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in handle if line.strip()]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, sample_bytes: int = 40_000_000):  # type: ignore[no-untyped-def]
+def train_tokenizer(texts: list[str], vocab_size: int, sample_bytes: int = 40_000_000) -> HFTokenizer:
     """Byte-level BPE on a deterministic sample of the training texts (every k-th file, ~``sample_bytes``)."""
     stride = max(1, sum(map(len, texts)) // sample_bytes)
     tokenizer = train_bpe_tokenizer(texts[::stride], vocab_size, SPECIAL_TOKENS)
@@ -56,7 +60,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, sample_bytes: int = 40_00
     return tokenizer
 
 
-def encode_stream(tokenizer, texts: list[str]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def encode_stream(tokenizer: HFTokenizer, texts: list[str]) -> np.ndarray:
     """All texts as one uint16 stream, each document preceded by BOS."""
     ids = [np.array([SpecialIds.bos], np.uint16)]
     for start in range(0, len(texts), 256):
@@ -65,7 +69,7 @@ def encode_stream(tokenizer, texts: list[str]) -> np.ndarray:  # type: ignore[no
     return np.concatenate(ids)
 
 
-def bytes_per_token(tokenizer, texts: list[str]) -> float:  # type: ignore[no-untyped-def]
+def bytes_per_token(tokenizer: HFTokenizer, texts: list[str]) -> float:
     """UTF-8 bytes per token of ``texts``."""
     n_bytes = sum(len(t.encode()) for t in texts)
     n_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
@@ -122,7 +126,7 @@ class Batcher:
 
     def __init__(
         self,
-        tokenizer,  # type: ignore[no-untyped-def]
+        tokenizer: HFTokenizer,
         texts: list[str],
         stream: np.ndarray,
         window: int,
@@ -141,8 +145,8 @@ class Batcher:
 
     def batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One batch of ``size`` examples."""
-        rows = [self._span(rng) if rng.random() < self.span_share else None for _ in range(size)]
-        rows = [r if r is not None else self._random(rng) for r in rows]
+        spans = [self._span(rng) if rng.random() < self.span_share else None for _ in range(size)]
+        rows = [r if r is not None else self._random(rng) for r in spans]
         return {key: np.stack([r[key] for r in rows]) for key in ("input_ids", "targets", "valid")}
 
     def _random(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
