@@ -30,11 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine import SERVING_BACKENDS
+from engine import SERVING_BACKENDS, SamplingParams, UnmaskOrder
 from engine.bench import Item, latency_and_quality, markdown
-from engine.progress import progress
 from engine.eval.harness import edit_similarity, exact_match
-from engine.sampler import SamplingParams, UnmaskOrder
+from engine.progress import progress
 
 log = logging.getLogger(__name__)
 

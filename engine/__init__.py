@@ -8,8 +8,11 @@ The public facade (what ``dlm_lsp`` uses)::
     completion = engine.complete(prefix, suffix, SamplingParams(budget_ms=80), stop=lambda: cancelled)
     completion.text, completion.cut, completion.stats
 
-Everything else (checkpoint reading, export, backends, the sampler) is reachable
-from its own module for tools and tests.
+The tools the server's commands build on are public modules of their own:
+``engine.bench`` (dlm-bench's items, decoders and metrics), ``engine.eval``
+(dlm-eval's harness, middles cut from source trees) and ``engine.progress``.
+Everything else (checkpoint reading, export, backends, the sampler's internals)
+is reachable from its own module for tools and tests; ``dlm_lsp`` does not use it.
 """
 
 from pathlib import Path
@@ -27,7 +30,7 @@ from engine.errors import (
     UnknownFamilyError,
     UnsupportedConfigError,
 )
-from engine.sampler import MULTI_LINE_LENGTHS, SINGLE_LINE_LENGTHS, SamplingParams, UnmaskOrder
+from engine.sampler import MULTI_LINE_LENGTHS, SINGLE_LINE_LENGTHS, SamplingParams, UnmaskOrder, single_line
 
 
 def default_model_path() -> Path:
@@ -55,4 +58,5 @@ __all__ = [
     "UnmaskOrder",
     "UnsupportedConfigError",
     "default_model_path",
+    "single_line",
 ]

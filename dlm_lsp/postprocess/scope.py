@@ -12,7 +12,7 @@ lines are dropped.
 
 from __future__ import annotations
 
-from engine.sampler import single_line
+from engine import single_line
 
 from dlm_lsp.postprocess.base import Context, Suggestion
 
