@@ -36,8 +36,8 @@ MIN_VISIBLE_CHARS = 2
 MAX_CANDIDATES = 6
 """Leading parts tried against the parse check, longest first (each costs a parse of the document)."""
 WHOLE_DOCUMENT_CHARS = 50_000
-"""Up to this size the parse check reads the whole document (tree-sitter: ~0.2 ms per KB of Python on
-our 2-core machine); beyond it, the window around the cursor that the other syntax decisions use."""
+"""Up to this size the parse check reads the whole document (its cost is in docs/quality.md, "Latency");
+beyond it, the window around the cursor that the other syntax decisions use."""
 HIDDEN = {
     "confidence": "its first tokens are below minConfidence",
     "short": "too short to be worth showing",

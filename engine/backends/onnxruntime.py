@@ -91,7 +91,7 @@ class OnnxRuntimeDenoiser:
         options.intra_op_num_threads = threads or default_threads(manifest.arch.hidden_size)
         options.inter_op_num_threads = 1
         # Spinning workers burn a core between ops and, when another process wants
-        # that core, stall every op they share (p50 x2.3 measured with one core busy).
+        # that core, stall every op they share (measured in docs/engine.md, "Threads").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self.sessions = {}
