@@ -110,8 +110,14 @@ class DlmLanguageServer(LanguageServer):
                 log.warning("cannot report progress: %s", exc)
                 token = None
 
-        def done(host: ModelHost) -> None:
-            self.send_status()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # not called from the server's event loop
+            loop = None
+
+        def done(host: ModelHost) -> None:  # runs on the loader thread: the push goes through the event loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self.send_status)
             if token is not None:
                 message = "ready" if host.state == "ready" else f"failed: {host.error}"
                 self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
