@@ -65,7 +65,7 @@ class DlmLanguageServer(LanguageServer):
         self.push_status = False
         """Whether the client asked for ``dlm/didChangeStatus`` (``initializationOptions.statusNotifications``)."""
         self._status_pushed_at = 0.0
-        self._status_push_scheduled = False
+        self._status_timer: asyncio.TimerHandle | None = None
 
     # -- settings ---------------------------------------------------------------------
     def apply_settings(self, raw: Any) -> None:
@@ -115,9 +115,8 @@ class DlmLanguageServer(LanguageServer):
         except RuntimeError:  # not called from the server's event loop
             loop = None
 
-        def done(host: ModelHost) -> None:  # runs on the loader thread: the push goes through the event loop
-            if loop is not None:
-                loop.call_soon_threadsafe(self.send_status)
+        def report(host: ModelHost) -> None:  # on the event loop
+            self.send_status()
             if token is not None:
                 message = "ready" if host.state == "ready" else f"failed: {host.error}"
                 self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
@@ -125,6 +124,12 @@ class DlmLanguageServer(LanguageServer):
                 self.window_show_message(
                     types.ShowMessageParams(type=types.MessageType.Error, message=f"dlm: model failed to load: {host.error}")
                 )
+
+        def done(host: ModelHost) -> None:  # runs on the loader thread: what it sends goes through the event loop
+            if loop is not None:
+                loop.call_soon_threadsafe(report, host)
+            else:
+                report(host)
 
         self.model.load(self.settings.model, self.settings.backend, on_done=done)
         self.send_status()
@@ -134,7 +139,9 @@ class DlmLanguageServer(LanguageServer):
         if not self.push_status:
             return
         self._status_pushed_at = time.monotonic()
-        self._status_push_scheduled = False
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+            self._status_timer = None
         try:
             self.protocol.notify(DID_CHANGE_STATUS, self.status())
         except Exception as exc:  # noqa: BLE001 - a status update is never worth an error
@@ -142,14 +149,13 @@ class DlmLanguageServer(LanguageServer):
 
     def send_status_soon(self) -> None:
         """Push the status after a completion, at most every ``STATUS_PUSH_INTERVAL_S`` (the last one always)."""
-        if not self.push_status or self._status_push_scheduled:
+        if not self.push_status or self._status_timer is not None:
             return
         wait = self._status_pushed_at + STATUS_PUSH_INTERVAL_S - time.monotonic()
         if wait <= 0:
             self.send_status()
             return
-        self._status_push_scheduled = True
-        asyncio.get_running_loop().call_later(wait, self.send_status)
+        self._status_timer = asyncio.get_running_loop().call_later(wait, self.send_status)
 
     def other_documents(self, uri: str, language_id: str) -> list[OpenDocument]:
         """Other open documents of the same language, for snippets (none when the setting is off)."""
@@ -216,9 +222,10 @@ def on_initialize(ls: DlmLanguageServer, params: types.InitializeParams) -> None
     """Take settings from ``initializationOptions`` (the whole options object or its ``dlm`` key); a
     ``statusNotifications: true`` beside the ``dlm`` key asks for ``dlm/didChangeStatus`` pushes."""
     options = params.initialization_options
-    ls.push_status = isinstance(options, dict) and options.get("statusNotifications") is True
     if options is not None:
         ls.apply_settings(options)
+    # only now: no custom notification may precede the initialize response
+    ls.push_status = isinstance(options, dict) and options.get("statusNotifications") is True
 
 
 @server.feature(types.INITIALIZED)
@@ -291,12 +298,13 @@ async def _prefetch(ls: DlmLanguageServer, params: Any) -> None:
         if not uri or position is None:
             return
         cursor = types.Position(line=int(_field(position, "line")), character=int(_field(position, "character")))
+        if uri not in ls.workspace.text_documents:
+            return  # not open: nothing to prefetch (and nothing is ever read from disk)
+        ls.metrics.count("prefetches")
         await ls.complete_at(uri, cursor, automatic=False)
     except Exception as exc:  # noqa: BLE001 - a failed prefetch must not reach the user
         ls.metrics.count("prefetch_errors")
         log.warning("prefetch failed: %s", exc)
-        return
-    ls.metrics.count("prefetches")
 
 
 @server.feature(DID_PARTIALLY_ACCEPT)

@@ -34,12 +34,14 @@ class Rule:
     exclusive_minimum: bool = False
     """``minimum`` itself is not allowed."""
     choices: tuple[str, ...] = ()
+    what: str = ""
+    """How an error names the expected value, when the type alone does not say it."""
 
     def check(self, value: Any, default: Any) -> Any:
         """``value`` converted to the setting's type, or ValueError saying what is expected."""
         if self.kind == "string":
             if not isinstance(value, str):
-                raise ValueError("expected a string")
+                raise ValueError(f"expected {self.what or 'a string'}")
             return value
         if self.kind == "choice":
             if value not in self.choices:
@@ -60,7 +62,8 @@ class Rule:
                 raise ValueError(f"expected a non-empty list of token counts between {self._range()}")
             return tuple(sorted({int(v) for v in value}))
         if not (self._is_integer(value) if self.kind == "integer" else self._is_number(value)) or not self._in_range(value):
-            raise ValueError(f"expected {'a whole number' if self.kind == 'integer' else 'a number'} {self._range()}")
+            hint = f"; {self.what}" if self.what else ""
+            raise ValueError(f"expected {'a whole number' if self.kind == 'integer' else 'a number'} {self._range()}{hint}")
         return int(value) if self.kind == "integer" else float(value)
 
     @staticmethod
@@ -68,7 +71,9 @@ class Rule:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     def _is_integer(self, value: Any) -> bool:
-        return self._is_number(value) and float(value).is_integer()
+        if isinstance(value, float):
+            return value.is_integer()
+        return isinstance(value, int) and not isinstance(value, bool)
 
     def _in_range(self, value: float) -> bool:
         low_ok = self.minimum is None or (value > self.minimum if self.exclusive_minimum else value >= self.minimum)
@@ -91,7 +96,7 @@ def _setting(default: Any, rule: Rule) -> Any:
 class Settings:
     """Every user-facing setting of the server, with its default and its :class:`Rule`."""
 
-    model: str = _setting("", Rule("string"))
+    model: str = _setting("", Rule("string", what="a folder path (a string)"))
     """Engine folder to load; empty = the default model that ships with dlm-lsp."""
     backend: str = _setting("auto", Rule("choice", choices=SERVING_BACKENDS))
     """Runtime: auto | tensorrt | cuda | cpu."""
@@ -109,7 +114,7 @@ class Settings:
     tokens_per_step: int = _setting(1, Rule("integer", 1, MAX_TOKENS))
     """Commit at least this many positions per denoising step (the most confident): faster, but the
     shipped model is then much less often right (docs/engine.md, "Tokens per step")."""
-    min_confidence: float = _setting(0.3, Rule("number", 0, 1))
+    min_confidence: float = _setting(0.3, Rule("number", 0, 1, what="0 shows every suggestion"))
     """Show only the leading part of a suggestion whose tokens the model committed with at least this
     probability, and only when inserting it keeps the indentation and the parse (see ``dlm_lsp.gate``);
     0 shows everything. Calibrated for the shipped model in docs/quality.md."""

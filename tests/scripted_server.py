@@ -9,6 +9,8 @@ the *model* is replaced: :class:`ScriptedModel` "believes" that the middle is
 probability ``p``, then end-of-text. The engine folder, tokenizer and window are
 the shipped model's, so the rest of the stack runs unchanged. Use
 ``tokenHealing: false`` with it: the script does not adapt to a healed prefix.
+The cached decoding path only: ``full`` (the exact reference mode) would need the
+script shifted to the span's first row.
 """
 
 from __future__ import annotations

@@ -295,4 +295,4 @@ async def test_documents_the_client_did_not_open_are_never_read(client: Language
     result = await asyncio.wait_for(inline(client, 0, 0, uri=fifo.as_uri()), timeout=10)
     assert list(result.items) == []
     status = await asyncio.wait_for(wait_ready(client), timeout=10)  # still answering
-    assert status["errors"] == 0 and status["prefetches"] == 1
+    assert status["errors"] == 0 and status["prefetches"] == 0

@@ -95,6 +95,7 @@ def test_the_request_uses_the_candidates_of_its_kind_and_the_decoding_settings()
         ("maxMiddleTokens", 3.0, True), ("maxMiddleTokens", 2.5, False),  # whole numbers only
         ("lengthCandidates", [1, 512], True), ("lengthCandidates", [513], False), ("lengthCandidates", [2.5], False),
         ("tokenHealing", 1, False), ("model", 3, False), ("multiline", "sometimes", False),
+        ("maxMiddleTokens", 10**400, False), ("lengthCandidates", [10**400], False),  # beyond float: no OverflowError
     ],
 )
 def test_every_rule_is_enforced_at_its_edges(key, value, accepted):

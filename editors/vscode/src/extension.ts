@@ -28,9 +28,13 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("dlm.restartServer", () => current.restart()),
     vscode.commands.registerCommand("dlm.showLog", () => log.show()),
     vscode.commands.registerCommand("dlm.showStatus", async () => {
+      if (!current.running) {
+        void vscode.window.showWarningMessage("dlm: the server is not running.", "Restart").then((c) => c && current.restart());
+        return;
+      }
       const s = await current.requestStatus();
       if (!s) {
-        void vscode.window.showWarningMessage("dlm: the server is not running.", "Restart").then((c) => c && current.restart());
+        void vscode.window.showWarningMessage("dlm: the server did not answer dlm/status (see the log).", "Show Log").then((c) => c && log.show());
         return;
       }
       void vscode.window.showInformationMessage(statusMessage(s));
