@@ -126,14 +126,12 @@ def check(args: argparse.Namespace) -> int:
     language = args.language or language
     host = ModelHost()
     started = time.perf_counter()
-    host.load(settings.model, settings.backend)
-    host.wait()
-    if host.state != "ready":
+    engine = host.load_now(settings.model, settings.backend)
+    if engine is None:
         print(f"dlm-lsp check: error: {host.error}", file=sys.stderr)
         return 2
-    assert host.engine is not None  # ready
-    result = complete_text(host.engine, text, offset, language, settings)
-    info = host.engine.info
+    result = complete_text(engine, text, offset, language, settings)
+    info = engine.info
     report = {
         "target": label,
         "model": str(host.path),

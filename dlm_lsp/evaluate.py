@@ -29,10 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from engine import SERVING_BACKENDS
+from engine import SERVING_BACKENDS, single_line
 
 from dlm_lsp.completion import Result, complete_text
-from dlm_lsp.gate import adds_parse_errors, gate, parse_surroundings, whitespace_problem
+from dlm_lsp.gate import gate, parse_surroundings, whitespace_problem
 from dlm_lsp.postprocess import Suggestion
 from dlm_lsp.settings import Settings
 from dlm_lsp.syntax import parse_errors, parser_for
@@ -46,17 +46,33 @@ DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def useful(shown: str, expected: str) -> bool:
     """The suggestion's first line is non-empty and the expected text starts with it."""
-    first = shown.split("\n")[0].rstrip()
+    first = single_line(shown).rstrip()
     return bool(first.strip()) and expected.startswith(first)
 
 
-def score(problem: RepoProblem, shown: Suggestion | None, result: Result) -> dict[str, Any]:
+class _Parses:
+    """Parse-error counts of one problem's document with various insertions, each parsed once."""
+
+    def __init__(self, problem: RepoProblem) -> None:
+        self.parser = parser_for(problem.language)
+        self.before, self.after = problem.text[: problem.offset], problem.text[problem.offset :]
+        self._counts: dict[tuple[str, int], int] = {}
+
+    def errors(self, text: str, replace_suffix: int = 0) -> int:
+        """Errors of the document with ``text`` inserted at the cursor (replacing ``replace_suffix`` characters)."""
+        key = (text, replace_suffix)
+        if key not in self._counts:
+            self._counts[key] = parse_errors(self.parser, self.before + text + self.after[replace_suffix:])
+        return self._counts[key]
+
+
+def score(problem: RepoProblem, shown: Suggestion | None, result: Result, parses: _Parses) -> dict[str, Any]:
     """Metrics of one shown suggestion (or of nothing shown)."""
     if shown is None:
         return {"shown": False}
     from engine.eval.harness import edit_similarity, exact_match
 
-    expected = problem.middle if problem.kind == "multi" else problem.middle.split("\n")[0]
+    expected = problem.middle if problem.kind == "multi" else single_line(problem.middle)
     text = shown.text
     row: dict[str, Any] = {
         "shown": True,
@@ -66,13 +82,10 @@ def score(problem: RepoProblem, shown: Suggestion | None, result: Result) -> dic
         "whitespace_error": whitespace_problem(text, result.context.post.line_prefix if result.context else "") is not None,
         "chars": len(text),
     }
-    parser = parser_for(problem.language)
-    if parser is not None:
-        before, after = problem.text[: problem.offset], problem.text[problem.offset :]
-        row["parse_ok"] = not adds_parse_errors(parser, before, text, after, shown.replace_suffix)
-        row["parses_as_true"] = parse_errors(parser, before + text + after[shown.replace_suffix :]) <= parse_errors(
-            parser, before + problem.middle + after
-        )
+    if parses.parser is not None:  # the same tests as adds_parse_errors, on counts parsed once per problem
+        errors = parses.errors(text, shown.replace_suffix)
+        row["parse_ok"] = errors <= parses.errors("")
+        row["parses_as_true"] = errors <= parses.errors(problem.middle)
     return row
 
 
@@ -114,15 +127,16 @@ def evaluate(engine: Engine, problems: Sequence[RepoProblem], settings: Settings
         latencies.append(result.latency_ms)
         item = {"task_id": problem.task_id, "middle": problem.middle, "suggestion": result.ungated.text if result.ungated else None,
                 "healed": result.engine_stats.get("healed", ""), "latency_ms": round(result.latency_ms, 1), "shown_at": {}}
+        parses = _Parses(problem)
+        around = parse_surroundings(problem.text, problem.offset, result.context.post) if result.context else None
         for t in thresholds:
             if result.ungated is None or result.context is None:
                 shown, reason = None, "empty"
             else:
-                around = parse_surroundings(problem.text, problem.offset, result.context.post)
                 verdict = gate(result.ungated, result.raw_text, result.token_ends, result.confidence, result.context.post, t, around)
                 shown, reason = verdict.suggestion, verdict.reason
             verdicts[t][reason] = verdicts[t].get(reason, 0) + 1
-            per_threshold[t].append(score(problem, shown, result))
+            per_threshold[t].append(score(problem, shown, result, parses))
             item["shown_at"][str(t)] = shown.text if shown else None
         items.append(item)
         progress(done, len(problems), started)
@@ -194,13 +208,11 @@ def run(args: argparse.Namespace) -> int:
     if args.budget_ms is not None:
         settings = replace(settings, latency_budget_ms=args.budget_ms)
     host = ModelHost()
-    host.load(settings.model, settings.backend)
-    host.wait()
-    if host.state != "ready":
+    engine = host.load_now(settings.model, settings.backend)
+    if engine is None:
         print(f"dlm-lsp evaluate: error: {host.error}", file=sys.stderr)
         return 2
-    assert host.engine is not None  # ready
-    report = evaluate(host.engine, problems, settings, thresholds)
+    report = evaluate(engine, problems, settings, thresholds)
     report.update({"source": str(args.source), "kind": args.kind, "seed": args.seed, "model": str(host.path),
                    "token_healing": settings.token_healing, "budget_ms": settings.latency_budget_ms})
     if args.out:

@@ -166,12 +166,9 @@ def gate(
     if problem:
         return Verdict(None, problem)
     parser = parser_for(ctx.language)
-    if parser is None:
-        best = candidates[0]
-        return Verdict(best, "shown" if best is suggestion else "cut")
     before, after = surroundings or (ctx.text_before or ctx.line_prefix, ctx.text_after or ctx.line_suffix)
-    baseline = parse_errors(parser, before + after)
-    for candidate in candidates:
-        if not adds_parse_errors(parser, before, candidate.text, after, candidate.replace_suffix, baseline):
+    baseline = parse_errors(parser, before + after) if parser is not None else 0
+    for candidate in candidates:  # longest first; without a grammar the first one
+        if parser is None or not adds_parse_errors(parser, before, candidate.text, after, candidate.replace_suffix, baseline):
             return Verdict(candidate, "shown" if candidate is suggestion else "cut")
     return Verdict(None, "parse")

@@ -87,6 +87,12 @@ class ModelHost:
         """Block until the current load finishes; True if it did within ``timeout``."""
         return self._loaded.wait(timeout)
 
+    def load_now(self, model: str, backend: str) -> Engine | None:
+        """Load and wait (the command-line tools); None when it failed, with the reason in :attr:`error`."""
+        self.load(model, backend)
+        self.wait()
+        return self.engine if self.state == "ready" else None
+
     def describe(self) -> dict[str, Any]:
         """Model, family, backend, device and state for ``dlm/status``."""
         info = self.engine.info if self.engine is not None else None

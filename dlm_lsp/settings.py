@@ -70,7 +70,8 @@ class Rule:
     def _is_number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    def _is_integer(self, value: Any) -> bool:
+    @staticmethod
+    def _is_integer(value: Any) -> bool:
         if isinstance(value, float):
             return value.is_integer()
         return isinstance(value, int) and not isinstance(value, bool)

@@ -65,16 +65,20 @@ def item(text: str, line: int, start: int, end: int | None = None) -> dict:
     return {"items": [{"insertText": text, "range": span}]}
 
 
-@pytest_lsp.fixture(config=config("a + b\n", 0.9))
-async def sure(lsp_client: LanguageClient):  # type: ignore[no-untyped-def]
-    yield lsp_client
-    await lsp_client.shutdown_session()
+def scripted(text: str, probability: float):  # type: ignore[no-untyped-def]
+    """A client fixture on the server whose model believes ``text`` with ``probability``."""
+
+    @pytest_lsp.fixture(config=config(text, probability))
+    async def client(lsp_client: LanguageClient):  # type: ignore[no-untyped-def]
+        yield lsp_client
+        await lsp_client.shutdown_session()
+
+    return client
 
 
-@pytest_lsp.fixture(config=config("a + b\n", 0.2))
-async def unsure(lsp_client: LanguageClient):  # type: ignore[no-untyped-def]
-    yield lsp_client
-    await lsp_client.shutdown_session()
+sure = scripted("a + b\n", 0.9)
+unsure = scripted("a + b\n", 0.2)
+closing = scripted("a, b)\n", 0.9)
 
 
 @pytest.mark.asyncio
@@ -111,12 +115,6 @@ async def test_an_accept_prefetches_the_next_suggestion_into_the_cache(sure: Lan
     assert await complete(sure, 1, 11) == item("a + b", 1, 11)
     s = await status(sure)
     assert (s["prefetches"], s["cache_hits"], s["accepted"]) == (1, 1, 1)
-
-
-@pytest_lsp.fixture(config=config("a, b)\n", 0.9))
-async def closing(lsp_client: LanguageClient):  # type: ignore[no-untyped-def]
-    yield lsp_client
-    await lsp_client.shutdown_session()
 
 
 @pytest.mark.asyncio
