@@ -116,8 +116,48 @@ def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
     return ContextGraph().eval(), SpanStepGraph().eval()
 
 
-def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
+INLINE_LIMIT = 1 << 30
+"""Graphs whose weights exceed this many bytes keep them in an external data file.
+
+Protobuf cannot serialise a message over 2 GiB, so an fp32 graph of a 0.5B model
+(2 GB of weights) must keep its initializers outside ``.onnx``; 1 GiB leaves room
+for the graph itself. Smaller graphs stay one self-contained file.
+"""
+
+
+def external_data_file(graph: str) -> str:
+    """Name of the file beside ``graph`` that holds its weights when they are external."""
+    return graph + ".data"
+
+
+def _save_graph(model: Any, path: Path, inline_limit: int) -> None:
+    """Save an ONNX model to ``path``: inline, or with every weight in one ``<name>.data`` file beside it."""
+    import onnx
+
+    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+    if weight_bytes <= inline_limit:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=external_data_file(path.name),
+        size_threshold=1024,
+    )
+
+
+def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limit: int = INLINE_LIMIT) -> None:
+    """Trace the context and span-step graphs into ``out`` (``context.onnx``, ``span_step.onnx``).
+
+    Each graph is traced into a scratch folder of its own (past 2 GB the exporter
+    writes one file per weight, named after the tensor, and the two graphs' names
+    collide), then re-saved with its weights inline or in one ``.data`` file.
+    """
     torch = _require_export_deps()
+    import onnx
+
     arch = model.arch
     context, span = _graph_modules(model, suppress, top_k)
     t, tc, b, s = 12, 9, 2, 4
@@ -135,12 +175,10 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
         torch.zeros(arch.num_layers, 1, arch.num_kv_heads, tc, arch.head_dim),
     )
     outputs = {"top_ids": {0: "batch", 1: "span"}, "top_probs": {0: "batch", 1: "span"}, "entropy": {0: "batch", 1: "span"}}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            context,
-            context_args,
-            str(out / "context.onnx"),
+    graphs = {
+        "context.onnx": dict(
+            module=context,
+            args=context_args,
             input_names=list(CONTEXT_INPUTS),
             output_names=list(CONTEXT_OUTPUTS),
             dynamic_axes={
@@ -152,13 +190,10 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
                 "cache_values": {3: "cached"},
                 **{name: {1: "span"} for name in outputs},
             },
-            opset_version=OPSET,
-            dynamo=False,
-        )
-        torch.onnx.export(
-            span,
-            span_args,
-            str(out / "span_step.onnx"),
+        ),
+        "span_step.onnx": dict(
+            module=span,
+            args=span_args,
             input_names=list(SPAN_INPUTS),
             output_names=list(SPAN_OUTPUTS),
             dynamic_axes={
@@ -169,27 +204,54 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path) -> None:
                 "cache_values": {3: "cached"},
                 **outputs,
             },
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        ),
+    }
+    for name, spec in graphs.items():
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    spec["module"],
+                    spec["args"],
+                    str(scratch / name),
+                    input_names=spec["input_names"],
+                    output_names=spec["output_names"],
+                    dynamic_axes=spec["dynamic_axes"],
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
+            _save_graph(onnx.load(str(scratch / name)), out / name, inline_limit)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _quantize_int8(src: Path, dst: Path) -> None:
+def _quantize_int8(src: Path, dst: Path, inline_limit: int = INLINE_LIMIT) -> None:
+    """Dynamic int8 quantisation of ``src``'s MatMul weights (per output channel) into ``dst``.
+
+    Works from the file, so a source with external data is read through ONNX's
+    own loader; the result is re-saved by :func:`_save_graph`'s rule.
+    """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser logs every tensor on the root logger
     try:
         quantize_dynamic(
-            str(src),
-            str(dst),
+            src,
+            scratch / dst.name,
             weight_type=QuantType.QInt8,
             per_channel=True,
             op_types_to_quantize=["MatMul"],
+            use_external_data_format=True,
         )
+        _save_graph(onnx.load(str(scratch / dst.name)), dst, inline_limit)
     finally:
         root.setLevel(level)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
@@ -305,11 +367,14 @@ def convert(
     top_k: int = 2,
     force: bool = False,
     progress: Callable[[str], None] = log.info,
+    inline_limit: int = INLINE_LIMIT,
 ) -> Manifest:
     """Convert checkpoint folder ``src`` into engine folder ``dst``; returns the written manifest.
 
     The destination is built in a temporary folder beside it and moved into place
     only after validation passed, so a failed conversion leaves nothing behind.
+    Graphs whose weights pass ``inline_limit`` bytes keep them in ``<graph>.data``
+    beside the graph (see :data:`INLINE_LIMIT`).
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
@@ -330,7 +395,7 @@ def convert(
         fp32_dir = work / "fp32"
         fp32_dir.mkdir()
         progress("exporting ONNX graphs (context, span_step)")
-        _export_graphs(reference.model, reference.suppress, top_k, fp32_dir)
+        _export_graphs(reference.model, reference.suppress, top_k, fp32_dir, inline_limit)
         manifest = Manifest(
             family=checkpoint.family.name,
             arch=checkpoint.arch,
@@ -347,7 +412,7 @@ def convert(
             final_dir.mkdir()
             progress("quantising to int8 and validating")
             for name in manifest.graphs.values():
-                _quantize_int8(fp32_dir / name, final_dir / name)
+                _quantize_int8(fp32_dir / name, final_dir / name, inline_limit)
             manifest.precision = "int8"
             reports.append(validate(reference, OnnxRuntimeDenoiser(final_dir, manifest, backend="cpu"), "int8"))
         failures = [f"[{r.precision}] {f}" for r in reports for f in r.failures]

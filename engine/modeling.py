@@ -1,8 +1,9 @@
 """The bidirectional transformer every supported family maps onto (PyTorch).
 
 One readable model: Qwen2-style blocks (RMSNorm, rotary embeddings, grouped-query
-attention with optional q/k/v bias, SwiGLU MLP) with *full* attention. Parameter
-names are Qwen2's, so dream-family checkpoints load by name.
+attention with optional q/k/v bias and optional per-head q/k RMSNorm as in Qwen3,
+SwiGLU MLP) with *full* attention. Parameter names are Qwen2's (plus Qwen3's
+``q_norm``/``k_norm``); other families map their checkpoint names onto them.
 
 Besides the plain forward (training, reference tests) it has the two computations
 the engine exports to ONNX:
@@ -35,7 +36,7 @@ from torch import nn
 from engine.families import ArchConfig
 
 SUPPRESSED_LOGIT = -1e9
-"""Added to the logits of tokens that must never be predicted (the mask token).
+"""Added to the logits of tokens that must never be predicted (the mask token, ids no token has).
 
 Finite on purpose: ``exp(-inf) * -inf`` would turn the entropy into NaN.
 """
@@ -108,6 +109,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(arch.hidden_size, arch.num_kv_heads * arch.head_dim, bias=arch.qkv_bias)
         self.v_proj = nn.Linear(arch.hidden_size, arch.num_kv_heads * arch.head_dim, bias=arch.qkv_bias)
         self.o_proj = nn.Linear(arch.num_heads * arch.head_dim, arch.hidden_size, bias=False)
+        if arch.qk_norm:  # Qwen3: every head's query and key RMS-normalised before rotary
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.qk_norm = arch.qk_norm
 
     def project(
         self, x: torch.Tensor, queries: torch.Tensor | None = None
@@ -118,10 +123,12 @@ class Attention(nn.Module):
         """
         b, t, _ = x.shape
         xq = x if queries is None else x.index_select(1, queries)
-        q = self.q_proj(xq).view(b, xq.shape[1], self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(xq).view(b, xq.shape[1], self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """attn (B, H, T, D) -> (B, T, C)."""

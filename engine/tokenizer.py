@@ -53,6 +53,14 @@ class Tokenizer:
         """Id of a token string, or None."""
         return self._tok.token_to_id(token)
 
+    def unassigned_ids(self, vocab_size: int) -> list[int]:
+        """Ids below ``vocab_size`` that no token has.
+
+        Checkpoints pad their embedding past the tokenizer (Qwen2's 151,936 rows,
+        LLaDA's 126,464): those rows were never trained and must never be predicted.
+        """
+        return [i for i in range(vocab_size) if self._tok.id_to_token(i) is None]
+
     def ids_containing(self, text: str) -> frozenset[int]:
         """Ids whose own text contains ``text`` (every id decoded once, in one batch)."""
         pieces = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)

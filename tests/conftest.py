@@ -39,19 +39,25 @@ def _converted(convert, src: Path, dst: Path, precision: str) -> Path:  # type: 
 
 
 @pytest.fixture(scope="session")
-def hf_qwen2():  # type: ignore[no-untyped-def]
-    """Build Hugging Face transformers' Qwen2 (the reference implementation) from a Checkpoint."""
+def hf_reference():  # type: ignore[no-untyped-def]
+    """Build the independent transformers implementation of a Checkpoint's family (see :func:`_hf_reference`)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    return _hf_qwen2
+    return _hf_reference
 
 
-def _hf_qwen2(checkpoint):  # type: ignore[no-untyped-def]
-    """transformers' Qwen2ForCausalLM with the checkpoint's weights, eager attention."""
+def _hf_reference(checkpoint):  # type: ignore[no-untyped-def]
+    """transformers' model of the checkpoint's architecture with its weights, eager attention.
+
+    dream -> Qwen2ForCausalLM, llada -> LlamaForCausalLM (LLaMA blocks without
+    biases; the OLMo-style tensor names are mapped by the family), qwen3 ->
+    Qwen3ForCausalLM. Parameter names are :mod:`engine.modeling`'s, which are the
+    transformers names of all three.
+    """
     import transformers
 
     a = checkpoint.arch
-    config = transformers.Qwen2Config(
+    common = dict(
         vocab_size=a.vocab_size,
         hidden_size=a.hidden_size,
         intermediate_size=a.intermediate_size,
@@ -63,8 +69,19 @@ def _hf_qwen2(checkpoint):  # type: ignore[no-untyped-def]
         max_position_embeddings=a.max_positions,
         tie_word_embeddings=a.tie_word_embeddings,
     )
+    family = checkpoint.family.name
+    if family == "dream":
+        config, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    elif family == "llada":
+        config = transformers.LlamaConfig(**common, head_dim=a.head_dim, attention_bias=False, mlp_bias=False)
+        cls = transformers.LlamaForCausalLM
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(**common, head_dim=a.head_dim, attention_bias=False)
+        cls = transformers.Qwen3ForCausalLM
+    else:  # pragma: no cover - a new family needs its reference here
+        raise AssertionError(f"no transformers reference for family {family!r}")
     config._attn_implementation = "eager"
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = cls(config).eval()
     result = model.load_state_dict({k: v.float() for k, v in checkpoint.load_state("pt").items()}, strict=False)
     # Only the tied head may be absent from the checkpoint.
     assert set(result.missing_keys) <= {"lm_head.weight"}

@@ -50,7 +50,7 @@ class TorchDenoiser:
         self.torch = torch
         self.model = load_transformer(checkpoint)
         arch, token_ids = checkpoint.arch, checkpoint.token_ids
-        self.suppress = suppress_vector(arch.vocab_size, [token_ids.mask])
+        self.suppress = suppress_vector(arch.vocab_size, [token_ids.mask, *checkpoint.tokenizer.unassigned_ids(arch.vocab_size)])
         self.top_k = top_k
         self.info = ModelInfo(
             family=checkpoint.family.name,

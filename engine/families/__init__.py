@@ -11,7 +11,7 @@ No torch here: family detection runs on the serving path.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from typing import Any, Callable, Mapping
 
 from engine.errors import UnknownFamilyError, UnsupportedConfigError
@@ -35,6 +35,8 @@ class ArchConfig:
     tie_word_embeddings: bool
     shifted: bool
     """True when the token at position i is predicted from the hidden state at i-1 (Dream)."""
+    qk_norm: bool = False
+    """True when queries and keys are RMS-normalised per head before rotary (Qwen3)."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -53,8 +55,19 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ArchConfig":
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """Inverse of :meth:`to_dict` (fields added later take their defaults when absent)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: data[k] for k in fields if k in data or fields[k].default is MISSING})
+
+    @property
+    def parameters(self) -> int:
+        """Number of parameters (the LLM-card count: embedding, blocks, norms, untied head)."""
+        h, d, ffn = self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
+        block = attn + 3 * h * ffn + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_layers * block + h + head
 
 
 @dataclass(frozen=True)
@@ -94,12 +107,14 @@ class Family:
     """Map from :mod:`engine.modeling` parameter names to checkpoint tensor names."""
     special_token_names: Mapping[str, tuple[str, ...]]
     """Token strings to look up in the tokenizer when config.json lacks an id."""
+    to_config: Callable[[ArchConfig, TokenIds], dict[str, Any]]
+    """The ``config.json`` a checkpoint of this family with ``arch`` carries (random-weight checkpoints)."""
 
 
 def _registry() -> dict[str, Family]:
-    from engine.families import dream
+    from engine.families import dream, llada, qwen3
 
-    return {family.name: family for family in (dream.FAMILY,)}
+    return {family.name: family for family in (dream.FAMILY, llada.FAMILY, qwen3.FAMILY)}
 
 
 def family_names() -> list[str]:

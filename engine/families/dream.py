@@ -29,20 +29,27 @@ def _matches(config: Mapping[str, Any]) -> bool:
     return model_type == "qwen2" and "mask_token_id" in config
 
 
-def _require(config: Mapping[str, Any], key: str) -> Any:
+def _require(config: Mapping[str, Any], key: str, family: str) -> Any:
     if key not in config:
-        raise UnsupportedConfigError(f"config.json lacks {key!r}, which a dream-family model needs")
+        raise UnsupportedConfigError(f"config.json lacks {key!r}, which a {family}-family model needs")
     return config[key]
 
 
-def _parse_config(config: Mapping[str, Any]) -> ArchConfig:
-    hidden = int(_require(config, "hidden_size"))
-    heads = int(_require(config, "num_attention_heads"))
+def parse_qwen_config(
+    config: Mapping[str, Any], *, family: str, qkv_bias: bool, qk_norm: bool, tied: bool
+) -> ArchConfig:
+    """A shifted bidirectional model from a Qwen2/Qwen3-style ``config.json`` (the keys both use).
+
+    ``qkv_bias`` and ``tied`` are the defaults when ``attention_bias`` /
+    ``tie_word_embeddings`` are absent; ``qk_norm`` is the family's (Qwen3).
+    """
+    hidden = int(_require(config, "hidden_size", family))
+    heads = int(_require(config, "num_attention_heads", family))
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise UnsupportedConfigError(f"hidden_act={act!r} is not supported (dream family uses 'silu')")
+        raise UnsupportedConfigError(f"hidden_act={act!r} is not supported ({family} family uses 'silu')")
     rope_scaling = config.get("rope_scaling")
     kind = rope_scaling.get("rope_type", rope_scaling.get("type")) if isinstance(rope_scaling, dict) else rope_scaling
     if rope_scaling not in (None, {}) and kind != "default":
@@ -54,27 +61,43 @@ def _parse_config(config: Mapping[str, Any]) -> ArchConfig:
     if head_dim % 2:
         raise UnsupportedConfigError(f"head_dim={head_dim} must be even for rotary embeddings")
     return ArchConfig(
-        vocab_size=int(_require(config, "vocab_size")),
+        vocab_size=int(_require(config, "vocab_size", family)),
         hidden_size=hidden,
-        intermediate_size=int(_require(config, "intermediate_size")),
-        num_layers=int(_require(config, "num_hidden_layers")),
+        intermediate_size=int(_require(config, "intermediate_size", family)),
+        num_layers=int(_require(config, "num_hidden_layers", family)),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=float(config.get("rope_theta", 10000.0)),
         max_positions=int(config.get("max_position_embeddings", 32768)),
-        qkv_bias=bool(config.get("attention_bias", True)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=bool(config.get("attention_bias", qkv_bias)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", tied)),
         shifted=True,
+        qk_norm=qk_norm,
     )
+
+
+def _parse_config(config: Mapping[str, Any]) -> ArchConfig:
+    return parse_qwen_config(config, family="dream", qkv_bias=True, qk_norm=False, tied=False)
 
 
 def to_config(arch: ArchConfig, token_ids: TokenIds, **extra: Any) -> dict[str, Any]:
     """A Dream-style ``config.json`` for ``arch`` (the inverse of parsing); ``extra`` keys are appended."""
+    if arch.qk_norm or not arch.shifted:
+        raise UnsupportedConfigError("this architecture is not one a dream checkpoint can describe")
     return {
+        **qwen_config_keys(arch, token_ids),
         "architectures": ["DreamModel"],
         "model_type": "Dream",
+        "attention_bias": arch.qkv_bias,
+        **extra,
+    }
+
+
+def qwen_config_keys(arch: ArchConfig, token_ids: TokenIds) -> dict[str, Any]:
+    """The Qwen2/Qwen3 ``config.json`` keys that describe ``arch`` and the special ids."""
+    return {
         "vocab_size": arch.vocab_size,
         "hidden_size": arch.hidden_size,
         "intermediate_size": arch.intermediate_size,
@@ -93,11 +116,12 @@ def to_config(arch: ArchConfig, token_ids: TokenIds, **extra: Any) -> dict[str, 
         "eos_token_id": token_ids.eos,
         "pad_token_id": token_ids.pad,
         "bos_token_id": token_ids.bos,
-        **extra,
+        "head_dim": arch.head_dim,
     }
 
 
-def _weight_names(arch: ArchConfig) -> dict[str, str]:
+def qwen_weight_names(arch: ArchConfig) -> dict[str, str]:
+    """Qwen2/Qwen3 tensor names, which are also :mod:`engine.modeling`'s (an identity map)."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
@@ -106,6 +130,8 @@ def _weight_names(arch: ArchConfig) -> dict[str, str]:
             names.append(f"{p}self_attn.{proj}.weight")
             if arch.qkv_bias and proj != "o_proj":
                 names.append(f"{p}self_attn.{proj}.bias")
+        if arch.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         names += [f"{p}mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
     if not arch.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -116,11 +142,12 @@ FAMILY = Family(
     name="dream",
     matches=_matches,
     parse_config=_parse_config,
-    weight_names=_weight_names,
+    weight_names=qwen_weight_names,
     special_token_names={
         "mask": ("<|mask|>", "<M>", "<mask>", "[MASK]"),
         "eos": ("<|endoftext|>", "</s>", "<|eos|>"),
         "pad": ("<|dlm_pad|>", "<|pad|>", "<|endoftext|>"),
         "bos": ("<|beginoftext|>", "<|bos|>", "<s>"),
     },
+    to_config=to_config,
 )

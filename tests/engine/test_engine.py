@@ -10,6 +10,7 @@ import pytest
 
 from engine import Engine, SamplingParams
 from engine.checkpoint import Checkpoint
+from references import textbook_decode
 
 PREFIX = "def add(a, b):\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
@@ -24,45 +25,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def textbook_decode(hf_qwen2, checkpoint_dir, prefix_ids, suffix_ids, length):  # type: ignore[no-untyped-def]
-    """Reference masked-diffusion decoding written independently with transformers' Qwen2.
-
-    Whole window every step, shifted logits, mask token excluded, one token per
-    step: the masked slot whose argmax probability is highest. The first committed
-    end token ends the middle (every later slot becomes EOS), as the engine documents.
-    """
-    torch = pytest.importorskip("torch")
-
-    ckpt = Checkpoint.open(checkpoint_dir)
-    model = hf_qwen2(ckpt)
-    mask, eos = ckpt.token_ids.mask, ckpt.token_ids.eos
-    window = list(prefix_ids) + [mask] * length + list(suffix_ids)
-    start = len(prefix_ids)
-    while any(t == mask for t in window[start : start + length]):
-        ids = torch.tensor([window])
-        full = torch.zeros(1, 1, len(window), len(window))
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask={"full_attention": full}).logits[0]
-        logits[:, mask] = -float("inf")
-        probs = logits.softmax(-1)
-        best = None
-        for slot in range(length):
-            if window[start + slot] == mask:
-                p, tok = probs[start + slot - 1].max(-1)  # shifted: slot i from position i-1
-                if best is None or p.item() > best[0]:
-                    best = (p.item(), slot, int(tok))
-        _, slot, tok = best
-        window[start + slot] = tok
-        if tok in ckpt.token_ids.end_ids:
-            for later in range(slot + 1, length):
-                window[start + later] = eos
-    middle = window[start : start + length]
-    ends = [i for i, t in enumerate(middle) if t in ckpt.token_ids.end_ids]
-    return middle[: ends[0]] if ends else middle
-
-
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_cli_threshold_one_exact_is_textbook_greedy_decoding(tmp_path, tiny_checkpoint, tiny_engine, backend, hf_qwen2):
+def test_cli_threshold_one_exact_is_textbook_greedy_decoding(
+    tmp_path, tiny_checkpoint, tiny_engine, backend, hf_reference
+):
     pytest.importorskip("transformers")
     (tmp_path / "p.txt").write_text(PREFIX)
     (tmp_path / "s.txt").write_text(SUFFIX)
@@ -78,7 +44,7 @@ def test_cli_threshold_one_exact_is_textbook_greedy_decoding(tmp_path, tiny_chec
     prefix_ids = [ckpt.token_ids.bos, *tok.encode(PREFIX)]
     suffix_ids = tok.encode(SUFFIX)
     assert out["input_ids"] == prefix_ids + [ckpt.token_ids.mask] * 12 + suffix_ids
-    assert out["middle_ids"] == textbook_decode(hf_qwen2, tiny_checkpoint, prefix_ids, suffix_ids, 12)
+    assert out["middle_ids"] == textbook_decode(hf_reference, tiny_checkpoint, prefix_ids, suffix_ids, 12)
     assert out["stats"]["tokens_per_step"] == 1.0
     assert out["stats"]["steps"] == out["stats"]["forward_passes"]  # exact mode: no context pass
     assert out["text"] == tok.decode(out["middle_ids"])

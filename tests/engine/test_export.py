@@ -152,3 +152,32 @@ def test_recovery_refuses_graphs_of_another_architecture(tiny_engine):
     arch = read_manifest(tiny_engine).arch
     with pytest.raises(ExportError, match="block matrices"):
         export.engine_weights(tiny_engine, replace(arch, num_layers=arch.num_layers + 1))
+
+
+def test_graphs_past_the_inline_limit_keep_their_weights_in_one_data_file(small_init_checkpoint, tmp_path):
+    """A real 0.5B checkpoint's fp32 graphs pass protobuf's 2 GB: their weights go to ``<graph>.data``.
+
+    The limit is lowered so that a tiny model takes the same path; both precisions
+    load, validate and are checksummed file by file, and no scratch files are left.
+    """
+    import onnx
+
+    for precision in ("fp32", "int8"):
+        out = tmp_path / precision
+        manifest = export.convert(small_init_checkpoint, out, precision=precision, inline_limit=0, progress=lambda _m: None)
+        assert manifest.validation[precision]["passed"]
+        for graph in ("context.onnx", "span_step.onnx"):
+            data = export.external_data_file(graph)
+            assert {graph, data} <= set(manifest.files)
+            model = onnx.load(str(out / graph), load_external_data=False)
+            locations = {
+                entry.value
+                for t in model.graph.initializer
+                for entry in t.external_data
+                if entry.key == "location"
+            }
+            assert locations == {data}  # one data file per graph, never the other graph's
+            assert manifest.files[data]["bytes"] > 3 * manifest.files[graph]["bytes"]
+        assert sorted(p.name for p in out.iterdir()) == sorted([*manifest.files, "manifest.json"])
+        assert read_manifest(out).precision == precision
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "int8"]

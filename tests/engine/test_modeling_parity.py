@@ -15,16 +15,7 @@ transformers = pytest.importorskip("transformers")
 from engine.checkpoint import Checkpoint  # noqa: E402
 from engine.modeling import load_transformer  # noqa: E402
 from engine.tiny import write_random_checkpoint  # noqa: E402
-
-LOGIT_ATOL = 1e-4
-
-
-def hf_bidirectional_logits(model, ids):  # type: ignore[no-untyped-def]
-    batch, length = ids.shape
-    full = torch.zeros(batch, 1, length, length)  # additive mask: every position sees every position
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask={"full_attention": full}).logits
-
+from references import LOGIT_ATOL, hf_bidirectional_logits  # noqa: E402
 
 @pytest.mark.parametrize(
     "kwargs",
@@ -35,10 +26,10 @@ def hf_bidirectional_logits(model, ids):  # type: ignore[no-untyped-def]
     ],
     ids=["tied-gqa", "untied-mha-sharded", "mqa-theta1e6"],
 )
-def test_logits_match_transformers_qwen2(tmp_path, kwargs, hf_qwen2):
+def test_logits_match_transformers_qwen2(tmp_path, kwargs, hf_reference):
     ckpt = Checkpoint.open(write_random_checkpoint(tmp_path / "c", seed=7, **kwargs))
     ours = load_transformer(ckpt)
-    ref = hf_qwen2(ckpt)
+    ref = hf_reference(ckpt)
     ids = torch.randint(0, ckpt.arch.vocab_size, (2, 45), generator=torch.Generator().manual_seed(0))
     expected = hf_bidirectional_logits(ref, ids)
     with torch.no_grad():
