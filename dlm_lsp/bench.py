@@ -318,7 +318,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dlm-bench``."""
-    from engine import Engine, EngineError, default_model_path
+    from dlm_lsp.model_host import model_path
+    from engine import Engine, EngineError
     from engine.bench import load_items, run_engine_bench
 
     args = parser().parse_args(argv)
@@ -336,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         contexts = [int(c) for c in args.contexts.split(",")]
         items = load_items(args.heldout, args.problems, kinds, args.count, args.seed)
-        model = args.model or str(default_model_path())
+        model = str(model_path(args.model))  # a folder or a pulled catalog model; default: the shipped one
         report: dict[str, Any] = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "hardware": hardware(),

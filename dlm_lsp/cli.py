@@ -4,6 +4,7 @@
     dlm-lsp --tcp --port 2087     # serve over TCP on 127.0.0.1
     dlm-lsp check [FILE[:LINE:COL]] [--model DIR] [--backend cpu]
     dlm-lsp evaluate PATH [--kind single|multi] [--count N]   # suggestions measured on your code
+    dlm-lsp models list | pull NAME | path NAME | remove NAME  # the model catalog
 
 Logs go to stderr or ``--log-file``; stdout belongs to the LSP channel.
 """
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     check = sub.add_parser("check", help="load the model and complete once, through the server's code path")
     check.add_argument("target", nargs="?", help="FILE or FILE:LINE:COL (1-based; default: end of file). Default: a built-in sample")
-    check.add_argument("--model", default="", help="engine folder (default: the shipped model)")
+    check.add_argument("--model", default="", help="catalog name or engine folder (default: the shipped model)")
     check.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
     check.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")
     check.add_argument("--language", default=None, help="language id (default: from the file extension)")
@@ -73,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     from dlm_lsp.evaluate import add_arguments
 
     add_arguments(sub.add_parser("evaluate", help="measure suggestions on middles cut from a local source tree"))
+    from dlm_lsp import models
+
+    models.add_arguments(sub.add_parser("models", help="the model catalog: list, pull, path, remove"))
     return p
 
 
@@ -186,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dlm_lsp.evaluate import run
 
         return run(args)
+    if args.command == "models":
+        from dlm_lsp import models
+
+        return models.run(args)
     from dlm_lsp.server import server
 
     if args.tcp:

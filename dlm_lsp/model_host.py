@@ -2,7 +2,10 @@
 
 The server answers ``initialize`` at once; the model loads on a worker thread. A
 completion asked for before it is ready gets an empty list. Changing the model
-folder or the backend reloads it.
+setting or the backend reloads it. The model setting is a folder or a catalog
+name (``engine.catalog``); a catalog model that has not been pulled is never
+downloaded here: the shipped model loads instead and :attr:`ModelHost.missing`
+says which model was wanted, so that the server can offer the download.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from engine import Engine, SamplingParams
+    from engine.catalog import CatalogEntry
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,19 @@ def default_model_path() -> Path:
     return engine_default()
 
 
+def model_path(model: str) -> Path:
+    """A ``model`` setting -> a folder: empty for the shipped model, a catalog name, or a path.
+
+    Raises ``ModelNotPresentError`` for a catalog model not pulled yet, ``CatalogError``
+    for a malformed team catalog.
+    """
+    if not model:
+        return default_model_path()
+    from engine import catalog
+
+    return catalog.resolve(model)
+
+
 class ModelHost:
     """The current engine and its state: ``idle``, ``loading``, ``ready`` or ``error``."""
 
@@ -33,45 +50,74 @@ class ModelHost:
         self.state = "idle"
         self.error: str | None = None
         self.engine: Engine | None = None
+        self.spec: str | None = None
+        """The model setting the current load is for."""
         self.path: Path | None = None
         self.backend: str | None = None
+        self.missing: CatalogEntry | None = None
+        """The catalog model the setting names but that is not downloaded (the shipped one runs instead)."""
         self.load_ms: float | None = None
         self._lock = threading.Lock()
         self._loaded = threading.Event()
 
     def wants_reload(self, model: str, backend: str) -> bool:
         """Whether these settings name another model or backend than the loaded one."""
-        path = Path(model).expanduser() if model else default_model_path()
-        return path != self.path or backend != self.backend
+        return model != self.spec or backend != self.backend
 
-    def load(self, model: str, backend: str, on_done: Callable[["ModelHost"], None] | None = None) -> threading.Thread:
-        """Start loading on a thread; ``on_done`` runs on that thread when it finishes (or fails)."""
-        path = Path(model).expanduser() if model else default_model_path()
+    def load(
+        self,
+        model: str,
+        backend: str,
+        on_done: Callable[["ModelHost"], None] | None = None,
+        *,
+        fallback: bool = True,
+    ) -> threading.Thread:
+        """Start loading on a thread; ``on_done`` runs on that thread when it finishes (or fails).
+
+        ``fallback``: a catalog model that is not downloaded loads the shipped model
+        instead (the server, which offers the download); without it that is an error.
+        """
         with self._lock:
-            self.state, self.error, self.path, self.backend = "loading", None, path, backend
+            self.state, self.error, self.spec, self.backend, self.missing = "loading", None, model, backend, None
+            self.path = None
             self._loaded.clear()
 
         def work() -> None:
             from engine import Engine, EngineError
+            from engine.errors import ModelNotPresentError
 
             started = time.perf_counter()
+            path: Path | None = None
             try:
+                try:
+                    path = model_path(model)
+                except ModelNotPresentError as exc:
+                    if not fallback:
+                        raise
+                    log.warning("%s; the shipped model runs until it is", exc)
+                    path = default_model_path()
+                    with self._lock:
+                        if self.spec == model:
+                            self.missing = exc.entry  # type: ignore[assignment]
+                with self._lock:
+                    if self.spec == model:
+                        self.path = path
                 engine = Engine.load(path, backend=backend)
                 # one tiny run so the first real request does not pay for lazy initialisation
                 engine.complete("", "", _warmup_params())
             except EngineError as exc:
                 with self._lock:
-                    if self.path == path:
+                    if self.spec == model:
                         self.state, self.error, self.engine = "error", str(exc), None
-                log.error("model %s failed to load: %s", path, exc)
+                log.error("model %s failed to load: %s", path or model, exc)
             except Exception as exc:  # noqa: BLE001 - keep the server alive, say what happened
                 with self._lock:
-                    if self.path == path:
+                    if self.spec == model:
                         self.state, self.error, self.engine = "error", f"{type(exc).__name__}: {exc}", None
-                log.exception("model %s failed to load", path)
+                log.exception("model %s failed to load", path or model)
             else:
                 with self._lock:
-                    if self.path == path:
+                    if self.spec == model:
                         self.engine, self.state = engine, "ready"
                         self.load_ms = (time.perf_counter() - started) * 1000
                 log.info("model %s ready on %s in %.0f ms", path, engine.info.backend, self.load_ms or 0)
@@ -89,7 +135,7 @@ class ModelHost:
 
     def load_now(self, model: str, backend: str) -> Engine | None:
         """Load and wait (the command-line tools); None when it failed, with the reason in :attr:`error`."""
-        self.load(model, backend)
+        self.load(model, backend, fallback=False)
         self.wait()
         return self.engine if self.state == "ready" else None
 
@@ -100,6 +146,7 @@ class ModelHost:
             "state": self.state,
             "error": self.error,
             "model": str(self.path) if self.path else None,
+            "missing": self.missing.name if self.missing else None,
             "family": info.family if info else None,
             "backend": info.backend if info else self.backend,
             "device": info.device if info else None,

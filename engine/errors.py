@@ -43,3 +43,15 @@ class BackendUnavailableError(EngineError):
 
 class InputError(EngineError):
     """A completion request is malformed (bad parameters, unusable text)."""
+
+
+class CatalogError(EngineError):
+    """A model catalog operation failed: an unknown or unsupported name, a failed download, no space."""
+
+
+class ModelNotPresentError(CatalogError):
+    """A catalog model was named that has not been pulled yet (``entry`` says which)."""
+
+    def __init__(self, message: str, entry: object) -> None:
+        super().__init__(message)
+        self.entry = entry

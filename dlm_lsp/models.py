@@ -1,0 +1,146 @@
+"""``dlm-lsp models``: list, pull, locate and remove the catalog's models (``engine.catalog``).
+
+    dlm-lsp models list [--json]
+    dlm-lsp models pull NAME [--precision auto|int8|fp32] [--revision REV] [--force]
+    dlm-lsp models path NAME [--precision int8|fp32]
+    dlm-lsp models remove NAME [--download]
+
+Tables and paths go to stdout (``path`` prints only the folder, for scripts);
+progress, download bars and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from engine import EngineError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``models`` subcommands."""
+    sub = parser.add_subparsers(dest="models_command", required=True)
+    listing = sub.add_parser("list", help="the catalog: size, licence, quality, what fits this machine, what is here")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    pull = sub.add_parser("pull", help="download (through huggingface_hub), convert and verify a model")
+    pull.add_argument("name")
+    pull.add_argument("--precision", default="auto", choices=("auto", "int8", "fp32"),
+                      help="auto (default): int8 if it passes validation, else fp32")
+    pull.add_argument("--revision", default=None, help="a branch, tag or commit of the repository (default: main)")
+    pull.add_argument("--force", action="store_true", help="convert again even if a converted folder is present")
+    where = sub.add_parser("path", help="print the engine folder of a pulled model")
+    where.add_argument("name")
+    where.add_argument("--precision", default=None, choices=("int8", "fp32"))
+    remove = sub.add_parser("remove", help="delete a model's converted folders")
+    remove.add_argument("name")
+    remove.add_argument("--download", action="store_true", help="also delete its files from the Hugging Face cache")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _rows() -> list[dict[str, Any]]:
+    from engine import catalog
+
+    free = _available_ram()
+    rows = []
+    for entry in catalog.entries():
+        here = catalog.installed(entry.name)
+        rows.append(
+            {
+                **entry.to_dict(),
+                "disk_int8": entry.graph_bytes("int8"),
+                "disk_fp32": entry.graph_bytes("fp32"),
+                "ram_int8": entry.ram_bytes("int8"),
+                "ram_fp32": entry.ram_bytes("fp32"),
+                "fits_ram": None if free is None else entry.ram_bytes("int8") <= free,
+                "present": [{"precision": i.precision, "commit": i.commit, "path": str(i.path)} for i in here],
+            }
+        )
+    return rows
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = _rows()
+    if args.json:
+        print(json.dumps({"models": rows, "available_ram": _available_ram()}, indent=2))
+        return 0
+    free = _available_ram()
+    print(f"{'NAME':<18} {'FAMILY':<6} {'PARAMS':>7} {'DOWNLOAD':>9} {'INT8 DISK/RAM':>14} {'FP32 DISK/RAM':>14}  "
+          f"{'HERE':<10} {'FITS':<4}  LICENCE")
+    for row in rows:
+        if not row["supported"]:
+            print(f"{row['name']:<18} {'-':<6} {row['parameters'] / 1e9:>6.1f}B {'':>9} {'not supported: ' + row['reason']}")
+            continue
+        here = ",".join(p["precision"] for p in row["present"]) or "-"
+        fits = "-" if row["fits_ram"] is None else ("yes" if row["fits_ram"] else "no")
+        print(
+            f"{row['name']:<18} {row['family']:<6} {row['parameters'] / 1e9:>6.1f}B {_gb(row['download_bytes']):>9} "
+            f"{_gb(row['disk_int8']) + '/' + _gb(row['ram_int8']).split()[0]:>14} "
+            f"{_gb(row['disk_fp32']) + '/' + _gb(row['ram_fp32']).split()[0]:>14}  {here:<10} {fits:<4}  {row['licence']}"
+        )
+    print()
+    for row in rows:
+        if row["supported"]:
+            print(f"{row['name']}: {row['repo']} - {row['good_for']}. {row['quality']}.")
+    if free is not None:
+        print(f"\nFITS: int8 RAM needed <= the {_gb(free)} this machine has free now. "
+              "Pull one with: dlm-lsp models pull NAME")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from engine import catalog
+
+    folder = catalog.pull(
+        args.name,
+        precision=args.precision,
+        revision=args.revision,
+        force=args.force,
+        progress=lambda message: print(f"dlm-lsp models: {message}", file=sys.stderr, flush=True),
+    )
+    print(folder)
+    print(f"use it: set the model setting to {args.name!r} (or dlm-lsp check --model {args.name})", file=sys.stderr)
+    return 0
+
+
+def _path(args: argparse.Namespace) -> int:
+    from engine import catalog
+
+    print(catalog.path(args.name, args.precision))
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from engine import catalog
+
+    freed = catalog.remove(
+        args.name, download=args.download, progress=lambda m: print(f"dlm-lsp models: {m}", file=sys.stderr)
+    )
+    print(f"removed {args.name} ({_gb(freed)} freed)", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a ``models`` subcommand; engine errors become one line on stderr and exit status 2."""
+    commands = {"list": _list, "pull": _pull, "path": _path, "remove": _remove}
+    try:
+        return commands[args.models_command](args)
+    except EngineError as exc:
+        print(f"dlm-lsp models: error: {exc}", file=sys.stderr)
+        return 2

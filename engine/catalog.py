@@ -1,0 +1,551 @@
+"""The model catalog: open diffusion code models by name, downloaded and converted on request.
+
+``dlm-lsp models list | pull NAME | path NAME | remove NAME`` and the ``model``
+setting build on this module. An entry names a Hugging Face repository, the
+family our graphs run it as, and what a user needs to choose it (size, licence,
+published quality). Entries whose architecture our graphs cannot express are
+listed with the reason and never downloaded.
+
+Downloads go through ``huggingface_hub`` (its cache, ``HF_HOME``, ``HF_TOKEN``,
+``HF_ENDPOINT`` mirrors and ``HF_HUB_OFFLINE`` all apply; interrupted downloads
+resume), fetching only what conversion reads: config, tokenizer files and
+safetensors weights. Converted engine folders live in the user cache directory
+(``platformdirs``; ``DLM_LSP_CACHE`` overrides it), one per model, revision and
+precision::
+
+    <cache>/models/<name>/<commit[:12]>/<int8|fp32>/manifest.json
+
+and each manifest records the source repository, the commit and the sha256 of
+every file conversion read. Teams add their own models (fine-tunes, a private
+hub behind ``HF_ENDPOINT``) with a JSON file of entries named by
+``DLM_LSP_CATALOG`` or found at ``<user config dir>/catalog.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from engine.errors import CatalogError, EngineError, ModelNotPresentError
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "model.safetensors.index.json",
+    "*.safetensors",
+)
+"""The files conversion reads; nothing else of a repository is downloaded."""
+
+PRECISIONS = ("int8", "fp32")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One model of the catalog."""
+
+    name: str
+    repo: str
+    """Hugging Face repository id."""
+    family: str
+    """Engine family the model runs as (``dream``, ``llada``, ``qwen3``)."""
+    parameters: int
+    """Parameter count, computed from the published architecture."""
+    vocab_size: int
+    """Embedding rows (sizes the fp32 embedding the int8 graphs keep)."""
+    hidden_size: int
+    tied: bool
+    """Whether the LM head is the embedding."""
+    licence: str
+    good_for: str
+    quality: str
+    """Published quality, with where it was published."""
+    download_bytes: int
+    """Bytes of safetensors in the repository (bf16 unless noted)."""
+    revision: str = "main"
+    supported: bool = True
+    reason: str = ""
+    """Why an unsupported model cannot run here."""
+    origin: str = "built-in"
+    """``built-in`` or the catalog file an entry came from."""
+
+    def graph_bytes(self, precision: str) -> int:
+        """Approximate size of the engine folder at ``precision`` (two graphs, each holding every weight).
+
+        int8 quantises the MatMul weights (blocks and head, 1 byte each) and keeps
+        the embedding table in fp32 (4 bytes); fp32 is 4 bytes for everything, the
+        head's transposed copy of a tied embedding included. Measured for the 0.5B
+        shape: 2.08 GB int8 (formula: 2.08 GB).
+        """
+        emb = self.vocab_size * self.hidden_size
+        blocks = self.parameters - emb - (0 if self.tied else emb)
+        per_graph = 4 * emb + (blocks + emb) if precision == "int8" else 4 * (blocks + 2 * emb)
+        return 2 * per_graph
+
+    def ram_bytes(self, precision: str) -> int:
+        """Approximate resident memory of a server running it: both graphs' weights plus the runtime."""
+        return self.graph_bytes(precision) + 400 * 2**20
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (``models list --json``)."""
+        return asdict(self)
+
+
+def _qwen2(parameters: int, vocab: int, hidden: int, tied: bool) -> dict[str, Any]:
+    return dict(parameters=parameters, vocab_size=vocab, hidden_size=hidden, tied=tied)
+
+
+BUILT_IN: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
+        name="open-dcoder-0.5b",
+        repo="fredzzp/open-dcoder-0.5B",
+        family="dream",  # a plain Qwen2 config: the family is named here, not detected
+        **_qwen2(494_032_768, 151_936, 896, True),
+        licence="Apache-2.0",
+        good_for="laptop CPUs: the smallest open diffusion code model",
+        quality="HumanEval-infilling pass@1 32.5 (77.4 with the true middle length), Open-dLLM README",
+        download_bytes=988_065_536,
+    ),
+    CatalogEntry(
+        name="coda-1.7b",
+        repo="Salesforce/CoDA-v0-Instruct",
+        family="qwen3",
+        parameters=2_031_739_904,  # untied head, as its modelling code builds it (1.72B counting it once)
+        vocab_size=151_936,
+        hidden_size=2048,
+        tied=False,
+        licence="CC-BY-NC-4.0 (non-commercial)",
+        good_for="CPUs with 8+ GB free; instruction-tuned",
+        quality="HumanEval pass@1 54.3, MBPP 47.2 (CoDA README; no infilling figure published)",
+        download_bytes=8_126_959_616,  # its config says float32
+    ),
+    CatalogEntry(
+        name="dream-coder-7b",
+        repo="Dream-org/Dream-Coder-v0-Base-7B",
+        family="dream",
+        **_qwen2(7_615_616_512, 152_064, 3584, False),
+        licence="Apache-2.0",
+        good_for="GPUs, or CPUs with 20+ GB free",
+        quality="HumanEval-infilling pass@1 55.3, Open-dLLM README",
+        download_bytes=15_231_233_024,
+    ),
+    CatalogEntry(
+        name="diffucoder-7b",
+        repo="apple/DiffuCoder-7B-Base",
+        family="dream",
+        **_qwen2(7_615_616_512, 152_064, 3584, False),
+        licence="Apple sample-code licence (see the model card)",
+        good_for="GPUs, or CPUs with 20+ GB free",
+        quality="HumanEval-infilling pass@1 54.8, Open-dLLM README",
+        download_bytes=15_231_233_024,
+    ),
+    CatalogEntry(
+        name="llada-8b",
+        repo="GSAI-ML/LLaDA-8B-Base",
+        family="llada",
+        parameters=8_015_581_184,
+        vocab_size=126_464,
+        hidden_size=4096,
+        tied=False,
+        licence="MIT",
+        good_for="GPUs; general text and code",
+        quality="HumanEval-infilling pass@1 48.3 (Open-dLLM README); HumanEval 35.4 (LLaDA EVAL.md)",
+        download_bytes=16_031_162_368,
+    ),
+    CatalogEntry(
+        name="llada-moe-7b",
+        repo="inclusionAI/LLaDA-MoE-7B-A1B-Base",
+        family="llada",
+        parameters=7_000_000_000,
+        vocab_size=157_184,
+        hidden_size=2048,
+        tied=False,
+        licence="Apache-2.0",
+        good_for="-",
+        quality="-",
+        download_bytes=14_000_000_000,
+        supported=False,
+        reason="mixture-of-experts MLPs: our graphs have one dense MLP per block",
+    ),
+    CatalogEntry(
+        name="fast-dllm-v2-7b",
+        repo="Efficient-Large-Model/Fast_dLLM_v2_7B",
+        family="dream",
+        **_qwen2(7_615_616_512, 152_064, 3584, False),
+        licence="see the model card",
+        good_for="-",
+        quality="-",
+        download_bytes=15_231_233_024,
+        supported=False,
+        reason="block-causal attention (blocks attend only to earlier blocks): our graphs attend bidirectionally",
+    ),
+    CatalogEntry(
+        name="dreamon-7b",
+        repo="Dream-org/DreamOn-v0-7B",
+        family="dream",
+        **_qwen2(7_615_616_512, 152_064, 3584, False),
+        licence="Apache-2.0",
+        good_for="-",
+        quality="-",
+        download_bytes=15_231_233_024,
+        supported=False,
+        reason="variable-length infilling with expand/delete tokens, which our fixed-length sampler does not run",
+    ),
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``DLM_LSP_CACHE`` or the platform's user cache directory."""
+    env = os.environ.get("DLM_LSP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("dlm-lsp"))
+
+
+def user_catalog_file() -> Path:
+    """The team/user catalog file: ``DLM_LSP_CATALOG`` or ``<user config dir>/catalog.json``."""
+    env = os.environ.get("DLM_LSP_CATALOG")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("dlm-lsp")) / "catalog.json"
+
+
+def _read_user_catalog(path: Path) -> list[CatalogEntry]:
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"{path} is not a readable JSON catalog ({exc})") from exc
+    items = data.get("models") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise CatalogError(f'{path}: expected a list of models, or {{"models": [...]}}')
+    known = {f.name for f in fields(CatalogEntry)}
+    required = {f.name for f in fields(CatalogEntry) if f.default is MISSING and f.default_factory is MISSING}
+    entries = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise CatalogError(f"{path}: model #{i + 1} is not an object")
+        unknown = set(item) - known
+        missing = required - set(item)
+        if unknown or missing:
+            raise CatalogError(
+                f"{path}: model #{i + 1} ({item.get('name', '?')}): "
+                + "; ".join(
+                    ([f"unknown keys {', '.join(sorted(unknown))}"] if unknown else [])
+                    + ([f"missing keys {', '.join(sorted(missing))}"] if missing else [])
+                )
+            )
+        entries.append(CatalogEntry(**{**item, "origin": str(path)}))
+    return entries
+
+
+def entries() -> list[CatalogEntry]:
+    """Every entry: the built-in ones, then the user's (a user entry replaces a built-in of the same name)."""
+    merged = {entry.name: entry for entry in BUILT_IN}
+    for entry in _read_user_catalog(user_catalog_file()):
+        merged[entry.name] = entry
+    return list(merged.values())
+
+
+def find(name: str) -> CatalogEntry:
+    """The entry called ``name``; an unknown name raises with the closest names suggested."""
+    by_name = {entry.name: entry for entry in entries()}
+    if name in by_name:
+        return by_name[name]
+    close = difflib.get_close_matches(name.lower(), list(by_name), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise CatalogError(f"no model called {name!r} in the catalog{hint} (dlm-lsp models list shows them all)")
+
+
+def is_catalog_name(spec: str) -> bool:
+    """Whether a ``model`` setting is a catalog name rather than a folder path."""
+    return bool(spec) and "/" not in spec and os.sep not in spec and not spec.startswith((".", "~"))
+
+
+# -- what is present -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A converted engine folder of a catalog model."""
+
+    name: str
+    commit: str
+    precision: str
+    path: Path
+    bytes: int
+
+
+def installed(name: str) -> list[Installed]:
+    """The engine folders of ``name`` in the cache, newest first."""
+    root = cache_dir() / "models" / name
+    found = []
+    for manifest in root.glob("*/*/manifest.json"):
+        folder = manifest.parent
+        if folder.name not in PRECISIONS:
+            continue
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        found.append((manifest.stat().st_mtime, Installed(name, folder.parent.name, folder.name, folder, size)))
+    return [item for _, item in sorted(found, key=lambda pair: pair[0], reverse=True)]
+
+
+def path(name: str, precision: str | None = None) -> Path:
+    """The engine folder of a pulled catalog model (the newest; ``precision`` to choose one).
+
+    Raises :class:`ModelNotPresentError` when it has not been pulled.
+    """
+    entry = find(name)
+    for item in installed(entry.name):
+        if precision in (None, item.precision):
+            return item.path
+    size = _gb(entry.download_bytes)
+    raise ModelNotPresentError(
+        f"{entry.name} has not been downloaded yet: dlm-lsp models pull {entry.name} ({size} download)", entry
+    )
+
+
+def resolve(spec: str) -> Path:
+    """A ``model`` setting -> an engine (or checkpoint) folder: a path as given, a catalog name via :func:`path`."""
+    if is_catalog_name(spec) and not Path(spec).exists():
+        return path(spec)
+    return Path(spec).expanduser()
+
+
+def remove(name: str, *, download: bool = False, progress: Callable[[str], None] = log.info) -> int:
+    """Delete a model's engine folders (and, with ``download``, its files in the Hugging Face cache).
+
+    Returns the number of bytes freed.
+    """
+    entry = find(name)
+    root = cache_dir() / "models" / entry.name
+    freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+    shutil.rmtree(root, ignore_errors=True)
+    if download:
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+
+        try:
+            info = scan_cache_dir()
+        except CacheNotFound:  # no Hugging Face cache at all: nothing to remove
+            return freed
+        for repo in info.repos:
+            if repo.repo_id == entry.repo and repo.repo_type == "model":
+                freed += repo.size_on_disk
+                info.delete_revisions(*(rev.commit_hash for rev in repo.revisions)).execute()
+                progress(f"removed the download of {entry.repo} from the Hugging Face cache")
+    return freed
+
+
+# -- pulling -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _lock(name: str) -> Iterator[None]:
+    """One pull of a model at a time (a second process waits for the first)."""
+    folder = cache_dir() / "models"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / f".{name}.lock").open("a")
+    except OSError as exc:
+        raise CatalogError(
+            f"cannot write to the model cache {folder}: {exc.strerror}. "
+            "Set DLM_LSP_CACHE to a folder you can write"
+        ) from exc
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _by_hand(entry: CatalogEntry) -> str:
+    patterns = " ".join(f"--include '{p}'" for p in DOWNLOAD_PATTERNS)
+    return (
+        f"On a machine with access: hf download {entry.repo} {patterns}, then copy the Hugging Face cache "
+        f"(~/.cache/huggingface/hub/models--{entry.repo.replace('/', '--')}) to the same place here and run "
+        f"dlm-lsp models pull {entry.name} again with HF_HUB_OFFLINE=1; or download the folder anywhere and "
+        f"run: dlm-convert FOLDER DEST --family {entry.family}, then set the model to DEST."
+    )
+
+
+def download(
+    entry: CatalogEntry, revision: str | None = None, tqdm_class: Any = None
+) -> Path:
+    """Download (or find in the Hugging Face cache) the files conversion needs; returns the snapshot folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(
+            entry.repo,
+            revision=revision or entry.revision,
+            allow_patterns=list(DOWNLOAD_PATTERNS),
+            tqdm_class=tqdm_class,
+        )
+    except GatedRepoError as exc:
+        raise CatalogError(
+            f"{entry.repo} is gated: accept its licence on huggingface.co, then log in (hf auth login) or set HF_TOKEN"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise CatalogError(f"{entry.repo} was not found on the hub (or needs a token: set HF_TOKEN)") from exc
+    except RevisionNotFoundError as exc:
+        raise CatalogError(f"{entry.repo} has no revision {revision or entry.revision!r}") from exc
+    except LocalEntryNotFoundError as exc:
+        raise CatalogError(
+            f"cannot download {entry.name}: the hub is unreachable or downloads are off (HF_HUB_OFFLINE), "
+            f"and {entry.repo} is not in the Hugging Face cache. {_by_hand(entry)}"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise CatalogError(f"downloading {entry.repo} failed: {exc}") from exc
+    except OSError as exc:
+        raise _os_error(exc, "downloading", entry) from exc
+    return Path(str(folder))
+
+
+def verify_download(snapshot: Path) -> dict[str, str]:
+    """sha256 of every downloaded file; a file whose content does not match its hub hash is removed.
+
+    In the Hugging Face cache, a snapshot file links to a blob named after the
+    file's hash: the sha256 for LFS files (the weights). A mismatch (a corrupt or
+    truncated file) is deleted so that the next pull downloads it again.
+    """
+    from engine.manifest import sha256_file
+
+    hashes: dict[str, str] = {}
+    corrupt = []
+    for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        digest = sha256_file(file)
+        blob = file.resolve().name
+        if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) and blob != digest:
+            corrupt.append(file)
+        hashes[file.relative_to(snapshot).as_posix()] = digest
+    if corrupt:
+        for file in corrupt:
+            with contextlib.suppress(OSError):
+                file.resolve().unlink()
+                file.unlink()
+        names = ", ".join(f.name for f in corrupt)
+        raise CatalogError(
+            f"corrupt download in {snapshot}: {names} does not match its hub checksum; the bad file was removed, "
+            "run the pull again to download it afresh"
+        )
+    return hashes
+
+
+def _existing_parent(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _os_error(exc: OSError, doing: str, entry: CatalogEntry) -> CatalogError:
+    if exc.errno == errno.ENOSPC:
+        return CatalogError(
+            f"no space left on the device while {doing} {entry.name} ({exc.filename or ''}); it needs about "
+            f"{_gb(entry.download_bytes)} for the download and {_gb(entry.graph_bytes('fp32'))} while converting. "
+            "Nothing half-written was kept; free space or set DLM_LSP_CACHE / HF_HOME to a larger disk"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CatalogError(
+            f"no permission to write while {doing} {entry.name}: {exc.filename or exc}. "
+            "Set DLM_LSP_CACHE (converted models) or HF_HOME (downloads) to a folder you can write"
+        )
+    return CatalogError(f"{doing} {entry.name} failed: {exc}")
+
+
+def pull(
+    name: str,
+    *,
+    precision: str = "auto",
+    revision: str | None = None,
+    progress: Callable[[str], None] = log.info,
+    tqdm_class: Any = None,
+    force: bool = False,
+) -> Path:
+    """Download, convert and verify a catalog model; returns its engine folder.
+
+    A second pull finds the folder and does no work. ``precision`` ``auto``
+    keeps int8 when it passes validation, else fp32 (the conversion says why).
+    """
+    from engine.export import convert
+    from engine.manifest import read_manifest
+
+    if precision not in (*PRECISIONS, "auto"):
+        raise CatalogError(f"precision {precision!r}: choose int8, fp32 or auto")
+    entry = find(name)
+    if not entry.supported:
+        raise CatalogError(f"{entry.name} cannot run here: {entry.reason}")
+    with _lock(entry.name):
+        progress(f"downloading {entry.repo} ({_gb(entry.download_bytes)}) through huggingface_hub")
+        snapshot = download(entry, revision, tqdm_class)
+        commit = snapshot.name
+        base = cache_dir() / "models" / entry.name / commit[:12]
+        wanted = PRECISIONS if precision == "auto" else (precision,)
+        for done in wanted:
+            if (base / done / "manifest.json").is_file() and not force:
+                try:
+                    read_manifest(base / done)
+                except EngineError as exc:
+                    progress(f"the converted folder {base / done} is damaged ({exc}): converting again")
+                    shutil.rmtree(base / done, ignore_errors=True)
+                else:
+                    progress(f"{entry.name} is present: {base / done}")
+                    return base / done
+        progress("checking the downloaded files against their hub checksums")
+        hashes = verify_download(snapshot)
+        need = entry.graph_bytes("fp32") + entry.graph_bytes("int8")
+        free = shutil.disk_usage(_existing_parent(base)).free
+        if free < need:
+            raise CatalogError(
+                f"not enough free space to convert {entry.name}: it needs about {_gb(need)} while converting "
+                f"and {free / 1e9:.1f} GB is free in {base}. Free space or set DLM_LSP_CACHE to a larger disk"
+            )
+        base.mkdir(parents=True, exist_ok=True)
+        staging = base / "converting"
+        source = {"catalog": entry.name, "repo": entry.repo, "revision": commit, "files_sha256": hashes}
+        try:
+            manifest = convert(
+                snapshot, staging, family=entry.family, precision=precision, progress=progress, force=True,
+                source=source,
+            )
+        except OSError as exc:
+            raise _os_error(exc, "converting", entry) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                base.rmdir()  # only if the conversion left nothing (it cleans up after itself)
+        final = base / manifest.precision
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        progress(f"{entry.name} ready: {final}")
+        return final
