@@ -20,6 +20,13 @@ Settings (section ``dlm``, :mod:`dlm_lsp.settings`) come from
 ``initializationOptions``, ``workspace/configuration`` and
 ``workspace/didChangeConfiguration``; invalid values are reported with
 ``window/showMessage`` and replaced by their defaults.
+
+The ``model`` setting may name a catalog model (``dlm-lsp models list``). One
+that is not downloaded is never fetched silently: the shipped model runs, and
+the server asks with ``window/showMessageRequest`` ("Download NAME (size)" /
+"Not now"); accepting downloads and converts it on a worker thread with
+``$/progress``, then loads it. Declining keeps the shipped model and is not
+asked again until the setting names another model or the server restarts.
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ class DlmLanguageServer(LanguageServer):
         """Whether the client asked for ``dlm/didChangeStatus`` (``initializationOptions.statusNotifications``)."""
         self._status_pushed_at = 0.0
         self._status_timer: asyncio.TimerHandle | None = None
+        self._offered: set[str] = set()
+        """Catalog models whose download was offered (each is asked about once)."""
+        self.pulling: str | None = None
+        """The catalog model being downloaded and converted, if any."""
 
     # -- settings ---------------------------------------------------------------------
     def apply_settings(self, raw: Any) -> None:
@@ -95,20 +106,23 @@ class DlmLanguageServer(LanguageServer):
             self.apply_settings(result[0])
 
     # -- model ------------------------------------------------------------------------
+    def begin_progress(self, title: str, message: str) -> str | None:
+        """Start a ``$/progress`` report when the client supports it; its token, or None."""
+        window = self.client_capabilities.window
+        if not (window and window.work_done_progress):
+            return None
+        token = f"dlm-{uuid.uuid4().hex[:8]}"
+        try:
+            self.work_done_progress.create(token)
+            self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title=title, message=message))
+        except Exception as exc:  # noqa: BLE001 - progress is never worth an error
+            log.warning("cannot report progress: %s", exc)
+            return None
+        return token
+
     def start_model_load(self) -> None:
         """Load the configured model in the background, with ``$/progress`` when the client supports it."""
-        token = None
-        window = self.client_capabilities.window
-        if window and window.work_done_progress:
-            token = f"dlm-load-{uuid.uuid4().hex[:8]}"
-            try:
-                self.work_done_progress.create(token)
-                self.work_done_progress.begin(
-                    token, types.WorkDoneProgressBegin(title="dlm: loading model", message=self.settings.model or "default model")
-                )
-            except Exception as exc:  # noqa: BLE001
-                log.warning("cannot report progress: %s", exc)
-                token = None
+        token = self.begin_progress("dlm: loading model", self.settings.model or "default model")
 
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -124,6 +138,9 @@ class DlmLanguageServer(LanguageServer):
                 self.window_show_message(
                     types.ShowMessageParams(type=types.MessageType.Error, message=f"dlm: model failed to load: {host.error}")
                 )
+            if host.missing is not None and host.missing.name not in self._offered:
+                self._offered.add(host.missing.name)
+                asyncio.ensure_future(self.offer_download(host.missing))
 
         def done(host: ModelHost) -> None:  # runs on the loader thread: what it sends goes through the event loop
             if loop is not None:
@@ -132,6 +149,74 @@ class DlmLanguageServer(LanguageServer):
                 report(host)
 
         self.model.load(self.settings.model, self.settings.backend, on_done=done)
+        self.send_status()
+
+    async def offer_download(self, entry: Any) -> None:
+        """Ask the user whether to download a catalog model the settings name (``window/showMessageRequest``)."""
+        from engine.catalog import size_text
+
+        download = f"Download {entry.name} ({size_text(entry.download_bytes)})"
+        try:
+            choice = await self.window_show_message_request_async(
+                types.ShowMessageRequestParams(
+                    type=types.MessageType.Info,
+                    message=(
+                        f"dlm: the model {entry.name} ({entry.repo}, {entry.licence}) is not downloaded yet; "
+                        "the small demo model runs meanwhile."
+                    ),
+                    actions=[types.MessageActionItem(title=download), types.MessageActionItem(title="Not now")],
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - a client without the request: the status says what is missing
+            log.warning("could not offer the download of %s: %s", entry.name, exc)
+            return
+        if choice is None or choice.title != download:
+            log.info("download of %s declined; the shipped model stays", entry.name)
+            return
+        self.start_pull(entry)
+
+    def start_pull(self, entry: Any) -> None:
+        """Download and convert a catalog model on a worker thread (``$/progress``), then load it."""
+        import threading
+
+        from engine import EngineError
+        from engine.catalog import pull
+
+        if self.pulling is not None:
+            return
+        self.pulling = entry.name
+        token = self.begin_progress(f"dlm: downloading {entry.name}", entry.repo)
+        loop = asyncio.get_running_loop()
+
+        def report(message: str) -> None:  # on the event loop
+            log.info("pull %s: %s", entry.name, message)
+            if token is not None:
+                self.work_done_progress.report(token, types.WorkDoneProgressReport(message=message))
+
+        def finish(error: str | None) -> None:  # on the event loop
+            self.pulling = None
+            if token is not None:
+                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=error or "ready"))
+            if error is not None:
+                self.window_show_message(
+                    types.ShowMessageParams(type=types.MessageType.Error, message=f"dlm: {entry.name}: {error}")
+                )
+            elif self.settings.model == entry.name:
+                self.start_model_load()
+            self.send_status()
+
+        def work() -> None:
+            try:
+                pull(entry.name, progress=lambda m: loop.call_soon_threadsafe(report, m))
+            except EngineError as exc:
+                loop.call_soon_threadsafe(finish, str(exc))
+            except Exception as exc:  # noqa: BLE001 - keep the server alive, say what happened
+                log.exception("pull of %s failed", entry.name)
+                loop.call_soon_threadsafe(finish, f"{type(exc).__name__}: {exc}")
+            else:
+                loop.call_soon_threadsafe(finish, None)
+
+        threading.Thread(target=work, name="dlm-model-pull", daemon=True).start()
         self.send_status()
 
     def send_status(self) -> None:
@@ -207,6 +292,7 @@ class DlmLanguageServer(LanguageServer):
         return {
             "version": __version__,
             **self.model.describe(),
+            "pulling": self.pulling,
             **self.metrics.snapshot(),
             "cache_entries": len(self.completions.cache),
             "enabled": self.settings.enabled_for("*"),

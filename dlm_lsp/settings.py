@@ -97,8 +97,8 @@ def _setting(default: Any, rule: Rule) -> Any:
 class Settings:
     """Every user-facing setting of the server, with its default and its :class:`Rule`."""
 
-    model: str = _setting("", Rule("string", what="a folder path (a string)"))
-    """Engine folder to load; empty = the default model that ships with dlm-lsp."""
+    model: str = _setting("", Rule("string", what="a catalog name or a folder path (a string)"))
+    """A catalog name (``dlm-lsp models list``) or an engine folder; empty = the demo model that ships with dlm-lsp."""
     backend: str = _setting("auto", Rule("choice", choices=SERVING_BACKENDS))
     """Runtime: auto | tensorrt | cuda | cpu."""
     latency_budget_ms: float = _setting(150.0, Rule("number", 1, 60_000))

@@ -317,7 +317,7 @@ def path(name: str, precision: str | None = None) -> Path:
     for item in installed(entry.name):
         if precision in (None, item.precision):
             return item.path
-    size = _gb(entry.download_bytes)
+    size = size_text(entry.download_bytes)
     raise ModelNotPresentError(
         f"{entry.name} has not been downloaded yet: dlm-lsp models pull {entry.name} ({size} download)", entry
     )
@@ -464,15 +464,16 @@ def _existing_parent(folder: Path) -> Path:
     return folder
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: "1.0 GB", "850 MB"."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def _os_error(exc: OSError, doing: str, entry: CatalogEntry) -> CatalogError:
     if exc.errno == errno.ENOSPC:
         return CatalogError(
             f"no space left on the device while {doing} {entry.name} ({exc.filename or ''}); it needs about "
-            f"{_gb(entry.download_bytes)} for the download and {_gb(entry.graph_bytes('fp32'))} while converting. "
+            f"{size_text(entry.download_bytes)} for the download and {size_text(entry.graph_bytes('fp32'))} while converting. "
             "Nothing half-written was kept; free space or set DLM_LSP_CACHE / HF_HOME to a larger disk"
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -506,7 +507,7 @@ def pull(
     if not entry.supported:
         raise CatalogError(f"{entry.name} cannot run here: {entry.reason}")
     with _lock(entry.name):
-        progress(f"downloading {entry.repo} ({_gb(entry.download_bytes)}) through huggingface_hub")
+        progress(f"downloading {entry.repo} ({size_text(entry.download_bytes)}) through huggingface_hub")
         snapshot = download(entry, revision, tqdm_class)
         commit = snapshot.name
         base = cache_dir() / "models" / entry.name / commit[:12]
@@ -527,7 +528,7 @@ def pull(
         free = shutil.disk_usage(_existing_parent(base)).free
         if free < need:
             raise CatalogError(
-                f"not enough free space to convert {entry.name}: it needs about {_gb(need)} while converting "
+                f"not enough free space to convert {entry.name}: it needs about {size_text(need)} while converting "
                 f"and {free / 1e9:.1f} GB is free in {base}. Free space or set DLM_LSP_CACHE to a larger disk"
             )
         base.mkdir(parents=True, exist_ok=True)

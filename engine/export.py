@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -324,6 +325,54 @@ def validation_cases(
     return cases
 
 
+class RecordedReference:
+    """A reference denoiser's answers to the validation cases, kept so that its model can be freed.
+
+    Conversion records the PyTorch reference once, right after export, and drops
+    the model before the ONNX sessions and the quantiser need the memory: at a
+    real size the fp32 model is the largest thing in the process. It answers
+    exactly the calls :func:`validate` makes, for the cases it was recorded on.
+    """
+
+    def __init__(self, reference: Any, case_sets: list[list[dict[str, Any]]]) -> None:
+        self.info = reference.info
+        self._answers: dict[tuple[Any, ...], Any] = {}
+        for cases in case_sets:
+            for case in cases:
+                context = (case["input_ids"], case["positions"], case["cache_index"], case["span_index"])
+                cache, first = reference.encode_context(*context)
+                kept = SimpleNamespace(keys=np.asarray(cache.keys), values=np.asarray(cache.values))
+                self._answers[self._key("encode_context", context)] = (kept, first)
+                step = (case["span_ids"], case["span_pos"], case["span_valid"], case["cache_pos"])
+                self._answers[self._key("step", (*context, *step))] = reference.step(cache, *step)
+                full = (case["input_ids"][None], case["positions"][None], np.ones((1, len(case["input_ids"])), bool))
+                self._answers[self._key("full", full)] = reference.full(*full)
+        self._context: tuple[Any, ...] = ()
+
+    @staticmethod
+    def _key(method: str, arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (method, *((np.asarray(a).shape, np.asarray(a).tobytes()) for a in arrays))
+
+    def _answer(self, method: str, arrays: tuple[Any, ...]) -> Any:
+        try:
+            return self._answers[self._key(method, arrays)]
+        except KeyError:
+            raise ExportError(f"internal: the recorded reference has no answer to this {method} call") from None
+
+    def encode_context(self, *context: Any) -> Any:
+        """The recorded context pass (the span step that follows is answered for this context)."""
+        self._context = context
+        return self._answer("encode_context", context)
+
+    def step(self, _cache: Any, *step: Any) -> Any:
+        """The recorded span step after the last :meth:`encode_context`."""
+        return self._answer("step", (*self._context, *step))
+
+    def full(self, *full: Any) -> Any:
+        """The recorded whole-window pass."""
+        return self._answer("full", full)
+
+
 def validate(
     reference: Any, candidate: Any, precision: str, seed: int = 0, text_ids: np.ndarray | None = None
 ) -> ValidationReport:
@@ -473,8 +522,15 @@ def convert(
             precision="fp32",
             top_k=top_k,
         )
+        mask_id = checkpoint.token_ids.mask
+        recorded = RecordedReference(
+            reference,
+            [validation_cases(checkpoint.arch, 0, None, mask_id), validation_cases(checkpoint.arch, 0, text_ids, mask_id)],
+        )
+        del reference  # the fp32 PyTorch model: the ONNX sessions and the quantiser need the memory now
+        gc.collect()
         progress("validating fp32 graphs against PyTorch")
-        reports = [validate(reference, OnnxRuntimeDenoiser(fp32_dir, manifest, backend="cpu"), "fp32", text_ids=text_ids)]
+        reports = [validate(recorded, OnnxRuntimeDenoiser(fp32_dir, manifest, backend="cpu"), "fp32", text_ids=text_ids)]
         gc.collect()  # the fp32 sessions hold a copy of every weight: gone before quantising
         final_dir = fp32_dir
         if precision in ("int8", "auto") and not reports[0].failures:
@@ -484,7 +540,7 @@ def convert(
             for name in manifest.graphs.values():
                 _quantize_int8(fp32_dir / name, int8_dir / name, inline_limit)
             manifest.precision = "int8"
-            int8 = validate(reference, OnnxRuntimeDenoiser(int8_dir, manifest, backend="cpu"), "int8", text_ids=text_ids)
+            int8 = validate(recorded, OnnxRuntimeDenoiser(int8_dir, manifest, backend="cpu"), "int8", text_ids=text_ids)
             gc.collect()
             if int8.failures and precision == "auto":
                 progress(

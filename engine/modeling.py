@@ -329,8 +329,16 @@ def suppress_vector(vocab_size: int, token_ids: list[int]) -> torch.Tensor:
 
 
 def load_transformer(checkpoint: "object") -> Transformer:
-    """Build a float32 :class:`Transformer` from an :class:`engine.checkpoint.Checkpoint`."""
-    model = Transformer(checkpoint.arch)  # type: ignore[attr-defined]
+    """Build a float32 :class:`Transformer` from an :class:`engine.checkpoint.Checkpoint`.
+
+    The module is built on the ``meta`` device and takes the checkpoint's tensors
+    as its parameters (``assign=True``): no second copy of the weights, which at a
+    real size is gigabytes of peak memory.
+    """
+    arch = checkpoint.arch  # type: ignore[attr-defined]
+    with torch.device("meta"):
+        model = Transformer(arch)
     state = {name: tensor.float() for name, tensor in checkpoint.load_state("pt").items()}  # type: ignore[attr-defined]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary = Rotary(arch.head_dim, arch.rope_theta)  # its buffer is not a checkpoint tensor: build it for real
     return model.eval()

@@ -14,31 +14,11 @@ import sys
 import pytest
 import pytest_lsp
 from lsprotocol import types
+from lsp_client import init_params, wait_ready
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 URI = "file:///work/example.py"
 SOURCE = "import os\n\n\ndef greet(name):\n    message = \n    return message\n"
-
-
-def init_params(options: dict, encodings=None, configuration: bool = True) -> types.InitializeParams:  # type: ignore[no-untyped-def]
-    return types.InitializeParams(
-        capabilities=types.ClientCapabilities(
-            general=types.GeneralClientCapabilities(position_encodings=encodings) if encodings else None,
-            workspace=types.WorkspaceClientCapabilities(configuration=configuration),
-            window=types.WindowClientCapabilities(work_done_progress=True),
-        ),
-        initialization_options=options,
-    )
-
-
-async def wait_ready(client: LanguageClient, timeout: float = 60.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        status = await client.protocol.send_request_async("dlm/status", {})
-        status = status if isinstance(status, dict) else status._asdict()  # pygls returns a namedtuple
-        if status["state"] in ("ready", "error") or asyncio.get_running_loop().time() > deadline:
-            return status
-        await asyncio.sleep(0.1)
 
 
 def open_doc(client: LanguageClient, text: str = SOURCE, uri: str = URI, language: str = "python", version: int = 1) -> None:
