@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True)
     listing = sub.add_parser("list", help="the catalog: size, licence, quality, what fits this machine, what is here")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument("--probe", action="store_true", help="measure this CPU again for the expected latency")
     pull = sub.add_parser("pull", help="download (through huggingface_hub), convert and verify a model")
     pull.add_argument("name")
     pull.add_argument("--precision", default="auto", choices=("auto", "int8", "fp32"),
@@ -54,13 +55,19 @@ def _available_ram() -> int | None:
     return None
 
 
-def _rows() -> list[dict[str, Any]]:
-    from engine import catalog
+def _rows(refresh_probe: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    from engine import catalog, probe
 
     free = _available_ram()
+    figures = probe.probe(catalog.cache_dir() / "probe.json", refresh=refresh_probe)
     rows = []
     for entry in catalog.entries():
         here = catalog.installed(entry.name)
+        expected = (
+            probe.expected_ms(entry.parameters, entry.vocab_size, entry.hidden_size, entry.tied, figures)
+            if figures and entry.supported
+            else None
+        )
         rows.append(
             {
                 **entry.to_dict(),
@@ -70,37 +77,46 @@ def _rows() -> list[dict[str, Any]]:
                 "ram_fp32": entry.ram_bytes("fp32"),
                 "fits_ram": None if free is None else entry.ram_bytes("int8") <= free,
                 "present": [{"precision": i.precision, "commit": i.commit, "path": str(i.path)} for i in here],
+                "expected_cpu_ms": expected,
             }
         )
-    return rows
+    return rows, figures
 
 
 def _list(args: argparse.Namespace) -> int:
-    rows = _rows()
+    rows, figures = _rows(args.probe)
     if args.json:
-        print(json.dumps({"models": rows, "available_ram": _available_ram()}, indent=2))
+        print(json.dumps({"models": rows, "available_ram": _available_ram(), "cpu_probe": figures}, indent=2))
         return 0
     free = _available_ram()
     print(f"{'NAME':<18} {'FAMILY':<6} {'PARAMS':>7} {'DOWNLOAD':>9} {'INT8 DISK/RAM':>14} {'FP32 DISK/RAM':>14}  "
-          f"{'HERE':<10} {'FITS':<4}  LICENCE")
+          f"{'HERE':<10} {'FITS':<4} {'CPU MS':>7}  LICENCE")
     for row in rows:
         if not row["supported"]:
             print(f"{row['name']:<18} {'-':<6} {row['parameters'] / 1e9:>6.1f}B {'':>9} {'not supported: ' + row['reason']}")
             continue
         here = ",".join(p["precision"] for p in row["present"]) or "-"
         fits = "-" if row["fits_ram"] is None else ("yes" if row["fits_ram"] else "no")
+        expect = f"{row['expected_cpu_ms']['single_line_ms']:.0f}" if row["expected_cpu_ms"] else "-"
         print(
             f"{row['name']:<18} {row['family']:<6} {row['parameters'] / 1e9:>6.1f}B {_gb(row['download_bytes']):>9} "
             f"{_gb(row['disk_int8']) + '/' + _gb(row['ram_int8']).split()[0]:>14} "
-            f"{_gb(row['disk_fp32']) + '/' + _gb(row['ram_fp32']).split()[0]:>14}  {here:<10} {fits:<4}  {row['licence']}"
+            f"{_gb(row['disk_fp32']) + '/' + _gb(row['ram_fp32']).split()[0]:>14}  {here:<10} {fits:<4} {expect:>7}  "
+            f"{row['licence']}"
         )
     print()
     for row in rows:
         if row["supported"]:
             print(f"{row['name']}: {row['repo']} - {row['good_for']}. {row['quality']}.")
     if free is not None:
-        print(f"\nFITS: int8 RAM needed <= the {_gb(free)} this machine has free now. "
-              "Pull one with: dlm-lsp models pull NAME")
+        print(f"\nFITS: int8 RAM needed <= the {_gb(free)} this machine has free now.")
+    if figures:
+        print(f"CPU MS: expected single-line completion at int8 on this CPU ({figures['cpu']}, {figures['threads']} "
+              f"threads; 1,024-token window, 10 tokens at 3 per step), from a probe measured {figures['measured']} "
+              "(--probe measures again). An estimate to choose by, not a benchmark.")
+    else:
+        print("CPU MS: needs the export extra (pip install -e '.[export]') to probe this CPU.")
+    print("Pull one with: dlm-lsp models pull NAME")
     return 0
 
 

@@ -43,3 +43,39 @@ def publish(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789ab
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blobs / digest, link.parent))
     return snapshot
+
+
+TINY_COMMIT = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00"
+
+
+def catalog_entry(name: str, repo: str, family: str = "dream", **extra: object) -> dict:
+    """A team-catalog entry (the JSON ``engine.catalog`` reads) for a tiny test checkpoint."""
+    return {
+        "name": name, "repo": repo, "family": family, "parameters": 300_000, "vocab_size": 512, "hidden_size": 128,
+        "tied": True, "licence": "MIT", "good_for": "tests", "quality": "random weights", "download_bytes": 1_300_000,
+        **extra,
+    }
+
+
+def tiny_catalog(root: Path) -> dict[str, str]:
+    """A hub cache under ``root`` holding ``dlm-test/tiny-dream`` and a catalog naming it ``tiny-dream``.
+
+    Returns the environment a user's process would have: the hub cache, offline,
+    the dlm-lsp model cache and the catalog file. Built once per ``root``.
+    """
+    import json
+
+    from engine.tiny import write_random_checkpoint
+
+    env = {
+        "HF_HUB_CACHE": str(root / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(root / "hf-home"),
+        "DLM_LSP_CACHE": str(root / "dlm-cache"),
+        "DLM_LSP_CATALOG": str(root / "catalog.json"),
+    }
+    if not (root / "catalog.json").is_file():
+        src = write_random_checkpoint(root / "src", init_std=0.02, hidden_size=128, intermediate_size=256, seed=2)
+        publish(root / "hub", "dlm-test/tiny-dream", src, TINY_COMMIT)
+        (root / "catalog.json").write_text(json.dumps([catalog_entry("tiny-dream", "dlm-test/tiny-dream")]))
+    return env

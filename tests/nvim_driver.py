@@ -27,7 +27,8 @@ def nvim_executable() -> str | None:
 class Nvim:
     """One embedded Neovim process."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        """Start Neovim in ``workdir``; ``env`` adds to the environment it (and the server it starts) sees."""
         import pynvim
 
         exe = nvim_executable()
@@ -36,7 +37,8 @@ class Nvim:
         self.log_file = workdir / "server.log"
         state = workdir / "state"  # :LspLog and friends stay in the test's folder
         state.mkdir(exist_ok=True)
-        argv = ["env", f"XDG_STATE_HOME={state}", exe, "--embed", "--headless", "--clean", "-n", "-i", "NONE"]
+        extra = [f"{key}={value}" for key, value in (env or {}).items()]
+        argv = ["env", f"XDG_STATE_HOME={state}", *extra, exe, "--embed", "--headless", "--clean", "-n", "-i", "NONE"]
         self.nvim = pynvim.attach("child", argv=argv)
         self.nvim.exec_lua("vim.opt.rtp:prepend(...)", str(PLUGIN))
 

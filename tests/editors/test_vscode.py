@@ -17,6 +17,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+
 from editor_env import FIB_SOURCE as SOURCE
 from editor_env import TYPE_AT, need, screenshot_dir
 
@@ -72,9 +74,13 @@ def _free_port() -> int:
 MISSING = "code-server, Chromium or the packaged extension missing: run editors/vscode/scripts/install-e2e.sh"
 
 
-def run_vscode(tmp_path: Path, scenario: str, text: str = SOURCE, **settings: object) -> tuple[dict, Path, Path]:
+def run_vscode(
+    tmp_path: Path, scenario: str, text: str = SOURCE, env: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None, **settings: object,
+) -> tuple[dict, Path, Path]:
     """Run ``e2e.mjs`` on a fresh profile with ``text`` in the edited file; returns its observations,
-    the source file and settings.json. Every suggestion is shown (``minConfidence`` 0) unless asked."""
+    the source file and settings.json. Every suggestion is shown (``minConfidence`` 0) unless asked.
+    ``env`` adds to the environment of VS Code (and so of the server); ``extra`` to the driver's config."""
     installed = (CODE_SERVER / "out" / "node" / "entry.js").is_file() and VSIX.is_file()
     need(installed and shutil.which("chromium") is not None, MISSING)
     workspace, user, extensions, shots = (tmp_path / n for n in ("ws", "user", "ext", "shots"))
@@ -112,12 +118,12 @@ def run_vscode(tmp_path: Path, scenario: str, text: str = SOURCE, **settings: ob
         "e2eDir": str(E2E), "codeServer": str(CODE_SERVER), "workspace": str(workspace), "userDataDir": str(user),
         "extensionsDir": str(extensions), "port": _free_port(), "file": str(source), "line": TYPE_AT,
         "settingsFile": str(settings_file), "chromium": shutil.which("chromium"), "screenshots": str(shots),
-        "scenario": scenario,
+        "scenario": scenario, **(extra or {}),
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     run = subprocess.run(
         [node, str(VSCODE / "test" / "e2e.mjs"), str(tmp_path / "config.json")],
-        capture_output=True, text=True, timeout=420,
+        capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})},
     )
     assert run.stdout.strip(), f"no result; stderr:\n{run.stderr[-4000:]}"
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -170,3 +176,22 @@ def test_missing_model_folder_shows_an_error(tmp_path: Path):
     out, _, _ = run_vscode(tmp_path, "errors", **{"dlm.model": str(tmp_path / "no-model")})
     assert "model failed to load" in out["statusError"] and "does not exist" in out["statusError"]
     assert "does not exist" in out["notifications"]
+
+
+def test_a_catalog_model_is_offered_downloaded_and_completes(tmp_path: Path):
+    """The model setting names a catalog model not yet downloaded (a tiny one in a local hub cache, offline):
+    VS Code shows the server's offer as a notification with buttons; Download pulls it and it completes."""
+    pytest.importorskip("torch")
+    from hub_cache import TINY_COMMIT, tiny_catalog
+
+    env = tiny_catalog(tmp_path / "catalog")
+    pulled = str(Path(env["DLM_LSP_CACHE"]) / "models" / "tiny-dream" / TINY_COMMIT[:12] / "int8")
+    out, _, _ = run_vscode(
+        tmp_path, "download", env=env, extra={"download": "Download tiny-dream (1 MB)", "pulledModel": pulled},
+        **{"dlm.model": "tiny-dream"},
+    )
+    assert out["steps"] == ["workbench", "editor", "ready", "offered", "pulled", "ghost"]
+    assert "tiny-dream" in out["offer"] and "demo model runs meanwhile" in out["offer"]
+    assert out["buttons"][:2] == ["Download tiny-dream (1 MB)", "Not now"]
+    assert pulled in out["statusMessage"]
+    assert out["ghost"].strip()

@@ -20,19 +20,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("huggingface_hub")
 
-from hub_cache import publish  # noqa: E402
+from hub_cache import catalog_entry, publish  # noqa: E402
 
 from engine.tiny import write_random_checkpoint  # noqa: E402
 
 COMMIT = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
-
-
-def _entry(name: str, repo: str, family: str, **extra: object) -> dict:
-    return {
-        "name": name, "repo": repo, "family": family, "parameters": 300_000, "vocab_size": 512, "hidden_size": 128,
-        "tied": True, "licence": "MIT", "good_for": "tests", "quality": "random weights", "download_bytes": 1_300_000,
-        **extra,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +41,9 @@ def hub(tmp_path_factory):  # type: ignore[no-untyped-def]
     publish(root / "hub", "dlm-test/tiny-dream", dream, COMMIT)
     publish(root / "hub", "dlm-test/tiny-llada", llada, COMMIT)
     catalog = {"models": [
-        _entry("tiny-dream", "dlm-test/tiny-dream", "dream"),
-        _entry("tiny-llada", "dlm-test/tiny-llada", "llada", tied=False),
-        _entry("tiny-huge", "dlm-test/tiny-dream", "dream", parameters=10**15, vocab_size=10**6, hidden_size=10**3),
+        catalog_entry("tiny-dream", "dlm-test/tiny-dream", "dream"),
+        catalog_entry("tiny-llada", "dlm-test/tiny-llada", "llada", tied=False),
+        catalog_entry("tiny-huge", "dlm-test/tiny-dream", "dream", parameters=10**15, vocab_size=10**6, hidden_size=10**3),
     ]}
     (root / "catalog.json").write_text(json.dumps(catalog))
     return root

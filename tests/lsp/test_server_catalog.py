@@ -10,7 +10,6 @@ and loads it; "Not now" leaves the shipped model in place.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -19,13 +18,14 @@ from pathlib import Path
 import pytest
 import pytest_lsp
 from lsprotocol import types
+from hub_cache import TINY_COMMIT, tiny_catalog
 from lsp_client import init_params, wait_ready
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 pytest.importorskip("torch")
 
 ROOT = Path(tempfile.mkdtemp(prefix="dlm-catalog-test-"))
-COMMIT = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00"
+COMMIT = TINY_COMMIT
 ENV = {
     **os.environ,
     "HF_HUB_CACHE": str(ROOT / "hub"),
@@ -34,25 +34,8 @@ ENV = {
     "DLM_LSP_CACHE": str(ROOT / "dlm-cache"),
     "DLM_LSP_CATALOG": str(ROOT / "catalog.json"),
 }
+"""What :func:`hub_cache.tiny_catalog` returns for ROOT (the server's environment is fixed before it starts)."""
 CONFIG = ClientServerConfig(server_command=[sys.executable, "-m", "dlm_lsp", "--log-level", "info"], server_env=ENV)
-
-
-def _populate() -> None:
-    """The tiny checkpoint in the hub cache and the catalog naming it (once per session)."""
-    from hub_cache import publish
-
-    from engine.tiny import write_random_checkpoint
-
-    if (ROOT / "catalog.json").is_file():
-        return
-    src = write_random_checkpoint(ROOT / "src", init_std=0.02, hidden_size=128, intermediate_size=256, seed=2)
-    publish(ROOT / "hub", "dlm-test/tiny-dream", src, COMMIT)
-    entry = {
-        "name": "tiny-dream", "repo": "dlm-test/tiny-dream", "family": "dream", "parameters": 300_000,
-        "vocab_size": 512, "hidden_size": 128, "tied": True, "licence": "MIT", "good_for": "tests",
-        "quality": "random weights", "download_bytes": 1_300_000,
-    }
-    (ROOT / "catalog.json").write_text(json.dumps([entry]))
 
 
 async def _session(client: LanguageClient, answer: str) -> list[types.ShowMessageRequestParams]:
@@ -75,7 +58,7 @@ async def _status(client: LanguageClient) -> dict:
 
 @pytest_lsp.fixture(config=CONFIG)
 async def client(lsp_client: LanguageClient):  # type: ignore[no-untyped-def]
-    _populate()
+    assert {k: ENV[k] for k in tiny_catalog(ROOT)} == tiny_catalog(ROOT)
     yield
     await lsp_client.shutdown_session()
 

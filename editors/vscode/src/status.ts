@@ -7,6 +7,10 @@ export type ServerStatus = {
   error?: string | null;
   enabled?: boolean;
   model?: string | null;
+  /** A catalog model the settings name that is not downloaded (the demo model runs meanwhile). */
+  missing?: string | null;
+  /** The catalog model being downloaded and converted. */
+  pulling?: string | null;
   backend?: string | null;
   device?: string | null;
   last_latency_ms?: number | null;
@@ -82,6 +86,8 @@ export function statusMessage(s: ServerStatus): string {
   const lines = [
     `model ${s.state}: ${s.model} on ${s.backend} (${s.device})`,
     s.error ? `error: ${s.error}` : "",
+    s.pulling ? `downloading ${s.pulling}` : "",
+    s.missing && !s.pulling ? `${s.missing} is not downloaded: the demo model runs (dlm-lsp models pull ${s.missing})` : "",
     `latency last ${s.last_latency_ms ?? "-"} ms, median ${s.median_latency_ms ?? "-"} ms`,
     `requests ${s.requests}, completions ${s.completions}, shown ${s.shown}, accepted ${s.accepted} (+${s.partially_accepted} partly)`,
     s.gated ? `${s.gated} hidden by the confidence gate (dlm.minConfidence)` : "",

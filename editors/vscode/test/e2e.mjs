@@ -4,7 +4,8 @@
 //   node e2e.mjs CONFIG.json
 //
 // CONFIG: { e2eDir, codeServer, workspace, userDataDir, extensionsDir, port, file, line,
-//           settingsFile, chromium, screenshots, scenario: "complete" | "errors" | "endOfFile" }. Prints one JSON object of observations on stdout; the
+//           settingsFile, chromium, screenshots, scenario: "complete" | "errors" | "endOfFile" | "download",
+//           download, pulledModel (the "download" scenario) }. Prints one JSON object of observations on stdout; the
 // Python test asserts on it and on the files the editor saved.
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
@@ -180,6 +181,32 @@ async function scenarioComplete(page) {
   out.steps.push("settings"); // these edits stay unsaved: the file on disk holds the accepted text
 }
 
+/** The settings name a catalog model that is not downloaded: the demo model runs, a notification
+ * offers the download (the server's window/showMessageRequest); Download pulls and loads it, and
+ * "dlm: Show status" then names the pulled model; ghost text comes from it. */
+async function scenarioDownload(page) {
+  await waitReady(page);
+  const button = page.locator(".notification-list-item .monaco-button", { hasText: config.download });
+  await button.first().waitFor({ timeout: 60_000 });
+  out.offer = await page.locator(".notification-list-item-message", { hasText: "not downloaded" }).first().innerText();
+  out.buttons = await page.locator(".notification-list-item .monaco-button").allInnerTexts();
+  out.steps.push("offered");
+  await button.first().click();
+  out.statusMessage = await waitFor("the pulled model in the status", async () => {
+    await runCommand(page, "dlm: Show status");
+    await sleep(500);
+    const toast = page.locator(".notification-list-item-message", { hasText: config.pulledModel });
+    const text = (await toast.count()) ? await toast.first().innerText() : "";
+    return text.includes("model ready") ? text : "";
+  }, 180_000);
+  out.steps.push("pulled");
+  await page.locator(".monaco-editor textarea").first().focus();
+  await goToLineEnd(page, config.line);
+  await page.keyboard.type("return ", { delay: 40 });
+  out.ghost = await waitFor("ghost text from the pulled model", () => ghostText(page), 30_000);
+  out.steps.push("ghost");
+}
+
 let browser;
 let exitCode = 0;
 try {
@@ -196,7 +223,9 @@ try {
   await page.locator(".explorer-folders-view .monaco-list-row", { hasText: path.basename(config.file) }).first().click({ timeout: 30_000 });
   await page.locator(".monaco-editor .view-lines").first().waitFor({ timeout: 30_000 });
   out.steps.push("editor");
-  const scenarios = { errors: scenarioErrors, complete: scenarioComplete, endOfFile: scenarioEndOfFile };
+  const scenarios = {
+    errors: scenarioErrors, complete: scenarioComplete, endOfFile: scenarioEndOfFile, download: scenarioDownload,
+  };
   await scenarios[config.scenario](page);
   if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "final.png") });
 } catch (err) {

@@ -170,6 +170,11 @@ local function show_status()
   if s.error and s.error ~= vim.NIL then
     lines[#lines + 1] = "  error: " .. s.error
   end
+  if s.pulling and s.pulling ~= vim.NIL then
+    lines[#lines + 1] = "  downloading: " .. s.pulling
+  elseif s.missing and s.missing ~= vim.NIL then
+    lines[#lines + 1] = ("  %s is not downloaded: the demo model runs (dlm-lsp models pull %s)"):format(s.missing, s.missing)
+  end
   if s.requests then
     lines[#lines + 1] = ("  requests %d, completions %d, shown %d, accepted %d"):format(
       s.requests or 0, s.completions or 0, s.shown or 0, s.accepted or 0
