@@ -205,9 +205,12 @@ class DlmLanguageServer(LanguageServer):
                 self.start_model_load()
             self.send_status()
 
+        def forward(message: str) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(report, message)
+
         def work() -> None:
             try:
-                pull(entry.name, progress=lambda m: loop.call_soon_threadsafe(report, m))
+                pull(entry.name, progress=forward)
             except EngineError as exc:
                 loop.call_soon_threadsafe(finish, str(exc))
             except Exception as exc:  # noqa: BLE001 - keep the server alive, say what happened
