@@ -287,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
         prog="dlm-bench",
         description="Latency, tokens per forward pass and quality of inline completions, against two baselines.",
     )
-    p.add_argument("--model", default="", help="engine folder (default: the shipped model)")
+    p.add_argument("--model", default="", help="catalog name or engine folder (default: the shipped model)")
     p.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
     p.add_argument("--heldout", type=Path, help="held-out corpus split (heldout.jsonl from dlm-corpus)")
     p.add_argument("--problems", type=Path, action="append", default=[], help="HumanEval-infilling .jsonl(.gz); repeatable")

@@ -176,7 +176,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["single", "multi"], default="single", help="middle kind (default: single)")
     p.add_argument("--count", type=int, default=200, help="middles to cut (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--model", default="", help="engine folder (default: the shipped model)")
+    p.add_argument("--model", default="", help="catalog name or engine folder (default: the shipped model)")
     p.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
     p.add_argument("--ext", default=".py", help="file name endings to read, comma-separated (default: .py)")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: the setting's default)")

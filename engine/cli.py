@@ -105,7 +105,10 @@ def complete_parser() -> argparse.ArgumentParser:
         prog="dlm-complete",
         description="Fill in the middle between a prefix and a suffix with a masked diffusion model.",
     )
-    parser.add_argument("--model", type=Path, required=True, help="engine folder (or checkpoint folder with --backend torch)")
+    parser.add_argument(
+        "--model", required=True,
+        help="catalog name (dlm-lsp models list), engine folder, or checkpoint folder with --backend torch",
+    )
     parser.add_argument("--prefix-file", type=Path, required=True, help="text before the cursor ('-' for stdin)")
     parser.add_argument("--suffix-file", type=Path, help="text after the cursor (default: empty)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="runtime (default: auto)")
@@ -163,12 +166,14 @@ def _complete(args: argparse.Namespace) -> int:
         **kwargs,
     )
     prefix, suffix = _read(args.prefix_file), _read(args.suffix_file)
-    engine = Engine.load(args.model, backend=args.backend, family=args.family, threads=args.threads)
+    from engine.catalog import resolve
+
+    engine = Engine.load(resolve(args.model), backend=args.backend, family=args.family, threads=args.threads)
     completion = engine.complete(prefix, suffix, params, heal=args.heal)
     if args.json:
         info = engine.info
         result = {
-            "model": str(args.model),
+            "model": str(resolve(args.model)),
             "family": info.family,
             "backend": info.backend,
             "device": info.device,

@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.sampler import SamplingParams, UnmaskOrder
 
     parser = argparse.ArgumentParser(prog="dlm-eval", description="Fill-in-the-middle quality: exact match and pass@1.")
-    parser.add_argument("--model", type=Path, required=True, help="engine folder (or checkpoint with --backend torch)")
+    parser.add_argument(
+        "--model", required=True, help="catalog name, engine folder, or checkpoint folder with --backend torch"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--problems", type=Path, help="HumanEval-infilling style .jsonl or .jsonl.gz")
     source.add_argument("--heldout", type=Path, help="held-out corpus split (heldout.jsonl from dlm-corpus)")
@@ -254,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
             lengths=tuple(int(v) for v in args.lengths.split(",")),
             exact=args.exact,
         )
-        engine = Engine.load(args.model, backend=args.backend)
+        from engine.catalog import resolve
+
+        engine = Engine.load(resolve(args.model), backend=args.backend)
         modes = ("oracle", "unknown") if args.mode == "both" else (args.mode,)
         report = evaluate(engine, problems, params, modes, run_tests=not args.no_tests, timeout_s=args.timeout)
     except EngineError as exc:
         print(f"dlm-eval: error: {exc}", file=sys.stderr)
         return 2
-    report["summary"]["model"] = str(args.model)
+    report["summary"]["model"] = str(engine.path)
     report["summary"]["source"] = str(args.problems or args.heldout)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
