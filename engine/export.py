@@ -30,6 +30,7 @@ import numpy as np
 
 from engine.checkpoint import Checkpoint
 from engine.errors import BackendUnavailableError, ExportError
+from engine.weights import EXTERNAL_DATA_SUFFIX, consolidate, quantize_int8
 from engine.manifest import CONTEXT_INPUTS, CONTEXT_OUTPUTS, SPAN_INPUTS, SPAN_OUTPUTS, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -141,25 +142,7 @@ for the graph itself. Smaller graphs stay one self-contained file.
 
 def external_data_file(graph: str) -> str:
     """Name of the file beside ``graph`` that holds its weights when they are external."""
-    return graph + ".data"
-
-
-def _save_graph(model: Any, path: Path, inline_limit: int) -> None:
-    """Save an ONNX model to ``path``: inline, or with every weight in one ``<name>.data`` file beside it."""
-    import onnx
-
-    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
-    if weight_bytes <= inline_limit:
-        onnx.save_model(model, str(path))
-        return
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=external_data_file(path.name),
-        size_threshold=1024,
-    )
+    return graph + EXTERNAL_DATA_SUFFIX
 
 
 def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limit: int = INLINE_LIMIT) -> None:
@@ -167,10 +150,10 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limi
 
     Each graph is traced into a scratch folder of its own (past 2 GB the exporter
     writes one file per weight, named after the tensor, and the two graphs' names
-    collide), then re-saved with its weights inline or in one ``.data`` file.
+    collide), then rewritten tensor by tensor with its weights inline or in one
+    ``.data`` file (:func:`engine.weights.consolidate`).
     """
     torch = _require_export_deps()
-    import onnx
 
     arch = model.arch
     context, span = _graph_modules(model, suppress, top_k)
@@ -235,38 +218,10 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limi
                     opset_version=OPSET,
                     dynamo=False,
                 )
-            _save_graph(onnx.load(str(scratch / name)), out / name, inline_limit)
+            consolidate(scratch / name, out / name, inline_limit)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         release_memory()
-
-
-def _quantize_int8(src: Path, dst: Path, inline_limit: int = INLINE_LIMIT) -> None:
-    """Dynamic int8 quantisation of ``src``'s MatMul weights (per output channel) into ``dst``.
-
-    Works from the file, so a source with external data is read through ONNX's
-    own loader; the result is re-saved by :func:`_save_graph`'s rule.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs every tensor on the root logger
-    try:
-        quantize_dynamic(
-            src,
-            scratch / dst.name,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-            use_external_data_format=True,
-        )
-        _save_graph(onnx.load(str(scratch / dst.name)), dst, inline_limit)
-    finally:
-        root.setLevel(level)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def validation_cases(
@@ -539,7 +494,7 @@ def convert(
             int8_dir.mkdir()
             progress("quantising to int8 and validating")
             for name in manifest.graphs.values():
-                _quantize_int8(fp32_dir / name, int8_dir / name, inline_limit)
+                quantize_int8(fp32_dir / name, int8_dir / name, inline_limit)
                 release_memory()
             manifest.precision = "int8"
             int8 = validate(recorded, OnnxRuntimeDenoiser(int8_dir, manifest, backend="cpu"), "int8", text_ids=text_ids)

@@ -226,3 +226,36 @@ def test_int8_is_validated_on_real_code_windows(small_init_checkpoint):
         decoded = ckpt.tokenizer.decode([int(i) for i in ids[: span[0]]])
         assert len(decoded) > 5 and any(decoded in text for text in default_texts())  # a piece of real code
         assert (case["span_pos"][:, 0] == span[0]).all()
+
+
+def test_streaming_int8_quantisation_matches_onnxruntimes_quantiser(tiny_engine, tmp_path):
+    """engine.weights.quantize_int8 writes what onnxruntime's quantize_dynamic writes (per-channel symmetric
+    int8 weights, dynamic uint8 activations): same nodes, and the same outputs to float rounding."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from engine.weights import quantize_int8
+
+    src = tiny_engine / "span_step.onnx"
+    ours, theirs = tmp_path / "ours.onnx", tmp_path / "theirs.onnx"
+    quantize_int8(src, ours, inline_limit=1 << 30)
+    quantize_dynamic(src, theirs, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+    count = lambda path, op: sum(n.op_type == op for n in onnx.load(str(path)).graph.node)  # noqa: E731
+    assert count(ours, "MatMulInteger") == count(theirs, "MatMulInteger") > 0  # every MatMul by a constant
+    assert count(ours, "MatMul") == count(theirs, "MatMul")  # the attention products stay float
+    assert count(ours, "DynamicQuantizeLinear") == count(theirs, "DynamicQuantizeLinear")
+    manifest = read_manifest(tiny_engine)
+    arch = manifest.arch
+    rng = np.random.default_rng(0)
+    feeds = {
+        "span_ids": rng.integers(0, arch.vocab_size, (2, 6)),
+        "span_pos": np.tile(np.arange(20, 26), (2, 1)),
+        "span_valid": np.ones((2, 6), bool),
+        "cache_keys": rng.standard_normal((arch.num_layers, 2, arch.num_kv_heads, 20, arch.head_dim)).astype(np.float32),
+        "cache_values": rng.standard_normal((arch.num_layers, 1, arch.num_kv_heads, 20, arch.head_dim)).astype(np.float32),
+    }
+    a = ort.InferenceSession(str(ours), providers=["CPUExecutionProvider"]).run(None, feeds)
+    b = ort.InferenceSession(str(theirs), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert np.array_equal(a[0], b[0])  # the same top-k ids
+    assert np.abs(a[1] - b[1]).max() < 1e-4 and np.abs(a[2] - b[2]).max() < 1e-3
