@@ -144,6 +144,11 @@ def consolidate(src: Path, dst: Path, inline_limit: int) -> None:
         tensors = [writer.add(numpy_helper.to_array(t, base_dir=base_dir), t.name) for t in graph.initializer]
     finally:
         writer.close()
+    for node in graph.node:  # the exporter also writes Constant nodes' tensors outside: they come back inline
+        for attribute in node.attribute:
+            for tensor in (attribute.t, *attribute.tensors):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor, base_dir=base_dir), tensor.name))
     del graph.initializer[:]
     graph.initializer.extend(tensors)
     onnx.save_model(model, str(dst))
