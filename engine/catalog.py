@@ -30,12 +30,14 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine.errors import CatalogError, EngineError, ModelNotPresentError
+from engine.families import family_names
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ DOWNLOAD_PATTERNS = (
 """The files conversion reads; nothing else of a repository is downloaded."""
 
 PRECISIONS = ("int8", "fp32")
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""Catalog names: they name folders of the model cache, so no path separators and no leading dot."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +258,16 @@ def _read_user_catalog(path: Path) -> list[CatalogEntry]:
                     ([f"unknown keys {', '.join(sorted(unknown))}"] if unknown else [])
                     + ([f"missing keys {', '.join(sorted(missing))}"] if missing else [])
                 )
+            )
+        name = item.get("name")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise CatalogError(
+                f"{path}: model #{i + 1}: name {name!r} must be lower-case letters, digits, '.', '_' or '-' "
+                "(it names a folder of the model cache)"
+            )
+        if item.get("family") not in family_names():
+            raise CatalogError(
+                f"{path}: model {name}: family {item.get('family')!r} is not one of {', '.join(family_names())}"
             )
         entries.append(CatalogEntry(**{**item, "origin": str(path)}))
     return entries

@@ -32,11 +32,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CONTEXT_EFFICIENCY = 1.76
-"""Our context pass's time / the probe's estimate: 5,777 ms measured / 3,280 ms estimated at the 0.5B
+CONTEXT_EFFICIENCY = 1.38
+"""Our context pass's time / the probe's estimate: 4,516 ms measured / 3,280 ms estimated at the 0.5B
 shape, 1,024-token window (2026-12-01, our 2-core machine, nothing else running)."""
-STEP_EFFICIENCY = 4.7
-"""Our span step's time / the probe's estimate: 150 ms measured / 32 ms estimated, same run. A span step
+STEP_EFFICIENCY = 3.95
+"""Our span step's time / the probe's estimate: 127 ms measured / 32 ms estimated, same run. A span step
 is far from weight-streaming speed (per-layer overheads, attention over the cache, sampler work): the
 CPU speed issue's ground."""
 WINDOW = 1024

@@ -69,6 +69,12 @@ FAMILY_TRAITS: dict[str, dict[str, bool]] = {
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {},
+    # CoDA-v0 (Qwen3-1.7B based, untied head as its modelling code builds it): 2.03B parameters.
+    "qwen3-1.7b": dict(
+        family="qwen3", embedding_rows=151936, hidden_size=2048, intermediate_size=6144, num_layers=28,
+        num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=False, rope_theta=1_000_000.0,
+        max_positions=40960,
+    ),
     # LLaDA-8B: 8.02B parameters (untied head, multi-head attention).
     "llada-8b": dict(
         family="llada", embedding_rows=126464, hidden_size=4096, intermediate_size=12288, num_layers=32,

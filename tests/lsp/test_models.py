@@ -174,3 +174,18 @@ def test_an_interrupted_conversion_is_redone(hub, tmp_path):
     proc = models(hub, tmp_path, "pull", "tiny-dream")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in base.iterdir()) == ["int8"]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (catalog_entry("../escape", "dlm-test/tiny-dream"), "must be lower-case letters"),
+        (catalog_entry("tiny", "dlm-test/tiny-dream", family="gpt2"), "family 'gpt2' is not one of"),
+        ({**catalog_entry("tiny", "dlm-test/tiny-dream"), "colour": "red"}, "unknown keys colour"),
+        ({k: v for k, v in catalog_entry("tiny", "dlm-test/tiny-dream").items() if k != "repo"}, "missing keys repo"),
+    ],
+)
+def test_a_bad_team_catalog_is_refused_with_the_entry_named(tmp_path, entry, message):
+    (tmp_path / "catalog.json").write_text(json.dumps([entry]))
+    proc = models(tmp_path, tmp_path, "list", DLM_LSP_CATALOG=str(tmp_path / "catalog.json"))
+    assert proc.returncode == 2 and message in proc.stderr
