@@ -59,6 +59,8 @@ class ModelHost:
         self.load_ms: float | None = None
         self._lock = threading.Lock()
         self._loaded = threading.Event()
+        self._generation = 0
+        """Counts loads: a load that a newer one replaced must not touch the state."""
 
     def wants_reload(self, model: str, backend: str) -> bool:
         """Whether these settings name another model or backend than the loaded one."""
@@ -68,11 +70,13 @@ class ModelHost:
         self,
         model: str,
         backend: str,
-        on_done: Callable[["ModelHost"], None] | None = None,
+        on_done: Callable[["ModelHost", bool], None] | None = None,
         *,
         fallback: bool = True,
     ) -> threading.Thread:
-        """Start loading on a thread; ``on_done`` runs on that thread when it finishes (or fails).
+        """Start loading on a thread; ``on_done(host, superseded)`` runs on that thread when it ends.
+
+        ``superseded``: a newer :meth:`load` started meanwhile; this one changed nothing.
 
         ``fallback``: a catalog model that is not downloaded loads the shipped model
         instead (the server, which offers the download); without it that is an error.
@@ -80,7 +84,12 @@ class ModelHost:
         with self._lock:
             self.state, self.error, self.spec, self.backend, self.missing = "loading", None, model, backend, None
             self.path = None
+            self._generation += 1
+            generation = self._generation
             self._loaded.clear()
+
+        def current() -> bool:  # called with the lock held
+            return self._generation == generation
 
         def work() -> None:
             from engine import Engine, EngineError
@@ -97,33 +106,36 @@ class ModelHost:
                     log.warning("%s; the shipped model runs until it is", exc)
                     path = default_model_path()
                     with self._lock:
-                        if self.spec == model:
+                        if current():
                             self.missing = exc.entry  # type: ignore[assignment]
                 with self._lock:
-                    if self.spec == model:
+                    if current():
                         self.path = path
                 engine = Engine.load(path, backend=backend)
                 # one tiny run so the first real request does not pay for lazy initialisation
                 engine.complete("", "", _warmup_params())
             except EngineError as exc:
                 with self._lock:
-                    if self.spec == model:
+                    if current():
                         self.state, self.error, self.engine = "error", str(exc), None
                 log.error("model %s failed to load: %s", path or model, exc)
             except Exception as exc:  # noqa: BLE001 - keep the server alive, say what happened
                 with self._lock:
-                    if self.spec == model:
+                    if current():
                         self.state, self.error, self.engine = "error", f"{type(exc).__name__}: {exc}", None
                 log.exception("model %s failed to load", path or model)
             else:
                 with self._lock:
-                    if self.spec == model:
+                    if current():
                         self.engine, self.state = engine, "ready"
                         self.load_ms = (time.perf_counter() - started) * 1000
                 log.info("model %s ready on %s in %.0f ms", path, engine.info.backend, self.load_ms or 0)
-            self._loaded.set()
+            with self._lock:
+                superseded = not current()  # a newer load replaced this one and reports for itself
+                if not superseded:
+                    self._loaded.set()
             if on_done is not None:
-                on_done(self)
+                on_done(self, superseded)
 
         thread = threading.Thread(target=work, name="dlm-model-load", daemon=True)
         thread.start()

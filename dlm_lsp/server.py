@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
@@ -48,6 +49,9 @@ from dlm_lsp.positions import offset_at, position_at
 from dlm_lsp.settings import SECTION, Settings, parse_settings
 from dlm_lsp.status import Metrics
 
+if TYPE_CHECKING:
+    from engine.catalog import CatalogEntry
+
 log = logging.getLogger(__name__)
 
 STATUS = "dlm/status"
@@ -55,6 +59,8 @@ DID_SHOW = "dlm/didShowCompletion"
 DID_ACCEPT = "dlm/didAcceptCompletion"
 DID_PARTIALLY_ACCEPT = "dlm/didPartiallyAcceptCompletion"
 DID_CHANGE_STATUS = "dlm/didChangeStatus"
+PULL_PREFIX = "dlm-lsp models: "
+"""How ``dlm-lsp models pull`` starts each progress and error line on stderr."""
 STATUS_PUSH_INTERVAL_S = 1.0
 """Completions push the status at most this often (model and settings changes push at once)."""
 MAX_OTHER_DOCUMENTS = 20
@@ -74,7 +80,8 @@ class DlmLanguageServer(LanguageServer):
         self._status_pushed_at = 0.0
         self._status_timer: asyncio.TimerHandle | None = None
         self._offered: set[str] = set()
-        """Catalog models whose download was offered (each is asked about once)."""
+        """Catalog models whose download was offered (asked once; again after a failed pull)."""
+        self._tasks: set[asyncio.Future[None]] = set()
         self.pulling: str | None = None
         """The catalog model being downloaded and converted, if any."""
 
@@ -129,7 +136,11 @@ class DlmLanguageServer(LanguageServer):
         except RuntimeError:  # not called from the server's event loop
             loop = None
 
-        def report(host: ModelHost) -> None:  # on the event loop
+        def report(host: ModelHost, superseded: bool) -> None:  # on the event loop
+            if superseded:  # the settings changed meanwhile: the newer load reports for itself
+                if token is not None:
+                    self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="replaced by a newer load"))
+                return
             self.send_status()
             if token is not None:
                 message = "ready" if host.state == "ready" else f"failed: {host.error}"
@@ -140,21 +151,42 @@ class DlmLanguageServer(LanguageServer):
                 )
             if host.missing is not None and host.missing.name not in self._offered:
                 self._offered.add(host.missing.name)
-                asyncio.ensure_future(self.offer_download(host.missing))
+                task = asyncio.ensure_future(self.offer_download(host.missing))
+                self._tasks.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._tasks.discard)
 
-        def done(host: ModelHost) -> None:  # runs on the loader thread: what it sends goes through the event loop
+        def done(host: ModelHost, superseded: bool) -> None:  # on the loader thread: sends go through the loop
             if loop is not None:
-                loop.call_soon_threadsafe(report, host)
+                loop.call_soon_threadsafe(report, host, superseded)
             else:
-                report(host)
+                report(host, superseded)
 
         self.model.load(self.settings.model, self.settings.backend, on_done=done)
         self.send_status()
 
-    async def offer_download(self, entry: Any) -> None:
-        """Ask the user whether to download a catalog model the settings name (``window/showMessageRequest``)."""
+    async def offer_download(self, entry: CatalogEntry) -> None:
+        """Ask the user whether to download a catalog model the settings name (``window/showMessageRequest``).
+
+        Converting needs the ``export`` extra (PyTorch): without it the user is told
+        how to install it instead of being offered a download that would fail.
+        """
+        import importlib.util
+
         from engine.catalog import size_text
 
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx") is None:
+            self._offered.discard(entry.name)
+            self.window_show_message(
+                types.ShowMessageParams(
+                    type=types.MessageType.Warning,
+                    message=(
+                        f"dlm: the model {entry.name} is not downloaded, and converting it needs the export extra "
+                        "in the server's environment: pip install -e '.[export]' in your dlm-lsp clone, then "
+                        f"dlm-lsp models pull {entry.name}. The small demo model runs meanwhile."
+                    ),
+                )
+            )
+            return
         download = f"Download {entry.name} ({size_text(entry.download_bytes)})"
         try:
             choice = await self.window_show_message_request_async(
@@ -173,53 +205,57 @@ class DlmLanguageServer(LanguageServer):
         if choice is None or choice.title != download:
             log.info("download of %s declined; the shipped model stays", entry.name)
             return
-        self.start_pull(entry)
+        await self.pull_model(entry)
 
-    def start_pull(self, entry: Any) -> None:
-        """Download and convert a catalog model on a worker thread (``$/progress``), then load it."""
-        import threading
+    async def pull_model(self, entry: CatalogEntry) -> None:
+        """Download and convert a catalog model in a child process (``$/progress``), then load it.
 
-        from engine import EngineError
-        from engine.catalog import pull
-
+        A child process (``dlm-lsp models pull``), not a thread: conversion takes
+        gigabytes and minutes of Python work, which must neither stall completions
+        nor take the server down if the system runs out of memory.
+        """
         if self.pulling is not None:
+            self.window_show_message(
+                types.ShowMessageParams(
+                    type=types.MessageType.Info, message=f"dlm: {self.pulling} is downloading; try again when it is done"
+                )
+            )
             return
         self.pulling = entry.name
+        self.send_status()
         token = self.begin_progress(f"dlm: downloading {entry.name}", entry.repo)
-        loop = asyncio.get_running_loop()
-
-        def report(message: str) -> None:  # on the event loop
-            log.info("pull %s: %s", entry.name, message)
-            if token is not None:
-                self.work_done_progress.report(token, types.WorkDoneProgressReport(message=message))
-
-        def finish(error: str | None) -> None:  # on the event loop
-            self.pulling = None
-            if token is not None:
-                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=error or "ready"))
-            if error is not None:
-                self.window_show_message(
-                    types.ShowMessageParams(type=types.MessageType.Error, message=f"dlm: {entry.name}: {error}")
-                )
-            elif self.settings.model == entry.name:
-                self.start_model_load()
-            self.send_status()
-
-        def forward(message: str) -> None:  # on the worker thread
-            loop.call_soon_threadsafe(report, message)
-
-        def work() -> None:
-            try:
-                pull(entry.name, progress=forward)
-            except EngineError as exc:
-                loop.call_soon_threadsafe(finish, str(exc))
-            except Exception as exc:  # noqa: BLE001 - keep the server alive, say what happened
-                log.exception("pull of %s failed", entry.name)
-                loop.call_soon_threadsafe(finish, f"{type(exc).__name__}: {exc}")
-            else:
-                loop.call_soon_threadsafe(finish, None)
-
-        threading.Thread(target=work, name="dlm-model-pull", daemon=True).start()
+        error: str | None = None
+        last = ""
+        try:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dlm_lsp", "models", "pull", entry.name,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )
+            assert child.stderr is not None
+            async for raw in child.stderr:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line:
+                    continue
+                last = line
+                log.info("pull %s: %s", entry.name, line)
+                if token is not None and line.startswith(PULL_PREFIX):
+                    self.work_done_progress.report(
+                        token, types.WorkDoneProgressReport(message=line.removeprefix(PULL_PREFIX))
+                    )
+            if await child.wait() != 0:
+                error = last.removeprefix(PULL_PREFIX + "error: ") or f"exit status {child.returncode}"
+        except OSError as exc:
+            error = f"cannot start the download: {exc}"
+        self.pulling = None
+        if token is not None:
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=error or "ready"))
+        if error is not None:
+            self._offered.discard(entry.name)  # asked again on the next load of this setting
+            self.window_show_message(
+                types.ShowMessageParams(type=types.MessageType.Error, message=f"dlm: {entry.name}: {error}")
+            )
+        elif self.settings.model == entry.name:
+            self.start_model_load()
         self.send_status()
 
     def send_status(self) -> None:

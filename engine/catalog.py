@@ -27,6 +27,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -233,6 +234,12 @@ def user_catalog_file() -> Path:
     return Path(platformdirs.user_config_dir("dlm-lsp")) / "catalog.json"
 
 
+FIELD_TYPES: dict[str, type] = {
+    f.name: {"int": int, "bool": bool, "str": str}[str(f.type)] for f in fields(CatalogEntry)
+}
+"""The JSON type of every catalog entry key (checked in a team's catalog file)."""
+
+
 def _read_user_catalog(path: Path) -> list[CatalogEntry]:
     if not path.is_file():
         return []
@@ -258,6 +265,15 @@ def _read_user_catalog(path: Path) -> list[CatalogEntry]:
                     ([f"unknown keys {', '.join(sorted(unknown))}"] if unknown else [])
                     + ([f"missing keys {', '.join(sorted(missing))}"] if missing else [])
                 )
+            )
+        wrong = [
+            key for key, kind in FIELD_TYPES.items()
+            if key in item and not (isinstance(item[key], kind) and not (kind is int and isinstance(item[key], bool)))
+        ]
+        if wrong:
+            raise CatalogError(
+                f"{path}: model #{i + 1} ({item.get('name', '?')}): wrong type for "
+                + ", ".join(f"{key} (expected {FIELD_TYPES[key].__name__})" for key in wrong)
             )
         name = item.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -329,13 +345,37 @@ def path(name: str, precision: str | None = None) -> Path:
     Raises :class:`ModelNotPresentError` when it has not been pulled.
     """
     entry = find(name)
-    for item in installed(entry.name):
-        if precision in (None, item.precision):
+    here = installed(entry.name)
+    current = _read_current(entry)
+    if current is not None and precision in (None, current.name):
+        if any(item.path == current for item in here):
+            return current
+    for item in here:
+        if precision in (None, item.precision) and _source_repo(item.path) == entry.repo:
             return item.path
     size = size_text(entry.download_bytes)
     raise ModelNotPresentError(
         f"{entry.name} has not been downloaded yet: dlm-lsp models pull {entry.name} ({size} download)", entry
     )
+
+
+def _read_current(entry: CatalogEntry) -> Path | None:
+    record = cache_dir() / "models" / entry.name / CURRENT_FILE
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        if data.get("repo") != entry.repo:
+            return None
+        folder = record.parent / str(data["commit"]) / str(data["precision"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return folder if folder.parent.parent == record.parent and folder.name in PRECISIONS else None
+
+
+def _source_repo(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("source", {}).get("repo")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve(spec: str) -> Path:
@@ -352,8 +392,14 @@ def remove(name: str, *, download: bool = False, progress: Callable[[str], None]
     """
     entry = find(name)
     root = cache_dir() / "models" / entry.name
-    freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
-    shutil.rmtree(root, ignore_errors=True)
+    with _lock(entry.name):  # never under a pull of the same model
+        freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+        try:
+            shutil.rmtree(root)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise CatalogError(f"cannot delete {root}: {exc.strerror}") from exc
     if download:
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
@@ -455,16 +501,24 @@ def verify_download(snapshot: Path) -> dict[str, str]:
     hashes: dict[str, str] = {}
     corrupt = []
     for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        relative = file.relative_to(snapshot).as_posix()
+        if not any(fnmatch.fnmatch(relative, pattern) for pattern in DOWNLOAD_PATTERNS):
+            continue  # another tool's download of the same revision: not what conversion reads
         digest = sha256_file(file)
         blob = file.resolve().name
         if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) and blob != digest:
             corrupt.append(file)
-        hashes[file.relative_to(snapshot).as_posix()] = digest
+        hashes[relative] = digest
     if corrupt:
         for file in corrupt:
-            with contextlib.suppress(OSError):
+            try:
                 file.resolve().unlink()
                 file.unlink()
+            except OSError as exc:
+                raise CatalogError(
+                    f"corrupt download: {file} does not match its hub checksum, and it cannot be deleted "
+                    f"({exc.strerror}): delete it by hand and pull again"
+                ) from exc
         names = ", ".join(f.name for f in corrupt)
         raise CatalogError(
             f"corrupt download in {snapshot}: {names} does not match its hub checksum; the bad file was removed, "
@@ -488,8 +542,9 @@ def _os_error(exc: OSError, doing: str, entry: CatalogEntry) -> CatalogError:
     if exc.errno == errno.ENOSPC:
         return CatalogError(
             f"no space left on the device while {doing} {entry.name} ({exc.filename or ''}); it needs about "
-            f"{size_text(entry.download_bytes)} for the download and {size_text(entry.graph_bytes('fp32'))} while converting. "
-            "Nothing half-written was kept; free space or set DLM_LSP_CACHE / HF_HOME to a larger disk"
+            f"{size_text(entry.download_bytes)} for the download and {size_text(conversion_space(entry, 'auto'))} "
+            "while converting. No converted folder was left half-written (huggingface_hub keeps a partial download "
+            "to resume it); free space or set DLM_LSP_CACHE / HF_HOME to a larger disk"
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CatalogError(
@@ -497,6 +552,26 @@ def _os_error(exc: OSError, doing: str, entry: CatalogEntry) -> CatalogError:
             "Set DLM_LSP_CACHE (converted models) or HF_HOME (downloads) to a folder you can write"
         )
     return CatalogError(f"{doing} {entry.name} failed: {exc}")
+
+
+def conversion_space(entry: CatalogEntry, precision: str) -> int:
+    """Disk space a conversion needs while it runs (fp32 graphs, their scratch copies, the int8 result)."""
+    fp32 = entry.graph_bytes("fp32")
+    if precision == "fp32":
+        return int(1.5 * fp32)  # the exporter's scratch copy of one graph beside both consolidated graphs
+    return int(max(1.5 * fp32, fp32 + entry.graph_bytes("int8")))
+
+
+CURRENT_FILE = "current.json"
+"""``<cache>/models/<name>/current.json``: the folder the last pull produced, which :func:`path` returns."""
+
+
+def _set_current(entry: CatalogEntry, folder: Path) -> None:
+    record = {"commit": folder.parent.name, "precision": folder.name, "repo": entry.repo}
+    target = folder.parent.parent / CURRENT_FILE
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    tmp.replace(target)
 
 
 def pull(
@@ -512,8 +587,11 @@ def pull(
 
     A second pull finds the folder and does no work. ``precision`` ``auto``
     keeps int8 when it passes validation, else fp32 (the conversion says why).
+    The folder becomes the model's current one (what :func:`path` returns).
+    Conversion needs the ``export`` extra: that is checked before anything is
+    downloaded.
     """
-    from engine.export import convert
+    from engine.export import _require_export_deps, convert
     from engine.manifest import read_manifest
 
     if precision not in (*PRECISIONS, "auto"):
@@ -521,47 +599,53 @@ def pull(
     entry = find(name)
     if not entry.supported:
         raise CatalogError(f"{entry.name} cannot run here: {entry.reason}")
+    _require_export_deps()
     with _lock(entry.name):
         progress(f"downloading {entry.repo} ({size_text(entry.download_bytes)}) through huggingface_hub")
         snapshot = download(entry, revision, tqdm_class)
         commit = snapshot.name
         base = cache_dir() / "models" / entry.name / commit[:12]
-        wanted = PRECISIONS if precision == "auto" else (precision,)
-        for done in wanted:
-            if (base / done / "manifest.json").is_file() and not force:
-                try:
-                    read_manifest(base / done)
-                except EngineError as exc:
-                    progress(f"the converted folder {base / done} is damaged ({exc}): converting again")
-                    shutil.rmtree(base / done, ignore_errors=True)
-                else:
-                    progress(f"{entry.name} is present: {base / done}")
-                    return base / done
-        progress("checking the downloaded files against their hub checksums")
-        hashes = verify_download(snapshot)
-        need = entry.graph_bytes("fp32") + entry.graph_bytes("int8")
-        free = shutil.disk_usage(_existing_parent(base)).free
-        if free < need:
-            raise CatalogError(
-                f"not enough free space to convert {entry.name}: it needs about {size_text(need)} while converting "
-                f"and {free / 1e9:.1f} GB is free in {base}. Free space or set DLM_LSP_CACHE to a larger disk"
-            )
-        base.mkdir(parents=True, exist_ok=True)
-        staging = base / "converting"
-        source = {"catalog": entry.name, "repo": entry.repo, "revision": commit, "files_sha256": hashes}
         try:
-            manifest = convert(
-                snapshot, staging, family=entry.family, precision=precision, progress=progress, force=True,
-                source=source,
-            )
+            wanted = PRECISIONS if precision == "auto" else (precision,)
+            for done in wanted:
+                if (base / done / "manifest.json").is_file() and not force:
+                    try:
+                        manifest = read_manifest(base / done)
+                    except EngineError as exc:
+                        progress(f"the converted folder {base / done} is damaged ({exc}): converting again")
+                        shutil.rmtree(base / done, ignore_errors=True)
+                    else:
+                        if manifest.source.get("repo") == entry.repo:
+                            progress(f"{entry.name} is present: {base / done}")
+                            _set_current(entry, base / done)
+                            return base / done
+            progress("checking the downloaded files against their hub checksums")
+            hashes = verify_download(snapshot)
+            need = conversion_space(entry, precision)
+            free = shutil.disk_usage(_existing_parent(base)).free
+            if free < need:
+                raise CatalogError(
+                    f"not enough free space to convert {entry.name}: it needs about {size_text(need)} while "
+                    f"converting and {free / 1e9:.1f} GB is free in {_existing_parent(base)}. Free space or set "
+                    "DLM_LSP_CACHE to a larger disk"
+                )
+            base.mkdir(parents=True, exist_ok=True)
+            staging = base / "converting"
+            source = {"catalog": entry.name, "repo": entry.repo, "revision": commit, "files_sha256": hashes}
+            try:
+                manifest = convert(
+                    snapshot, staging, family=entry.family, precision=precision, progress=progress, force=True,
+                    source=source,
+                )
+            finally:
+                with contextlib.suppress(OSError):
+                    base.rmdir()  # only if the conversion left nothing (it cleans up after itself)
+            final = base / manifest.precision
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            _set_current(entry, final)
         except OSError as exc:
             raise _os_error(exc, "converting", entry) from exc
-        finally:
-            with contextlib.suppress(OSError):
-                base.rmdir()  # only if the conversion left nothing (it cleans up after itself)
-        final = base / manifest.precision
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
         progress(f"{entry.name} ready: {final}")
         return final

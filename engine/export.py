@@ -329,6 +329,43 @@ class RecordedReference:
         return self._answer("full", full)
 
 
+class OneGraphAtATime:
+    """An engine folder's graphs for :func:`validate`, loaded one after the other.
+
+    Both graphs hold every weight, so two fp32 sessions of a 2B model are 16 GB.
+    This runs every context pass of the validation cases with the context graph
+    alone, keeps their (small) outputs, frees it, then loads the span-step graph
+    for the steps and whole-window passes: half the memory, the same answers.
+    """
+
+    def __init__(self, folder: Path, manifest: Manifest, cases: list[dict[str, Any]]) -> None:
+        from dataclasses import replace
+
+        from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+
+        context_only = OnnxRuntimeDenoiser(folder, replace(manifest, graphs={"context": manifest.graphs["context"]}), "cpu")
+        self.info = context_only.info
+        self._contexts = {}
+        for case in cases:
+            context = (case["input_ids"], case["positions"], case["cache_index"], case["span_index"])
+            self._contexts[RecordedReference._key("encode_context", context)] = context_only.encode_context(*context)
+        del context_only
+        release_memory()
+        self._span = OnnxRuntimeDenoiser(folder, replace(manifest, graphs={"span_step": manifest.graphs["span_step"]}), "cpu")
+
+    def encode_context(self, *context: Any) -> Any:
+        """The context graph's answer, computed before the span-step graph was loaded."""
+        return self._contexts[RecordedReference._key("encode_context", context)]
+
+    def step(self, *args: Any) -> Any:
+        """A span step on the span-step graph."""
+        return self._span.step(*args)
+
+    def full(self, *args: Any) -> Any:
+        """A whole-window pass on the span-step graph."""
+        return self._span.full(*args)
+
+
 def validate(
     reference: Any, candidate: Any, precision: str, seed: int = 0, text_ids: np.ndarray | None = None
 ) -> ValidationReport:
@@ -456,7 +493,6 @@ def convert(
     dst = Path(dst).expanduser()
     _check_destination(dst, force)
     _require_export_deps()
-    from engine.backends.onnxruntime import OnnxRuntimeDenoiser
     from engine.backends.torch_ref import TorchDenoiser
 
     checkpoint = Checkpoint.open(src, family)
@@ -480,13 +516,13 @@ def convert(
         )
         mask_id = checkpoint.token_ids.mask
         recorded = RecordedReference(
-            reference,
-            [validation_cases(checkpoint.arch, 0, None, mask_id), validation_cases(checkpoint.arch, 0, text_ids, mask_id)],
+            reference, [validation_cases(checkpoint.arch, 0, None, mask_id), validation_cases(checkpoint.arch, 0, text_ids, mask_id)]
         )
         del reference  # the fp32 PyTorch model: the ONNX sessions and the quantiser need the memory now
         release_memory()
         progress("validating fp32 graphs against PyTorch")
-        reports = [validate(recorded, OnnxRuntimeDenoiser(fp32_dir, manifest, backend="cpu"), "fp32", text_ids=text_ids)]
+        fp32_cases = validation_cases(checkpoint.arch, 0, None, mask_id)
+        reports = [validate(recorded, OneGraphAtATime(fp32_dir, manifest, fp32_cases), "fp32", text_ids=text_ids)]
         release_memory()  # the fp32 sessions hold a copy of every weight: gone before quantising
         final_dir = fp32_dir
         if precision in ("int8", "auto") and not reports[0].failures:
@@ -497,7 +533,8 @@ def convert(
                 quantize_int8(fp32_dir / name, int8_dir / name, inline_limit)
                 release_memory()
             manifest.precision = "int8"
-            int8 = validate(recorded, OnnxRuntimeDenoiser(int8_dir, manifest, backend="cpu"), "int8", text_ids=text_ids)
+            int8_cases = validation_cases(checkpoint.arch, 0, text_ids, mask_id)
+            int8 = validate(recorded, OneGraphAtATime(int8_dir, manifest, int8_cases), "int8", text_ids=text_ids)
             release_memory()
             if int8.failures and precision == "auto":
                 progress(
@@ -550,15 +587,14 @@ def release_memory() -> None:
         pass
 
 
-def _code_tokens(checkpoint: Checkpoint, limit: int = 4096) -> np.ndarray | None:
-    """Real code (this package's own source) in the checkpoint's tokens, for validation windows."""
-    from engine.tiny import default_texts
+VALIDATION_CODE = Path(__file__).resolve().parent / "data" / "validation_code.txt"
+"""Real code, fixed (a frozen copy of three of this package's modules): int8 graphs are validated on it, so the
+validation inputs do not change when the package's source does."""
 
-    ids: list[int] = []
-    for text in default_texts():
-        ids.extend(checkpoint.tokenizer.encode(text))
-        if len(ids) >= limit:
-            break
+
+def _code_tokens(checkpoint: Checkpoint, limit: int = 4096) -> np.ndarray | None:
+    """:data:`VALIDATION_CODE` in the checkpoint's tokens, for validation windows."""
+    ids = checkpoint.tokenizer.encode(VALIDATION_CODE.read_text(encoding="utf-8"))
     ids = [i for i in ids if 0 <= i < checkpoint.arch.vocab_size]
     return np.asarray(ids[:limit], dtype=np.int64) if len(ids) > 64 else None
 

@@ -3,8 +3,8 @@
 :func:`consolidate` gathers the weights the ONNX exporter wrote (one file per
 tensor past 2 GB) into one ``<graph>.data`` file, or inline for a small graph.
 :func:`quantize_int8` quantises the matrices. Both read one tensor, write it and
-drop it before reading the next, so the memory they need is the largest tensor,
-not the model: that is what lets a 2B model convert on a 24 GB machine.
+drop it before reading the next, so the memory they need is about the largest
+tensor, not the model: that is what lets a 2B model convert on a 24 GB machine.
 
 int8 quantisation
 -----------------
@@ -24,8 +24,9 @@ Why our own pass and not ``onnxruntime.quantization.quantize_dynamic``: that
 one holds the whole fp32 graph, a shape-inferred copy of it and the result in
 memory at once (8 GB for a 0.5B model's two graphs, 16 bytes per parameter,
 measured), which puts a 2B model beyond a 24 GB machine. Here a weight is read
-from the fp32 graph's external data, quantised and written out before the next
-is read: the peak is the largest matrix.
+from the fp32 graph's external data, quantised a block of columns at a time and
+written out before the next is read: the peak is about the largest matrix
+(its fp32 values plus its int8 codes).
 """
 
 from __future__ import annotations
@@ -99,11 +100,7 @@ def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
                 activations[a] = q
             a_q, a_scale, a_zero = activations[a]
             if w not in done:
-                weight = numpy_helper.to_array(init[w], base_dir=base_dir)
-                scale = np.abs(weight).max(axis=0) / 127.0
-                scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-                codes = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
-                del weight
+                codes, scale = quantize_columns(numpy_helper.to_array(init[w], base_dir=base_dir))
                 new_init.append(writer.add(codes, f"{w}_quantized"))
                 new_init.append(writer.add(scale, f"{w}_scale"))
                 new_init.append(writer.add(np.zeros(scale.shape, np.int8), f"{w}_zero_point"))
@@ -126,6 +123,23 @@ def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
     del graph.node[:]
     graph.node.extend(new_nodes)
     onnx.save_model(model, str(dst))
+
+
+COLUMNS_PER_BLOCK = 1024
+"""Columns quantised at a time: temporaries stay a slice of the matrix, not copies of it."""
+
+
+def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of a (in, out) float matrix and one scale per output column (``codes * scale``)."""
+    codes = np.empty(weight.shape, np.int8)
+    scale = np.empty(weight.shape[1], np.float32)
+    for start in range(0, weight.shape[1], COLUMNS_PER_BLOCK):
+        block = weight[:, start : start + COLUMNS_PER_BLOCK]
+        step = np.abs(block).max(axis=0) / np.float32(127.0)
+        step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
+        codes[:, start : start + COLUMNS_PER_BLOCK] = np.clip(np.rint(block / step), -127, 127)
+        scale[start : start + COLUMNS_PER_BLOCK] = step
+    return codes, scale
 
 
 def consolidate(src: Path, dst: Path, inline_limit: int) -> None:

@@ -186,11 +186,15 @@ def test_graphs_past_the_inline_limit_keep_their_weights_in_one_data_file(small_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "int8"]
 
 
-def test_int8_that_misses_the_bar_offers_fp32_and_auto_keeps_fp32(tiny_checkpoint, tmp_path):
-    """The peaked random checkpoint's ranking does not survive int8: say so, with a way forward."""
+def test_int8_that_misses_the_bar_offers_fp32_and_auto_keeps_fp32(tmp_path):
+    """A very peaked random checkpoint (weights of std 0.5) loses its ranking in int8 (top-1 agreement
+    ~0.2 on the validation windows): say so, with a way forward."""
+    from engine.tiny import write_random_checkpoint
+
+    tiny_checkpoint = write_random_checkpoint(tmp_path / "peaked", seed=1, init_std=0.5)
     with pytest.raises(ExportError, match=r"(?s)\[int8\].*The fp32 graphs passed.*--precision fp32.*--precision auto"):
         export.convert(tiny_checkpoint, tmp_path / "int8", precision="int8", progress=lambda _m: None)
-    assert not (tmp_path / "int8").exists()
+    assert not (tmp_path / "int8").exists() and not list(tmp_path.glob(".int8.*"))
     said: list[str] = []
     manifest = export.convert(tiny_checkpoint, tmp_path / "auto", precision="auto", progress=said.append)
     assert manifest.precision == "fp32" and read_manifest(tmp_path / "auto").precision == "fp32"
@@ -214,7 +218,6 @@ def test_a_killed_conversion_leaves_scratch_that_the_next_one_removes(tiny_check
 def test_int8_is_validated_on_real_code_windows(small_init_checkpoint):
     """The int8 cases are masked middles of real code in the checkpoint's tokens, at consistent positions."""
     from engine.checkpoint import Checkpoint
-    from engine.tiny import default_texts
 
     ckpt = Checkpoint.open(small_init_checkpoint)
     text_ids = export._code_tokens(ckpt)
@@ -224,7 +227,7 @@ def test_int8_is_validated_on_real_code_windows(small_init_checkpoint):
         ids, span = case["input_ids"], case["span_index"]
         assert (ids[span[1:]] == mask).all() and (ids[np.setdiff1d(np.arange(len(ids)), span[1:])] != mask).all()
         decoded = ckpt.tokenizer.decode([int(i) for i in ids[: span[0]]])
-        assert len(decoded) > 5 and any(decoded in text for text in default_texts())  # a piece of real code
+        assert len(decoded) > 5 and decoded in export.VALIDATION_CODE.read_text()  # a piece of real code
         assert (case["span_pos"][:, 0] == span[0]).all()
 
 

@@ -143,8 +143,22 @@ def test_published_configs(tmp_path, name, family, parameters, ids):
     assert token_ids.to_dict() == ids
     if name == "coda-1.7b":  # the published 1.7B counts the embedding once (Qwen3-1.7B's tied count)
         tied = arch.__class__(**{**arch.to_dict(), "tie_word_embeddings": True})
-        assert abs(tied.parameters - parameters) / parameters < 0.015
+        assert tied.parameters == 1_720_574_976 and abs(tied.parameters - parameters) / parameters < 0.015
         assert arch.qk_norm and arch.head_dim == 128 and arch.shifted
     else:
         assert arch.parameters == parameters
         assert arch.intermediate_size == 12288 and not arch.shifted  # mlp_hidden_size, not mlp_ratio x d_model
+
+
+@pytest.mark.parametrize("name", ["llada-8b", "coda-1.7b"])
+def test_catalog_entries_agree_with_the_published_configs(name):
+    """The catalog's sizes (what list and the RAM/disk estimates use) are the published architecture's."""
+    from engine.catalog import find
+
+    config = _published(name)
+    arch = detect_family(config).parse_config(config)
+    entry = find(name)
+    assert entry.family == detect_family(config).name
+    assert (entry.parameters, entry.vocab_size, entry.hidden_size, entry.tied) == (
+        arch.parameters, arch.vocab_size, arch.hidden_size, arch.tie_word_embeddings
+    )

@@ -72,7 +72,8 @@ def test_list_shows_the_catalog_and_the_teams_models(hub, tmp_path):
     assert rows["llada-8b"]["family"] == "llada" and rows["llada-8b"]["parameters"] == 8_015_581_184
     assert rows["tiny-dream"]["origin"] == str(hub / "catalog.json") and rows["tiny-dream"]["present"] == []
     assert not rows["llada-moe-7b"]["supported"] and "mixture-of-experts" in rows["llada-moe-7b"]["reason"]
-    assert rows["open-dcoder-0.5b"]["disk_int8"] < rows["open-dcoder-0.5b"]["disk_fp32"]
+    # the int8 folder at this shape was measured at 2.08 GB (docs/models.md): the estimate agrees within 1 %
+    assert abs(rows["open-dcoder-0.5b"]["disk_int8"] - 2.08e9) / 2.08e9 < 0.01
     table = models(hub, tmp_path, "list").stdout
     assert "open-dcoder-0.5b" in table and "not supported: block-causal attention" in table
 
@@ -158,7 +159,7 @@ def test_a_corrupt_download_is_detected_and_removed(hub, tmp_path):
 def test_not_enough_space_or_no_permission_leaves_nothing(hub, tmp_path):
     huge = models(hub, tmp_path, "pull", "tiny-huge")
     assert huge.returncode == 2 and "not enough free space to convert tiny-huge" in huge.stderr
-    assert not (tmp_path / "dlm-cache" / "models" / "tiny-huge" / COMMIT[:12]).exists()
+    assert [p.name for p in (tmp_path / "dlm-cache" / "models").iterdir()] == [".tiny-huge.lock"]  # nothing else
     if os.access("/sys", os.W_OK) and os.geteuid() != 0:  # pragma: no cover - a machine where /sys is writable
         pytest.skip("needs a location this user cannot write")
     denied = models(hub, tmp_path, "pull", "tiny-dream", DLM_LSP_CACHE="/sys/dlm-lsp-test")
@@ -189,3 +190,18 @@ def test_a_bad_team_catalog_is_refused_with_the_entry_named(tmp_path, entry, mes
     (tmp_path / "catalog.json").write_text(json.dumps([entry]))
     proc = models(tmp_path, tmp_path, "list", DLM_LSP_CATALOG=str(tmp_path / "catalog.json"))
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_the_last_pull_is_the_folder_used(hub, tmp_path):
+    """Two precisions side by side: path (and so the server) uses the one pulled last."""
+    fp32 = models(hub, tmp_path, "pull", "tiny-dream", "--precision", "fp32")
+    assert fp32.returncode == 0, fp32.stderr
+    assert fp32.stdout.strip().endswith("fp32")
+    auto = models(hub, tmp_path, "pull", "tiny-dream")  # auto takes the fp32 folder that is there
+    assert auto.returncode == 0 and "is present" in auto.stderr and auto.stdout == fp32.stdout
+    int8 = models(hub, tmp_path, "pull", "tiny-dream", "--precision", "int8")
+    assert int8.returncode == 0 and int8.stdout.strip().endswith("int8")
+    assert models(hub, tmp_path, "path", "tiny-dream").stdout == int8.stdout
+    again = models(hub, tmp_path, "pull", "tiny-dream", "--precision", "fp32")
+    assert "is present" in again.stderr and models(hub, tmp_path, "path", "tiny-dream").stdout == fp32.stdout
+    assert models(hub, tmp_path, "path", "tiny-dream", "--precision", "int8").stdout == int8.stdout
