@@ -329,6 +329,11 @@ class RecordedReference:
         return self._answer("full", full)
 
 
+LEAN = {"session.disable_prepacking": "1"}
+"""Session config of the validation sessions: no prepacked second copy of the weights (speed does not
+matter there; at load, prepacking holds the original and the packed weights together)."""
+
+
 class OneGraphAtATime:
     """An engine folder's graphs for :func:`validate`, loaded one after the other.
 
@@ -343,7 +348,8 @@ class OneGraphAtATime:
 
         from engine.backends.onnxruntime import OnnxRuntimeDenoiser
 
-        context_only = OnnxRuntimeDenoiser(folder, replace(manifest, graphs={"context": manifest.graphs["context"]}), "cpu")
+        single = {"context": manifest.graphs["context"]}
+        context_only = OnnxRuntimeDenoiser(folder, replace(manifest, graphs=single), "cpu", session_config=LEAN)
         self.info = context_only.info
         self._contexts = {}
         for case in cases:
@@ -351,7 +357,8 @@ class OneGraphAtATime:
             self._contexts[RecordedReference._key("encode_context", context)] = context_only.encode_context(*context)
         del context_only
         release_memory()
-        self._span = OnnxRuntimeDenoiser(folder, replace(manifest, graphs={"span_step": manifest.graphs["span_step"]}), "cpu")
+        single = {"span_step": manifest.graphs["span_step"]}
+        self._span = OnnxRuntimeDenoiser(folder, replace(manifest, graphs=single), "cpu", session_config=LEAN)
 
     def encode_context(self, *context: Any) -> Any:
         """The context graph's answer, computed before the span-step graph was loaded."""

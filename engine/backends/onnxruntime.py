@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -81,7 +82,15 @@ def default_threads(hidden_size: int | None = None) -> int:
 class OnnxRuntimeDenoiser:
     """The :class:`~engine.backends.base.Denoiser` of an engine folder, on ONNX Runtime."""
 
-    def __init__(self, folder: Path, manifest: Manifest, backend: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        backend: str = "auto",
+        threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
+    ) -> None:
+        """Open the folder's graphs; ``session_config`` adds ONNX Runtime session config entries."""
         import onnxruntime as ort
 
         providers, chosen = onnxruntime_providers(backend)
@@ -93,6 +102,8 @@ class OnnxRuntimeDenoiser:
         # Spinning workers burn a core between ops and, when another process wants
         # that core, stall every op they share (measured in docs/engine.md, "Threads").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         options.log_severity_level = 3
         self.sessions = {}
         for role, name in manifest.graphs.items():
