@@ -67,9 +67,10 @@ TOLERANCES = {
     # int8 weights change the numbers by design; what must survive is the ranking and,
     # on average, the confidences the sampler commits by. Judged on real code windows
     # (validation_cases with text_ids). On the shipped (trained) model: top-1 agreement
-    # 1.0, mean probability error <= 0.022, mean relative entropy error <= 0.06, while
-    # single positions near a decision move by up to 0.26 in probability and 0.62 in
-    # entropy: the per-position caps are loose on purpose and the means are the bar.
+    # 1.0, mean probability error <= 0.018, mean relative entropy error <= 0.038, while
+    # single positions near a decision move by up to 0.19 in probability and 0.2 in
+    # entropy (0.26 and 0.62 on other windows): the per-position caps are loose on
+    # purpose and the means are the bar.
     # Whether int8 costs quality end to end is measured with dlm-eval against fp32.
     "int8": Tolerance(
         cache_rtol=0.3, prob_atol=0.4, entropy_rtol=1.0, prob_mean_atol=0.05, entropy_mean_rtol=0.15,

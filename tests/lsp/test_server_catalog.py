@@ -10,7 +10,9 @@ and loads it; "Not now" leaves the shipped model in place.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +27,7 @@ from pytest_lsp import ClientServerConfig, LanguageClient
 pytest.importorskip("torch")
 
 ROOT = Path(tempfile.mkdtemp(prefix="dlm-catalog-test-"))
+atexit.register(shutil.rmtree, ROOT, True)  # the server's environment names it before any fixture runs
 COMMIT = TINY_COMMIT
 ENV = {
     **os.environ,
@@ -65,11 +68,7 @@ async def client(lsp_client: LanguageClient):  # type: ignore[no-untyped-def]
 
 @pytest.mark.asyncio
 async def test_download_offered_accepted_pulled_and_loaded(client: LanguageClient):
-    shutil_root = ROOT / "dlm-cache" / "models" / "tiny-dream"
-    if shutil_root.exists():
-        import shutil
-
-        shutil.rmtree(shutil_root)
+    shutil.rmtree(ROOT / "dlm-cache" / "models" / "tiny-dream", ignore_errors=True)
     asked = await _session(client, "Download")
     status = await wait_ready(client)
     assert status["state"] == "ready" and status["model"].endswith(os.path.join("models", "default"))
@@ -94,8 +93,6 @@ async def test_download_offered_accepted_pulled_and_loaded(client: LanguageClien
 
 @pytest.mark.asyncio
 async def test_declining_keeps_the_shipped_model(client: LanguageClient):
-    import shutil
-
     shutil.rmtree(ROOT / "dlm-cache" / "models" / "tiny-dream", ignore_errors=True)
     asked = await _session(client, "Not now")
     await wait_ready(client)
