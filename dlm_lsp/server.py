@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 import uuid
@@ -226,10 +227,14 @@ class DlmLanguageServer(LanguageServer):
         token = self.begin_progress(f"dlm: downloading {entry.name}", entry.repo)
         error: str | None = None
         last = ""
+        child: asyncio.subprocess.Process | None = None
         try:
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dlm_lsp", "models", "pull", entry.name,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                # terminal bars redraw one line with carriage returns for minutes: lines are what is forwarded
+                env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+                limit=1 << 20,
             )
             assert child.stderr is not None
             async for raw in child.stderr:
@@ -244,8 +249,10 @@ class DlmLanguageServer(LanguageServer):
                     )
             if await child.wait() != 0:
                 error = last.removeprefix(PULL_PREFIX + "error: ") or f"exit status {child.returncode}"
-        except OSError as exc:
-            error = f"cannot start the download: {exc}"
+        except (OSError, ValueError) as exc:  # could not start, or a line past the reader's limit
+            error = f"the download failed: {exc}"
+            if child is not None and child.returncode is None:
+                child.kill()
         self.pulling = None
         if token is not None:
             self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=error or "ready"))
