@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,52 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+CACHED_HASH_MIN_BYTES = 1 << 20
+"""Files from this size on have their sha256 remembered (smaller ones hash faster than a cache lookup pays)."""
+
+
+def hash_cache_file() -> Path:
+    """``<model cache>/hashes.json``: sha256 of large files by (path, size, mtime, inode)."""
+    from engine.catalog import cache_dir
+
+    return cache_dir() / "hashes.json"
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of ``path``, computed once per (path, size, modification time, inode) and remembered.
+
+    Verifying an engine folder on every load hashed its graphs every time: 2 GB,
+    about 8 s, for a 0.5B model. A file that is replaced or rewritten gets a new
+    modification time or inode, and is hashed again. The cache is the user's own
+    file; if it cannot be read or written, files are simply hashed.
+    """
+    stat = path.stat()
+    if stat.st_size < CACHED_HASH_MIN_BYTES:
+        return sha256_file(path)
+    key = str(path.resolve())
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    cache = hash_cache_file()
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp and isinstance(entry[3], str):
+        return entry[3]
+    digest = sha256_file(path)
+    known[key] = [*stamp, digest]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known), encoding="utf-8")
+        tmp.replace(cache)
+    except OSError:
+        pass
+    return digest
+
+
 def is_engine_folder(folder: str | Path) -> bool:
     """True if ``folder`` holds a ``manifest.json``."""
     return (Path(folder) / MANIFEST_FILE).is_file()
@@ -138,7 +185,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             file = folder / name
             if not file.is_file():
                 problems.append(f"{name} is missing")
-            elif file.stat().st_size != meta.get("bytes") or sha256_file(file) != meta.get("sha256"):
+            elif file.stat().st_size != meta.get("bytes") or cached_sha256(file) != meta.get("sha256"):
                 problems.append(f"{name} does not match its checksum (corrupt or modified)")
         if problems:
             raise ManifestError(

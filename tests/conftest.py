@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from engine.tiny import write_random_checkpoint
+
+
+if "DLM_LSP_CACHE" not in os.environ:
+    # The tests, and the servers and tools they start, use their own model cache, not the user's. Set at
+    # import, before test modules are collected: some fix their servers' environment then.
+    _CACHE = tempfile.mkdtemp(prefix="dlm-lsp-test-cache-")
+    atexit.register(shutil.rmtree, _CACHE, True)
+    os.environ["DLM_LSP_CACHE"] = _CACHE
 
 
 @pytest.fixture(scope="session")

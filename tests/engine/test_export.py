@@ -293,3 +293,34 @@ def test_consolidate_gathers_the_exporters_per_tensor_files(tiny_engine, tmp_pat
         got = ort.InferenceSession(str(out / "context.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
         ref = ort.InferenceSession(str(tiny_engine / "context.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
         assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+
+
+def test_large_files_are_hashed_once_per_version(tiny_engine, tmp_path, monkeypatch):
+    """Verification remembers the sha256 of large files by (path, size, mtime, inode): a reload does not
+    hash them again, and a rewritten file is hashed afresh (and caught if it does not match)."""
+    import os
+
+    from engine import manifest as manifest_module
+
+    monkeypatch.setenv("DLM_LSP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(manifest_module, "CACHED_HASH_MIN_BYTES", 0)
+    folder = shutil.copytree(tiny_engine, tmp_path / "e")
+    read_manifest(folder)
+    cache = json.loads(manifest_module.hash_cache_file().read_text())
+    graph = str((folder / "span_step.onnx").resolve())
+    expected = read_manifest(folder, verify=False).files["span_step.onnx"]["sha256"]
+    assert cache[graph][3] == expected
+    # the remembered hash is what a reload uses: a wrong remembered value makes verification fail
+    cache[graph][3] = "0" * 64
+    manifest_module.hash_cache_file().write_text(json.dumps(cache))
+    with pytest.raises(ManifestError, match="span_step.onnx does not match its checksum"):
+        read_manifest(folder)
+    # rewriting the file (same size, a new modification time) hashes it again: it verifies
+    data = (folder / "span_step.onnx").read_bytes()
+    (folder / "span_step.onnx").write_bytes(data)
+    os.utime(folder / "span_step.onnx", ns=(1, 1))
+    read_manifest(folder)
+    # and a changed byte behind a rewrite is caught
+    (folder / "span_step.onnx").write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    with pytest.raises(ManifestError, match="span_step.onnx does not match its checksum"):
+        read_manifest(folder)
