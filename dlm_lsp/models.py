@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from engine import EngineError
+from engine.catalog import size_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _gb(n: float) -> str:
+    """Table columns: always in GB, so that they line up."""
     return f"{n / 1e9:.1f} GB"
 
 
@@ -55,13 +57,13 @@ def _available_ram() -> int | None:
     return None
 
 
-def _rows(refresh_probe: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def _rows(free: int | None, refresh_probe: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     from engine import catalog, probe
 
-    free = _available_ram()
+    known = catalog.entries()  # a malformed team catalog is reported before the probe runs
     figures = probe.probe(catalog.cache_dir() / "probe.json", refresh=refresh_probe)
     rows = []
-    for entry in catalog.entries():
+    for entry in known:
         here = catalog.installed(entry.name)
         expected = (
             probe.expected_ms(entry.parameters, entry.vocab_size, entry.hidden_size, entry.tied, figures)
@@ -84,11 +86,11 @@ def _rows(refresh_probe: bool = False) -> tuple[list[dict[str, Any]], dict[str, 
 
 
 def _list(args: argparse.Namespace) -> int:
-    rows, figures = _rows(args.probe)
-    if args.json:
-        print(json.dumps({"models": rows, "available_ram": _available_ram(), "cpu_probe": figures}, indent=2))
-        return 0
     free = _available_ram()
+    rows, figures = _rows(free, args.probe)
+    if args.json:
+        print(json.dumps({"models": rows, "available_ram": free, "cpu_probe": figures}, indent=2))
+        return 0
     print(f"{'NAME':<18} {'FAMILY':<6} {'PARAMS':>7} {'DOWNLOAD':>9} {'INT8 DISK/RAM':>14} {'FP32 DISK/RAM':>14}  "
           f"{'HERE':<10} {'FITS':<4} {'CPU MS':>7}  LICENCE")
     for row in rows:
@@ -109,7 +111,7 @@ def _list(args: argparse.Namespace) -> int:
         if row["supported"]:
             print(f"{row['name']}: {row['repo']} - {row['good_for']}. {row['quality']}.")
     if free is not None:
-        print(f"\nFITS: int8 RAM needed <= the {_gb(free)} this machine has free now.")
+        print(f"\nFITS: int8 RAM needed <= the {size_text(free)} this machine has free now.")
     if figures:
         print(f"CPU MS: expected single-line completion at int8 on this CPU ({figures['cpu']}, {figures['threads']} "
               f"threads; 1,024-token window, 10 tokens at 3 per step), from a probe measured {figures['measured']} "
@@ -148,7 +150,7 @@ def _remove(args: argparse.Namespace) -> int:
     freed = catalog.remove(
         args.name, download=args.download, progress=lambda m: print(f"dlm-lsp models: {m}", file=sys.stderr)
     )
-    print(f"removed {args.name} ({_gb(freed)} freed)", file=sys.stderr)
+    print(f"removed {args.name} ({size_text(freed)} freed)", file=sys.stderr)
     return 0
 
 

@@ -591,7 +591,7 @@ def pull(
     Conversion needs the ``export`` extra: that is checked before anything is
     downloaded.
     """
-    from engine.export import _require_export_deps, convert
+    from engine.export import require_export_deps, convert
     from engine.manifest import read_manifest
 
     if precision not in (*PRECISIONS, "auto"):
@@ -599,7 +599,7 @@ def pull(
     entry = find(name)
     if not entry.supported:
         raise CatalogError(f"{entry.name} cannot run here: {entry.reason}")
-    _require_export_deps()
+    require_export_deps()
     with _lock(entry.name):
         progress(f"downloading {entry.repo} ({size_text(entry.download_bytes)}) through huggingface_hub")
         snapshot = download(entry, revision, tqdm_class)

@@ -97,7 +97,8 @@ class ValidationReport:
         return {"precision": self.precision, "cases": len(self.checks), "worst": worst, "passed": not self.failures}
 
 
-def _require_export_deps() -> Any:
+def require_export_deps() -> Any:
+    """torch, after checking that the export extra (PyTorch and onnx) is installed; else a message saying how."""
     try:
         import onnx  # noqa: F401
         import torch
@@ -109,7 +110,7 @@ def _require_export_deps() -> Any:
 
 
 def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
-    torch = _require_export_deps()
+    torch = require_export_deps()
 
     class ContextGraph(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
@@ -154,7 +155,7 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limi
     collide), then rewritten tensor by tensor with its weights inline or in one
     ``.data`` file (:func:`engine.weights.consolidate`).
     """
-    torch = _require_export_deps()
+    torch = require_export_deps()
 
     arch = model.arch
     context, span = _graph_modules(model, suppress, top_k)
@@ -500,7 +501,7 @@ def convert(
         raise ExportError("top_k must be at least 2 (the margin unmasking order needs the runner-up)")
     dst = Path(dst).expanduser()
     _check_destination(dst, force)
-    _require_export_deps()
+    require_export_deps()
     from engine.backends.torch_ref import TorchDenoiser
 
     checkpoint = Checkpoint.open(src, family)
@@ -705,7 +706,7 @@ def recover_checkpoint(
     is written: the recovered checkpoint on the PyTorch reference against the
     folder's own graphs, with the folder's precision tolerances.
     """
-    _require_export_deps()
+    require_export_deps()
     from safetensors.numpy import save_file
 
     from engine.backends.onnxruntime import OnnxRuntimeDenoiser

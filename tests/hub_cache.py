@@ -57,6 +57,18 @@ def catalog_entry(name: str, repo: str, family: str = "dream", **extra: object) 
     }
 
 
+def catalog_env(hub: Path, cache: Path, catalog: Path) -> dict[str, str]:
+    """The environment of a user whose Hugging Face cache is ``hub`` (offline), dlm-lsp model cache ``cache``
+    and team catalog ``catalog``."""
+    return {
+        "HF_HUB_CACHE": str(hub),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(cache.parent / "hf-home"),
+        "DLM_LSP_CACHE": str(cache),
+        "DLM_LSP_CATALOG": str(catalog),
+    }
+
+
 def tiny_catalog(root: Path) -> dict[str, str]:
     """A hub cache under ``root`` holding ``dlm-test/tiny-dream`` and a catalog naming it ``tiny-dream``.
 
@@ -67,13 +79,7 @@ def tiny_catalog(root: Path) -> dict[str, str]:
 
     from engine.tiny import write_random_checkpoint
 
-    env = {
-        "HF_HUB_CACHE": str(root / "hub"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(root / "hf-home"),
-        "DLM_LSP_CACHE": str(root / "dlm-cache"),
-        "DLM_LSP_CATALOG": str(root / "catalog.json"),
-    }
+    env = catalog_env(root / "hub", root / "dlm-cache", root / "catalog.json")
     if not (root / "catalog.json").is_file():
         src = write_random_checkpoint(root / "src", init_std=0.02, hidden_size=128, intermediate_size=256, seed=2)
         publish(root / "hub", "dlm-test/tiny-dream", src, TINY_COMMIT)

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("huggingface_hub")
 
-from hub_cache import catalog_entry, publish  # noqa: E402
+from hub_cache import catalog_entry, catalog_env, publish  # noqa: E402
 
 from engine.tiny import write_random_checkpoint  # noqa: E402
 
@@ -50,15 +50,7 @@ def hub(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def models(hub: Path, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {
-        **os.environ,
-        "HF_HUB_CACHE": str(hub / "hub"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "DLM_LSP_CACHE": str(tmp_path / "dlm-cache"),
-        "DLM_LSP_CATALOG": str(hub / "catalog.json"),
-        **env,
-    }
+    environment = {**os.environ, **catalog_env(hub / "hub", tmp_path / "dlm-cache", hub / "catalog.json"), **env}
     return subprocess.run(
         [sys.executable, "-m", "dlm_lsp", "models", *args], capture_output=True, text=True, env=environment, timeout=600
     )
@@ -108,8 +100,7 @@ def test_a_llada_model_pulls_and_completes_by_name(hub, tmp_path):
     pulled = models(hub, tmp_path, "pull", "tiny-llada", "--precision", "fp32")
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads((Path(pulled.stdout.strip()) / "manifest.json").read_text())["family"] == "llada"
-    env = {**os.environ, "HF_HUB_CACHE": str(hub / "hub"), "HF_HUB_OFFLINE": "1",
-           "DLM_LSP_CACHE": str(tmp_path / "dlm-cache"), "DLM_LSP_CATALOG": str(hub / "catalog.json")}
+    env = {**os.environ, **catalog_env(hub / "hub", tmp_path / "dlm-cache", hub / "catalog.json")}
     check = subprocess.run(
         [sys.executable, "-m", "dlm_lsp", "check", "--model", "tiny-llada", "--min-confidence", "0", "--json"],
         capture_output=True, text=True, env=env, timeout=300,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_lsp
 from lsprotocol import types
-from hub_cache import TINY_COMMIT, tiny_catalog
+from hub_cache import TINY_COMMIT, catalog_env, tiny_catalog
 from lsp_client import init_params, wait_ready
 from pytest_lsp import ClientServerConfig, LanguageClient
 
@@ -29,14 +29,7 @@ pytest.importorskip("torch")
 ROOT = Path(tempfile.mkdtemp(prefix="dlm-catalog-test-"))
 atexit.register(shutil.rmtree, ROOT, True)  # the server's environment names it before any fixture runs
 COMMIT = TINY_COMMIT
-ENV = {
-    **os.environ,
-    "HF_HUB_CACHE": str(ROOT / "hub"),
-    "HF_HUB_OFFLINE": "1",
-    "HF_HOME": str(ROOT / "hf-home"),
-    "DLM_LSP_CACHE": str(ROOT / "dlm-cache"),
-    "DLM_LSP_CATALOG": str(ROOT / "catalog.json"),
-}
+ENV = {**os.environ, **catalog_env(ROOT / "hub", ROOT / "dlm-cache", ROOT / "catalog.json")}
 """What :func:`hub_cache.tiny_catalog` returns for ROOT (the server's environment is fixed before it starts)."""
 CONFIG = ClientServerConfig(server_command=[sys.executable, "-m", "dlm_lsp", "--log-level", "info"], server_env=ENV)
 
