@@ -175,6 +175,9 @@ def check(args: argparse.Namespace) -> int:
               f" --min-confidence 0 shows everything)")
     else:
         print("(no suggestion)")
+    if result.cut and not report["completion"]:
+        print(f"note:     the {report['budget_ms']:.0f} ms budget ended it before anything was written: a real-size "
+              "model on a CPU needs seconds today (--budget-ms here, latencyBudgetMs in the editor; docs/models.md)")
     if not args.model:
         print("note:     the shipped model is a small demo: its suggestions are rarely right (see the README)")
     return 0

@@ -109,3 +109,12 @@ def test_stderr_is_quiet_by_default_and_never_carries_messages():
     assert "def f(x)" not in info and "Sending data" not in info  # no message payloads (the user's code) at INFO
     debug = _session("--log-level", "debug")
     assert "Sending data" in debug  # DEBUG shows everything, the messages too
+
+
+def test_check_says_when_the_budget_ended_a_completion_before_any_text():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlm_lsp", "check", "--budget-ms", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "(budget 1 ms, cut)" in proc.stdout and "(no suggestion)" in proc.stdout
+    assert "the 1 ms budget ended it before anything was written" in proc.stdout and "latencyBudgetMs" in proc.stdout
