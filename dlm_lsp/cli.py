@@ -1,7 +1,7 @@
 """``dlm-lsp``: run the language server, or check a completion from the command line.
 
     dlm-lsp                       # serve over stdio (what editors launch)
-    dlm-lsp --tcp --port 2087     # serve over TCP on 127.0.0.1
+    dlm-lsp --tcp --port 2087     # serve over TCP on 127.0.0.1 (clients send the token file's token)
     dlm-lsp check [FILE[:LINE:COL]] [--model DIR] [--backend cpu]
     dlm-lsp evaluate PATH [--kind single|multi] [--count N]   # suggestions measured on your code
     dlm-lsp models list | pull NAME | path NAME | remove NAME  # the model catalog
@@ -36,8 +36,9 @@ def main() -> None:
 CURSOR = "<CURSOR>"
 
 
-PAYLOAD_LOGGERS = ("pygls.protocol.json_rpc", "pygls.protocol.language_server")
-"""pygls logs every message it sends and receives, documents' text included, at INFO: only at DEBUG here."""
+PAYLOAD_LOGGERS = ("pygls.protocol.json_rpc", "pygls.protocol.language_server", "pygls.feature_manager")
+"""pygls logs every message it sends and receives, documents' text included, at INFO (and each feature it
+registers, once per session): only at DEBUG here."""
 
 
 def _setup_logging(level: str, log_file: Path | None) -> None:
@@ -58,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp", action="store_true", help="serve over TCP instead of stdio")
     p.add_argument("--host", default="127.0.0.1", help="TCP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=2087, help="TCP port (default: 2087)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="TCP: the file holding the token clients send as initializationOptions.authToken "
+                        "(created, mode 0600, when missing; default: in the user's runtime folder)")
     p.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="warning (default): problems only; info: model loads and requests; debug: everything, messages included")
@@ -197,10 +201,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dlm_lsp import models
 
         return models.run(args)
-    from dlm_lsp.server import server
+    from dlm_lsp.server import create_server
+    from dlm_lsp.transport import serve_stdio
 
     if args.tcp:
-        server.start_tcp(args.host, args.port)
-    else:
-        server.start_io()
+        return _serve_tcp(args)
+    return serve_stdio(create_server())
+
+
+def _serve_tcp(args: argparse.Namespace) -> int:
+    """``dlm-lsp --tcp``: a session per connection, each authenticated with the token file's token."""
+    import asyncio
+
+    from dlm_lsp.server import create_server
+    from dlm_lsp.transport import default_token_file, load_token, serve_tcp
+
+    token_file = args.token_file or default_token_file()
+    try:
+        token = load_token(token_file)
+    except (OSError, ValueError) as exc:
+        print(f"dlm-lsp: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"dlm-lsp: clients must send initializationOptions.authToken, the token in {token_file}", file=sys.stderr)
+    try:
+        asyncio.run(serve_tcp(create_server, args.host, args.port, token))
+    except OSError as exc:
+        print(f"dlm-lsp: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
     return 0

@@ -16,11 +16,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 from dlm_lsp.cache import CachedSuggestion, CompletionCache
-from dlm_lsp.context import CompletionContext, OpenDocument, build_context
+from dlm_lsp.context import CompletionContext, OpenDocument, build_context, without_surrogates
 from dlm_lsp.gate import gate, parse_surroundings
 from dlm_lsp.postprocess import Suggestion, postprocess
 from dlm_lsp.settings import Settings
@@ -64,16 +64,32 @@ class Result:
     """The context the completion was made in (None for cache hits and dropped requests)."""
 
 
-def sampling_params(settings: Settings, multiline: bool, budget_ms: float | None) -> SamplingParams:
+MIN_CONTEXT_TOKENS = 32
+"""A middle never takes more of the model's window than leaves this many positions for context."""
+
+
+def longest_middle(max_positions: int) -> int:
+    """The longest middle a model with ``max_positions`` positions is asked for (``MIN_CONTEXT_TOKENS`` kept)."""
+    return max(1, max_positions - 1 - MIN_CONTEXT_TOKENS)
+
+
+def sampling_params(
+    settings: Settings, multiline: bool, budget_ms: float | None, max_positions: int | None = None
+) -> SamplingParams:
     """Engine parameters for one request.
 
     A single-line suggestion keeps only its first line (post-processing, ``scope``),
     so its denoising stops once that line is written (``stop_at_line_break``).
+    Lengths the model's window (``max_positions``) cannot hold with some context are
+    capped (the settings allow 512 tokens; the shipped model has 256 positions).
     """
     from engine import SamplingParams
 
+    lengths = settings.lengths(multiline)
+    if max_positions is not None:
+        lengths = tuple(sorted({min(n, longest_middle(max_positions)) for n in lengths}))
     return SamplingParams(
-        lengths=settings.lengths(multiline),
+        lengths=lengths,
         threshold=settings.confidence_threshold,
         tokens_per_step=settings.tokens_per_step,
         budget_ms=budget_ms,
@@ -90,9 +106,16 @@ def complete_text(
     others: Iterable[OpenDocument] = (),
     stop: Callable[[], bool] | None = None,
     started: float | None = None,
+    document_start: bool = True,
 ) -> Result:
-    """Complete ``text`` at character ``offset`` (synchronous; runs the model)."""
+    """Complete ``text`` at character ``offset`` (synchronous; runs the model).
+
+    ``document_start``: ``text`` begins where the document does (False for a window cut from a
+    larger one, :func:`dlm_lsp.context.window`), so that the model is told where files start.
+    """
     started = started if started is not None else time.perf_counter()
+    text = without_surrogates(text)  # a lone surrogate cannot be tokenized; same length, same offsets
+    others = [replace(doc, text=without_surrogates(doc.text)) for doc in others]
     ctx: CompletionContext = build_context(text, offset, language_id, settings, others)
     spent_ms = (time.perf_counter() - started) * 1000
     reserve = BUDGET_RESERVE_MS + BUDGET_RESERVE_SHARE * settings.latency_budget_ms
@@ -100,11 +123,11 @@ def complete_text(
     completion = engine.complete(
         ctx.prefix,
         ctx.suffix,
-        sampling_params(settings, ctx.multiline, budget),
+        sampling_params(settings, ctx.multiline, budget, engine.info.arch.max_positions),
         stop=stop,
         max_prefix_tokens=settings.prefix_tokens + (settings.other_files_tokens if ctx.snippets else 0),
         max_suffix_tokens=settings.suffix_tokens,
-        document_start=ctx.snippets == 0 and len(ctx.prefix) == offset,
+        document_start=document_start and ctx.snippets == 0 and len(ctx.prefix) == offset,
         heal=settings.token_healing,
     )
     ungated = postprocess(completion.text, ctx.post)
@@ -142,6 +165,12 @@ class CompletionService:
         self._inflight: dict[str, threading.Event] = {}
         self._generation: dict[str, int] = {}
 
+    def close(self) -> None:
+        """Stop every request in flight and the worker threads (the session ends)."""
+        for uri in list(self._inflight):
+            self.cancel(uri)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
     def cancel(self, uri: str) -> None:
         """Stop the engine request running for ``uri``, if any."""
         event = self._inflight.pop(uri, None)
@@ -161,8 +190,10 @@ class CompletionService:
         current_version: Callable[[], int | None],
         automatic: bool,
         others: Iterable[OpenDocument] = (),
+        document_start: bool = True,
     ) -> Result:
-        """Complete at ``offset`` unless superseded, cancelled or made stale on the way."""
+        """Complete at ``offset`` unless superseded, cancelled or made stale on the way
+        (``document_start``: as in :func:`complete_text`)."""
         started = time.perf_counter()
         self.metrics.count("requests")
         generation = self._generation.get(uri, 0) + 1
@@ -186,7 +217,9 @@ class CompletionService:
         try:
             result = await loop.run_in_executor(
                 self.executor,
-                lambda: complete_text(engine, text, offset, language_id, settings, others, stop.is_set, work_started),
+                lambda: complete_text(
+                    engine, text, offset, language_id, settings, others, stop.is_set, work_started, document_start
+                ),
             )
         except asyncio.CancelledError:  # $/cancelRequest: stop the denoising loop at its next step
             stop.set()

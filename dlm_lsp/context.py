@@ -25,6 +25,10 @@ SNIPPET_LINES = 12
 PARSE_WINDOW_BEFORE = 4000  # characters of the document parsed around a suggestion
 PARSE_WINDOW_AFTER = 1500
 TOP_LEVEL_LINE = re.compile(r"\n(?=[^\s])")
+WHOLE_TEXT_CHARS = 64_000
+"""Documents up to this size are passed whole (the gate parses documents of up to 50,000 characters whole)."""
+WINDOW_MARGIN = 1_000
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,32 @@ def parse_window(prefix: str, suffix: str) -> tuple[str, str]:
     else:
         start = prefix.find("\n", cut) + 1 or cut
     return prefix[start:], after
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (JSON allows ``"\\ud800"``; no tokenizer takes it) as U+FFFD.
+
+    One character for one, so every offset into the text stays where it was.
+    """
+    if text.isascii() or not SURROGATE.search(text):
+        return text
+    return SURROGATE.sub("\ufffd", text)
+
+
+def window(text: str, offset: int, settings: Settings) -> tuple[str, int, int]:
+    """The part of ``text`` a completion at ``offset`` can use: (window, offset in it, where it starts).
+
+    Everything after this works on the window, so a completion in a 5 MB file, or on a
+    5 MB line, copies, hashes and scans what one in a small file does. It holds the
+    prefix and suffix windows, the text the syntax checks parse around the cursor
+    (:func:`parse_window`: up to twice ``PARSE_WINDOW_BEFORE`` before it), and a margin.
+    """
+    if len(text) <= WHOLE_TEXT_CHARS:
+        return text, offset, 0
+    before = max(settings.prefix_tokens * CHARS_PER_TOKEN, 2 * PARSE_WINDOW_BEFORE) + WINDOW_MARGIN
+    after = max(settings.suffix_tokens * CHARS_PER_TOKEN, PARSE_WINDOW_AFTER) + WINDOW_MARGIN
+    start = max(0, offset - before)
+    return text[start : offset + after], offset - start, start
 
 
 def build_context(

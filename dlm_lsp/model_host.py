@@ -141,6 +141,13 @@ class ModelHost:
         thread.start()
         return thread
 
+    def unload(self) -> None:
+        """Drop the engine; a load still running is superseded (it changes nothing and reports so)."""
+        with self._lock:
+            self._generation += 1
+            self.state, self.engine, self.error = "idle", None, None
+            self._loaded.set()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the current load finishes; True if it did within ``timeout``."""
         return self._loaded.wait(timeout)

@@ -10,6 +10,9 @@ background, reported with ``$/progress``. Custom messages:
 * ``dlm/didChangeStatus`` (notification to the client, when it sets ``statusNotifications:
   true`` in ``initializationOptions``): the same payload, pushed when the model's state or the
   settings change and after completions (at most once a second), so a status bar needs no polling.
+* ``dlm/documentState`` (request, ``{"uri": ...}``): the version, length and sha256 of
+  the document as the server holds it, so a client (or a test) can check that both
+  sides hold the same text; null for a document that is not open.
 * ``dlm/didShowCompletion``, ``dlm/didAcceptCompletion``,
   ``dlm/didPartiallyAcceptCompletion`` (notifications with ``{"acceptedLength": N}``):
   counted locally, never sent anywhere. ``dlm/didAcceptCompletion`` may also carry
@@ -37,16 +40,17 @@ import os
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 from dlm_lsp import __version__
-from dlm_lsp.completion import CompletionService
-from dlm_lsp.context import OpenDocument
+from dlm_lsp.completion import CompletionService, longest_middle
+from dlm_lsp.context import OpenDocument, window
+from dlm_lsp.documents import Documents
 from dlm_lsp.model_host import ModelHost
-from dlm_lsp.positions import offset_at, position_at
+from dlm_lsp.protocol import AUTH_OPTION, DlmProtocol
 from dlm_lsp.settings import SECTION, Settings, parse_settings
 from dlm_lsp.status import Metrics
 
@@ -60,18 +64,27 @@ DID_SHOW = "dlm/didShowCompletion"
 DID_ACCEPT = "dlm/didAcceptCompletion"
 DID_PARTIALLY_ACCEPT = "dlm/didPartiallyAcceptCompletion"
 DID_CHANGE_STATUS = "dlm/didChangeStatus"
+DOCUMENT_STATE = "dlm/documentState"
 PULL_PREFIX = "dlm-lsp models: "
 """How ``dlm-lsp models pull`` starts each progress and error line on stderr."""
 STATUS_PUSH_INTERVAL_S = 1.0
 """Completions push the status at most this often (model and settings changes push at once)."""
 MAX_OTHER_DOCUMENTS = 20
+MAX_OTHER_DOCUMENT_CHARS = 1_000_000
+"""Other open documents larger than this are not searched for snippets (a minified bundle, a log)."""
+RELOAD_COMMAND = "dlm.reloadModel"
+"""``workspace/executeCommand``: load the model again (after fixing its folder, say)."""
 
 
 class DlmLanguageServer(LanguageServer):
     """pygls server holding the settings, the model and the completion service."""
 
     def __init__(self) -> None:
-        super().__init__("dlm-lsp", __version__, text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        super().__init__(
+            "dlm-lsp", __version__, protocol_cls=DlmProtocol, text_document_sync_kind=types.TextDocumentSyncKind.Incremental
+        )
+        self.documents = Documents()
+        """The open documents (pygls' workspace documents are not used: :mod:`dlm_lsp.documents`)."""
         self.settings = Settings()
         self.model = ModelHost()
         self.metrics = Metrics()
@@ -85,6 +98,7 @@ class DlmLanguageServer(LanguageServer):
         self._tasks: set[asyncio.Future[None]] = set()
         self.pulling: str | None = None
         """The catalog model being downloaded and converted, if any."""
+        self._warned_fit: tuple[int, int] | None = None
 
     # -- settings ---------------------------------------------------------------------
     def apply_settings(self, raw: Any) -> None:
@@ -94,9 +108,29 @@ class DlmLanguageServer(LanguageServer):
             log.warning(problem)
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=problem))
         self.settings = settings
-        if self.model.state != "idle" and self.model.wants_reload(settings.model, settings.backend):
-            self.start_model_load()
+        if self.model.state == "error" or (
+            self.model.state != "idle" and self.model.wants_reload(settings.model, settings.backend)
+        ):
+            self.start_model_load()  # a failed load is retried on any settings change: the cause may be fixed
+        self.warn_if_too_long()
         self.send_status()
+
+    def warn_if_too_long(self) -> None:
+        """Say so once when the length settings ask for middles the loaded model's window cannot hold
+        (they are capped: :func:`dlm_lsp.completion.longest_middle`)."""
+        engine = self.model.engine
+        if engine is None:
+            return
+        positions = engine.info.arch.max_positions
+        longest = max(*self.settings.lengths(True), *self.settings.lengths(False))
+        if longest <= longest_middle(positions) or self._warned_fit == (longest, positions):
+            return
+        self._warned_fit = (longest, positions)
+        message = (f"dlm: middles of up to {longest} tokens do not fit this model's {positions}-position window "
+                   f"with context; they are capped at {longest_middle(positions)} tokens "
+                   "(maxMiddleTokens / lengthCandidates)")
+        log.warning(message)
+        self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=message))
 
     async def pull_settings(self) -> None:
         """Ask the client for the ``dlm`` section, if it supports ``workspace/configuration``."""
@@ -143,6 +177,7 @@ class DlmLanguageServer(LanguageServer):
                     self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="replaced by a newer load"))
                 return
             self.send_status()
+            self.warn_if_too_long()
             if token is not None:
                 message = "ready" if host.state == "ready" else f"failed: {host.error}"
                 self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
@@ -292,15 +327,18 @@ class DlmLanguageServer(LanguageServer):
         """Other open documents of the same language, for snippets (none when the setting is off)."""
         if not self.settings.other_files:
             return []
-        same = [d for d in self.workspace.text_documents.values() if d.uri != uri and d.language_id == language_id]
-        return [OpenDocument(d.uri, language_id, d.source) for d in same[:MAX_OTHER_DOCUMENTS]]
+        same = [
+            d for d in self.documents.values()
+            if d.uri != uri and d.language_id == language_id and len(d) <= MAX_OTHER_DOCUMENT_CHARS
+        ]
+        return [OpenDocument(d.uri, language_id, d.text) for d in same[:MAX_OTHER_DOCUMENTS]]
 
     async def complete_at(self, uri: str, position: types.Position, *, automatic: bool) -> types.InlineCompletionList:
         """The one completion path, for requests and prefetches alike: the document and the other open
         ones as they are now, the completion service (cache, debounce, cancellation, stale drop), and the
         suggestion as an LSP item (empty when disabled, not ready, superseded, stale or hidden)."""
         empty = types.InlineCompletionList(items=[])
-        doc = self.workspace.text_documents.get(uri)
+        doc = self.documents.get(uri)
         if doc is None:  # never read from disk what the client did not open (pygls would, lazily)
             log.debug("completion for %s, which is not open: none", uri)
             return empty
@@ -309,29 +347,40 @@ class DlmLanguageServer(LanguageServer):
         engine = self.model.engine
         if not settings.enabled_for(language) or self.model.state != "ready" or engine is None:
             return empty
-        text = doc.source
-        encoding = doc.position_codec.encoding
-        offset = offset_at(text, position, encoding)
+        offset = doc.offset_at(position)
+        # only the text around the cursor goes further: a 5 MB line or file costs what a small one does
+        text, at, start = window(doc.text, offset, settings)
         result = await self.completions.complete(
             engine,
             uri,
             text,
-            offset,
+            at,
             language,
             settings,
             version=doc.version,
-            current_version=lambda: getattr(self.workspace.text_documents.get(uri), "version", None),
+            current_version=lambda: getattr(self.documents.get(uri), "version", None),
             automatic=automatic,
-            others=self.other_documents(uri, doc.language_id or "plaintext"),
+            others=self.other_documents(uri, language),
+            document_start=start == 0,
         )
         log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
         self.send_status_soon()
         if result.suggestion is None:
             return empty
-        start = position_at(text, offset, encoding)
-        end = position_at(text, offset + result.suggestion.replace_suffix, encoding)
-        item = types.InlineCompletionItem(insert_text=result.suggestion.text, range=types.Range(start=start, end=end))
+        begin = doc.position_at(start + at)
+        end = doc.position_at(start + at + result.suggestion.replace_suffix)
+        item = types.InlineCompletionItem(insert_text=result.suggestion.text, range=types.Range(start=begin, end=end))
         return types.InlineCompletionList(items=[item])
+
+    def close(self) -> None:
+        """End this session's work: requests in flight stopped, tasks cancelled, the model released."""
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self.completions.close()
+        self.model.unload()
+        self.documents.clear()
 
     def status(self) -> dict[str, Any]:
         """The ``dlm/status`` payload."""
@@ -341,33 +390,31 @@ class DlmLanguageServer(LanguageServer):
             "pulling": self.pulling,
             **self.metrics.snapshot(),
             "cache_entries": len(self.completions.cache),
+            "documents": len(self.documents),
+            "pending_messages": self.protocol.pending,  # type: ignore[attr-defined]
             "enabled": self.settings.enabled_for("*"),
             "settings": {"latencyBudgetMs": self.settings.latency_budget_ms, "backend": self.settings.backend},
         }
 
 
-server = DlmLanguageServer()
-
-
-@server.feature(types.INITIALIZE)
 def on_initialize(ls: DlmLanguageServer, params: types.InitializeParams) -> None:
     """Take settings from ``initializationOptions`` (the whole options object or its ``dlm`` key); a
     ``statusNotifications: true`` beside the ``dlm`` key asks for ``dlm/didChangeStatus`` pushes."""
     options = params.initialization_options
+    if isinstance(options, dict) and AUTH_OPTION in options:  # the TCP token is not a setting
+        options = {key: value for key, value in options.items() if key != AUTH_OPTION}
     if options is not None:
         ls.apply_settings(options)
     # only now: no custom notification may precede the initialize response
     ls.push_status = isinstance(options, dict) and options.get("statusNotifications") is True
 
 
-@server.feature(types.INITIALIZED)
 async def on_initialized(ls: DlmLanguageServer, params: types.InitializedParams) -> None:
     """Fetch workspace settings, then load the model in the background."""
     await ls.pull_settings()
     ls.start_model_load()
 
 
-@server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
 async def on_did_change_configuration(ls: DlmLanguageServer, params: types.DidChangeConfigurationParams) -> None:
     """Re-read settings: pull them if the client supports it, else use the pushed ones."""
     caps = ls.client_capabilities.workspace
@@ -377,13 +424,28 @@ async def on_did_change_configuration(ls: DlmLanguageServer, params: types.DidCh
         ls.apply_settings(params.settings)
 
 
-@server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+def on_did_open(ls: DlmLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
+    """Keep the document (in the position encoding agreed at ``initialize``)."""
+    ls.documents.open(params.text_document, ls.workspace.position_encoding)
+
+
+def on_did_change(ls: DlmLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
+    """Apply the edits, in order."""
+    ls.documents.change(params)
+
+
 def on_did_close(ls: DlmLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
-    """Stop work for a closed document."""
+    """Forget the document and stop work for it."""
+    ls.documents.close(params.text_document.uri)
     ls.completions.cancel(params.text_document.uri)
 
 
-@server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+def reload_model(ls: DlmLanguageServer, *args: Any) -> None:
+    """``workspace/executeCommand`` ``dlm.reloadModel``: load the model of the current settings again
+    (after fixing its folder, say), without restarting the editor."""
+    ls.start_model_load()
+
+
 async def on_inline_completion(
     ls: DlmLanguageServer, params: types.InlineCompletionParams
 ) -> types.InlineCompletionList:
@@ -392,20 +454,29 @@ async def on_inline_completion(
     return await ls.complete_at(params.text_document.uri, params.position, automatic=automatic)
 
 
-@server.feature(STATUS)
 def on_status(ls: DlmLanguageServer, params: Any) -> dict[str, Any]:
     """``dlm/status``: everything a status bar or ``:DlmStatus`` shows."""
     return ls.status()
 
 
-@server.feature(DID_SHOW)
+def on_document_state(ls: DlmLanguageServer, params: Any) -> dict[str, Any] | None:
+    """``dlm/documentState``: what the server holds of a document (null when it is not open)."""
+    import hashlib
+
+    doc = ls.documents.get(_field(params, "uri") or "")
+    if doc is None:
+        return None
+    data = doc.text.encode("utf-8", "surrogatepass")
+    return {"uri": doc.uri, "version": doc.version, "length": len(doc.text), "lines": len(doc.lines),
+            "sha256": hashlib.sha256(data).hexdigest(), "repairs": doc.repairs}
+
+
 def on_did_show(ls: DlmLanguageServer, params: Any) -> None:
     """The client displayed a suggestion."""
     if ls.settings.metrics:
         ls.metrics.count("shown")
 
 
-@server.feature(DID_ACCEPT)
 async def on_did_accept(ls: DlmLanguageServer, params: Any) -> None:
     """The user accepted a whole suggestion; prefetch the next one when told where the cursor is now.
 
@@ -430,7 +501,7 @@ async def _prefetch(ls: DlmLanguageServer, params: Any) -> None:
         if not uri or position is None:
             return
         cursor = types.Position(line=int(_field(position, "line")), character=int(_field(position, "character")))
-        if uri not in ls.workspace.text_documents:
+        if uri not in ls.documents:
             return  # not open: nothing to prefetch (and nothing is ever read from disk)
         ls.metrics.count("prefetches")
         await ls.complete_at(uri, cursor, automatic=False)
@@ -439,7 +510,6 @@ async def _prefetch(ls: DlmLanguageServer, params: Any) -> None:
         log.warning("prefetch failed: %s", exc)
 
 
-@server.feature(DID_PARTIALLY_ACCEPT)
 def on_did_partially_accept(ls: DlmLanguageServer, params: Any) -> None:
     """The user accepted part of a suggestion (a word or a line)."""
     if ls.settings.metrics:
@@ -460,3 +530,32 @@ def _accepted_length(params: Any) -> int:
         return max(0, int(value or 0))
     except (TypeError, ValueError):
         return 0
+
+
+FEATURES: list[tuple[str, Any, Callable[..., Any]]] = [
+    (types.INITIALIZE, None, on_initialize),
+    (types.INITIALIZED, None, on_initialized),
+    (types.WORKSPACE_DID_CHANGE_CONFIGURATION, None, on_did_change_configuration),
+    (types.TEXT_DOCUMENT_DID_OPEN, None, on_did_open),
+    (types.TEXT_DOCUMENT_DID_CHANGE, None, on_did_change),
+    (types.TEXT_DOCUMENT_DID_CLOSE, None, on_did_close),
+    (types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions(), on_inline_completion),
+    (STATUS, None, on_status),
+    (DOCUMENT_STATE, None, on_document_state),
+    (DID_SHOW, None, on_did_show),
+    (DID_ACCEPT, None, on_did_accept),
+    (DID_PARTIALLY_ACCEPT, None, on_did_partially_accept),
+]
+"""Every message the server handles: (method, registration options, handler)."""
+OWN_DOCUMENTS = (types.TEXT_DOCUMENT_DID_OPEN, types.TEXT_DOCUMENT_DID_CHANGE, types.TEXT_DOCUMENT_DID_CLOSE)
+
+
+def create_server() -> DlmLanguageServer:
+    """A server with every feature registered: one per process over stdio, one per connection over TCP."""
+    ls = DlmLanguageServer()
+    for method in OWN_DOCUMENTS:  # pygls' own document sync is replaced (dlm_lsp.documents)
+        ls.protocol.fm.builtin_features.pop(method, None)
+    for method, options, handler in FEATURES:
+        ls.feature(method, options)(handler)
+    ls.command(RELOAD_COMMAND)(reload_model)
+    return ls

@@ -36,7 +36,7 @@ def test_tcp_server_answers_initialize(tmp_path):
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dlm_lsp", "--tcp", "--host", "127.0.0.1", "--port", str(port), "--log-file", str(log),
-         "--log-level", "info"],
+         "--log-level", "info", "--token-file", str(tmp_path / "token")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -49,7 +49,9 @@ def test_tcp_server_answers_initialize(tmp_path):
         else:
             raise AssertionError("server did not listen")
         with sock:
-            sock.sendall(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "processId": None}}))
+            token = (tmp_path / "token").read_text().strip()
+            params = {"capabilities": {}, "processId": None, "initializationOptions": {"authToken": token}}
+            sock.sendall(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params}))
             reply = _read_message(sock)
         assert reply["id"] == 1
         assert "inlineCompletionProvider" in reply["result"]["capabilities"]
@@ -91,7 +93,7 @@ def _session(*args: str, timeout: float = 60) -> str:
     send({"method": "textDocument/didOpen", "params": {"textDocument": {
         "uri": uri, "languageId": "python", "version": 1, "text": "def f(x):\n    return "}}})
     deadline = time.monotonic() + timeout
-    while request(2, "dlm/status")["result"]["state"] == "loading" and time.monotonic() < deadline:
+    while request(2, "dlm/status")["result"]["state"] in ("idle", "loading") and time.monotonic() < deadline:
         time.sleep(0.1)
     reply = request(3, "textDocument/inlineCompletion", {
         "textDocument": {"uri": uri}, "position": {"line": 1, "character": 11}, "context": {"triggerKind": 1}})
