@@ -133,8 +133,13 @@ def evaluate(
     run_tests: bool = True,
     timeout_s: float = 10.0,
     progress: bool = True,
+    sandbox: bool = True,
 ) -> dict[str, Any]:
-    """Complete every problem in every mode; returns ``{"summary": ..., "results": [...]}``."""
+    """Complete every problem in every mode; returns ``{"summary": ..., "results": [...]}``.
+
+    Tests run in :mod:`engine.eval.sandbox`; ``sandbox=False`` runs them without isolation.
+    Raises ``SandboxUnavailableError`` (an ``EngineError``) when they cannot be sandboxed.
+    """
     from dataclasses import replace
 
     from engine.progress import progress as progress_bar
@@ -168,7 +173,7 @@ def evaluate(
                 "cut": completion.cut,
             }
             if run_tests and problem.test:
-                outcome = run_program(program(problem, completion.text), Limits(timeout_s=timeout_s))
+                outcome = run_program(program(problem, completion.text), Limits(timeout_s=timeout_s), sandbox=sandbox)
                 row["passed"] = outcome.passed
                 row["status"] = outcome.status
             hits[mode] += row["exact_match"]
@@ -239,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exact", action="store_true", help="reference decoding: recompute the whole window every step")
     parser.add_argument("--no-tests", action="store_true", help="exact match only, do not execute code")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per test program")
+    parser.add_argument(
+        "--no-sandbox", action="store_true",
+        help="run test programs without the bubblewrap sandbox (unsafe: they get your files, processes and network)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write per-problem results and summary here (JSON)")
     args = parser.parse_args(argv)
     try:
@@ -256,11 +265,20 @@ def main(argv: list[str] | None = None) -> int:
             lengths=tuple(int(v) for v in args.lengths.split(",")),
             exact=args.exact,
         )
+        if not args.no_tests and not args.no_sandbox:
+            from engine.eval.sandbox import check_sandbox
+
+            check_sandbox()  # before loading a model: no sandbox, no run
+        elif not args.no_tests:
+            print("dlm-eval: warning: --no-sandbox: generated programs run WITHOUT isolation, "
+                  "with your files, processes and network", file=sys.stderr)
         from engine.catalog import resolve
 
         engine = Engine.load(resolve(args.model), backend=args.backend)
         modes = ("oracle", "unknown") if args.mode == "both" else (args.mode,)
-        report = evaluate(engine, problems, params, modes, run_tests=not args.no_tests, timeout_s=args.timeout)
+        report = evaluate(
+            engine, problems, params, modes, run_tests=not args.no_tests, timeout_s=args.timeout, sandbox=not args.no_sandbox
+        )
     except EngineError as exc:
         print(f"dlm-eval: error: {exc}", file=sys.stderr)
         return 2

@@ -63,6 +63,7 @@ def test_standard_sets_load():
     assert len(single) == 1033 and len(spans) == 164
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_canonical_solution_passes_and_wrong_one_fails():
     problem = harness.Problem(**PROBLEM)
     assert run_program(harness.program(problem, problem.canonical_solution)).passed
@@ -73,13 +74,14 @@ def test_canonical_solution_passes_and_wrong_one_fails():
     "source, status",
     [
         ("while True:\n    pass\n", "timeout"),
-        ("import os\nos.fork()\n", "failed"),
+        ("import os\nwhile True:\n    os.fork()\n", "failed"),
         ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n", "failed"),
         ("x = bytearray(8 << 30)\n", "failed"),
         ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", "failed"),
     ],
-    ids=["hang", "fork", "network", "memory", "flood"],
+    ids=["hang", "fork bomb", "network", "memory", "flood"],
 )
+@pytest.mark.usefixtures("sandbox_available")
 def test_sandbox_contains_bad_programs(source, status):
     result = run_program(source, Limits(timeout_s=2))
     assert not result.passed and result.status in (status, "killed")
@@ -90,6 +92,7 @@ def test_exact_match_ignores_trailing_whitespace():
     assert not harness.exact_match("return a + b\n", "    return a + b\n")
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_evaluate_end_to_end(tiny_engine, tmp_path):
     from engine import Engine, SamplingParams
 
@@ -118,6 +121,7 @@ def test_cli_decoding_flags_reach_the_sampler(tiny_engine, tmp_path, capsys):
     assert one["median_tokens_per_step"] == 1.0 and three["median_tokens_per_step"] > 1.0
 
 
+@pytest.mark.usefixtures("sandbox_available")
 def test_a_middle_too_long_for_the_window_is_a_failure_not_a_crash(tiny_engine, tmp_path):
     from engine import Engine, SamplingParams
 
