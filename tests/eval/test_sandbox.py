@@ -354,6 +354,7 @@ def test_dlm_eval_stops_before_loading_a_model_without_a_sandbox(
 
 def test_no_sandbox_runs_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sandbox, "_warned_unsandboxed", False)  # the warning comes once per process
     caplog.set_level("WARNING", logger="engine.eval.sandbox")
     assert run_program("print('hi')\n", Limits(timeout_s=5), sandbox=False).passed
     assert not run_program("raise SystemExit(3)\n", Limits(timeout_s=5), sandbox=False).passed
