@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -58,6 +58,64 @@ def rotate_keys(keys: np.ndarray, positions: np.ndarray, theta: float) -> np.nda
     cos, sin = cos[None, :, None], sin[None, :, None]  # (1, B, 1, Tc, D)
     rotated_half = np.concatenate((-keys[..., half:], keys[..., :half]), axis=-1)
     return np.ascontiguousarray(keys * cos + rotated_half * sin, dtype=np.float32)
+
+
+_KV = ("tensor(float)", ("num_layers", None, "num_kv_heads", None, "head_dim"))
+_TOP = {
+    "top_ids": ("tensor(int64)", (None, None, "top_k")),
+    "top_probs": ("tensor(float)", (None, None, "top_k")),
+    "entropy": ("tensor(float)", (None, None)),
+}
+_IDS = ("tensor(int64)", (None, None))
+GRAPH_INTERFACE: dict[str, dict[str, dict[str, tuple[str, tuple[str | None, ...]]]]] = {
+    "context": {
+        "inputs": {"input_ids": _IDS, "position_ids": _IDS, "cache_index": ("tensor(int64)", (None,)),
+                   "span_index": ("tensor(int64)", (None,))},
+        "outputs": {"cache_keys": _KV, "cache_values": _KV, **_TOP},
+    },
+    "span_step": {
+        "inputs": {"span_ids": _IDS, "span_pos": _IDS, "span_valid": ("tensor(bool)", (None, None)),
+                   "cache_keys": _KV, "cache_values": _KV},
+        "outputs": dict(_TOP),
+    },
+}
+"""What each graph must declare: per input and output, its element type and, per dimension, the manifest
+value it must equal (an ``arch`` field or ``top_k``) or None (a dimension the runtime chooses). The names
+are :data:`engine.manifest.CONTEXT_INPUTS` and the others, in order (the tests check it)."""
+
+
+def interface_mismatches(role: str, session: Any, manifest: Manifest) -> list[str]:
+    """How a loaded graph's declared inputs and outputs disagree with the manifest (empty when they agree).
+
+    The graphs fix the number of layers, of key/value heads, the head size and
+    top-k in their shapes; the runtime sizes its caches from the manifest, so a
+    manifest that disagrees with its graphs is refused at load, naming the field,
+    the manifest's value and the graph's.
+    """
+    name = manifest.graphs[role]
+    problems = []
+    for side, declared in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        expected = GRAPH_INTERFACE[role][side]
+        names = [arg.name for arg in declared]
+        if names != list(expected):
+            problems.append(f"{name} {side} are {names}, expected {list(expected)}")
+            continue
+        for arg in declared:
+            kind, dims = expected[arg.name]
+            if arg.type != kind:
+                problems.append(f"{name} {arg.name} is {arg.type}, expected {kind}")
+            shape = list(arg.shape or [])
+            if len(shape) != len(dims):
+                problems.append(f"{name} {arg.name} has {len(shape)} dimensions, expected {len(dims)}")
+                continue
+            for axis, (field_name, dim) in enumerate(zip(dims, shape)):
+                if field_name is None:
+                    continue
+                want = manifest.top_k if field_name == "top_k" else getattr(manifest.arch, field_name)
+                if dim != want:
+                    label = field_name if field_name == "top_k" else f"arch.{field_name}"
+                    problems.append(f"{label}: manifest {want}, graph {name} {arg.name} dimension {axis} is {dim!r}")
+    return problems
 
 
 SMALL_MODEL_HIDDEN = 512
@@ -119,6 +177,12 @@ class OnnxRuntimeDenoiser:
                     f"(it fell back to {active}); check the CUDA/TensorRT installation"
                 )
             self.sessions[role] = session
+        problems = [p for role, session in self.sessions.items() for p in interface_mismatches(role, session, manifest)]
+        if problems:
+            raise ManifestError(
+                f"engine folder {folder}: the manifest does not describe its graphs: {'; '.join(problems)}. "
+                "Re-run dlm-convert to rebuild the folder"
+            )
         self.info = ModelInfo(
             family=manifest.family,
             arch=manifest.arch,

@@ -19,7 +19,11 @@ import engine
 from engine import Engine
 from engine.errors import ManifestError
 from engine.manifest import (
+    CONTEXT_INPUTS,
+    CONTEXT_OUTPUTS,
     MANIFEST_FILE,
+    SPAN_INPUTS,
+    SPAN_OUTPUTS,
     hash_cache_file,
     read_manifest,
     sha256_file,
@@ -366,3 +370,33 @@ def test_sizes_are_checked_before_any_file_is_hashed(folder, monkeypatch, tmp_pa
     edit_manifest(folder, files=files)
     assert "a-large.bin does not match its checksum" in refusal(folder)
     assert str(big.resolve()) in json.loads(cache.read_text())
+
+
+# -- the architecture against the graphs' shapes ----------------------------------------------------------
+
+
+def test_the_graph_interface_table_names_the_manifests_inputs_and_outputs():
+    from engine.backends.onnxruntime import GRAPH_INTERFACE
+
+    assert list(GRAPH_INTERFACE["context"]["inputs"]) == list(CONTEXT_INPUTS)
+    assert list(GRAPH_INTERFACE["context"]["outputs"]) == list(CONTEXT_OUTPUTS)
+    assert list(GRAPH_INTERFACE["span_step"]["inputs"]) == list(SPAN_INPUTS)
+    assert list(GRAPH_INTERFACE["span_step"]["outputs"]) == list(SPAN_OUTPUTS)
+
+
+@pytest.mark.parametrize(
+    "field, value, graph_value",
+    [("num_layers", 7, 6), ("num_kv_heads", 4, 2), ("head_dim", 32, 64), ("top_k", 3, 2)],
+)
+def test_an_architecture_the_graphs_do_not_have_is_refused_naming_both_values(folder, field, value, graph_value):
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    if field == "top_k":
+        edit_manifest(folder, top_k=value)
+    else:
+        arch = {**data["arch"], field: value}
+        if field == "num_kv_heads":
+            arch["num_heads"] = 4
+        edit_manifest(folder, arch=arch)
+    label = field if field == "top_k" else f"arch.{field}"
+    with pytest.raises(ManifestError, match=rf"{label}: manifest {value}, graph context\.onnx \w+ dimension \d is {graph_value}"):
+        Engine.load(folder, backend="cpu")
