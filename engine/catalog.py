@@ -563,15 +563,55 @@ def conversion_space(entry: CatalogEntry, precision: str) -> int:
 
 
 CURRENT_FILE = "current.json"
-"""``<cache>/models/<name>/current.json``: the folder the last pull produced, which :func:`path` returns."""
+"""``<cache>/models/<name>/current.json``: the folder the last pull produced, which :func:`path` returns,
+and the sha256 of the ``manifest.json`` of every folder a pull produced (``manifests``, by
+``<commit>/<precision>``), which loading checks (:func:`recorded_manifest_sha256`)."""
 
 
-def _set_current(entry: CatalogEntry, folder: Path) -> None:
-    record = {"commit": folder.parent.name, "precision": folder.name, "repo": entry.repo}
-    target = folder.parent.parent / CURRENT_FILE
+def _read_record(root: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((root / CURRENT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _set_current(entry: CatalogEntry, folder: Path, manifest_sha256: str) -> None:
+    """Make ``folder`` the model's current one and record the sha256 of its manifest (under the pull's lock)."""
+    root = folder.parent.parent
+    known = _read_record(root).get("manifests")
+    manifests = {
+        key: value for key, value in (known.items() if isinstance(known, dict) else ())
+        if isinstance(value, str) and (root / key / "manifest.json").is_file()
+    }
+    manifests[f"{folder.parent.name}/{folder.name}"] = manifest_sha256
+    record = {"commit": folder.parent.name, "precision": folder.name, "repo": entry.repo, "manifests": manifests}
+    target = root / CURRENT_FILE
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
     tmp.replace(target)
+
+
+def recorded_manifest_sha256(folder: str | Path) -> tuple[str, str | None] | None:
+    """For a catalog model's engine folder (``<cache>/models/<name>/<commit>/<precision>``, links resolved):
+    its name and the sha256 its pull recorded for its ``manifest.json`` (None if no pull recorded one).
+    None for any other folder.
+
+    The manifest's checksums prove only that the files match the manifest; this
+    record, kept outside the folder, is what lets a load refuse a folder whose
+    graph was replaced and whose manifest was rewritten to match.
+    """
+    models = Path(os.path.realpath(cache_dir() / "models"))
+    real = Path(os.path.realpath(folder))
+    if not real.is_relative_to(models):
+        return None
+    parts = real.relative_to(models).parts
+    if len(parts) != 3 or parts[2] not in PRECISIONS:
+        return None
+    name, commit, precision = parts
+    known = _read_record(models / name).get("manifests")
+    value = known.get(f"{commit}/{precision}") if isinstance(known, dict) else None
+    return name, value if isinstance(value, str) else None
 
 
 def pull(
@@ -592,7 +632,7 @@ def pull(
     downloaded.
     """
     from engine.export import require_export_deps, convert
-    from engine.manifest import read_manifest
+    from engine.manifest import MANIFEST_FILE, read_manifest, sha256_file
 
     if precision not in (*PRECISIONS, "auto"):
         raise CatalogError(f"precision {precision!r}: choose int8, fp32 or auto")
@@ -609,15 +649,19 @@ def pull(
             wanted = PRECISIONS if precision == "auto" else (precision,)
             for done in wanted:
                 if (base / done / "manifest.json").is_file() and not force:
+                    recorded = recorded_manifest_sha256(base / done)
+                    pinned = recorded[1] if recorded is not None else None
                     try:
-                        manifest = read_manifest(base / done)
+                        if pinned is None:  # converted before pulls recorded their manifest, or put there by hand
+                            raise EngineError("no pull recorded its manifest's checksum")
+                        manifest = read_manifest(base / done, expected_sha256=pinned)
                     except EngineError as exc:
-                        progress(f"the converted folder {base / done} is damaged ({exc}): converting again")
+                        progress(f"the converted folder {base / done} cannot be trusted ({exc}): converting again")
                         shutil.rmtree(base / done, ignore_errors=True)
                     else:
                         if manifest.source.get("repo") == entry.repo:
                             progress(f"{entry.name} is present: {base / done}")
-                            _set_current(entry, base / done)
+                            _set_current(entry, base / done, pinned)
                             return base / done
             progress("checking the downloaded files against their hub checksums")
             hashes = verify_download(snapshot)
@@ -644,7 +688,7 @@ def pull(
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)
-            _set_current(entry, final)
+            _set_current(entry, final, sha256_file(final / MANIFEST_FILE))
         except OSError as exc:
             raise _os_error(exc, "converting", entry) from exc
         progress(f"{entry.name} ready: {final}")

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.backends.base import BACKENDS, Denoiser, ModelInfo
-from engine.errors import CheckpointError, InputError
+from engine.errors import CheckpointError, InputError, ManifestError
 from engine.healing import Healing
-from engine.manifest import is_engine_folder, read_manifest
+from engine.manifest import Manifest, is_engine_folder, read_manifest
 from engine.sampler import SamplingParams, denoise
 from engine.tokenizer import Tokenizer
 
@@ -103,7 +103,14 @@ class Engine:
         threads: int | None = None,
         verify: bool = True,
     ) -> "Engine":
-        """Load an engine folder (any backend but ``torch``) or a checkpoint folder (``torch`` only)."""
+        """Load an engine folder (any backend but ``torch``) or a checkpoint folder (``torch`` only).
+
+        An engine folder is checked before anything in it runs: its paths stay inside
+        it, its architecture is within bounds and, once loaded, matches its graphs'
+        shapes; ``verify`` adds every file's size and sha256; a catalog model's
+        folder must also hold the very manifest its pull recorded
+        (:func:`engine.manifest.read_manifest`, :func:`engine.catalog.recorded_manifest_sha256`).
+        """
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         folder = Path(path).expanduser()
@@ -125,7 +132,7 @@ class Engine:
                     f"{folder} is a checkpoint folder, not an engine folder: convert it first with "
                     f"`dlm-convert {folder} OUT` and load OUT (or use backend 'torch' for the slow reference)"
                 )
-        manifest = read_manifest(folder, verify=verify)
+        manifest = _read_engine_manifest(folder, verify)
         from engine.backends.onnxruntime import OnnxRuntimeDenoiser
 
         denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads)
@@ -297,3 +304,23 @@ class Engine:
         p = prefix_ids[len(prefix_ids) - keep_p :] if keep_p else []
         s = suffix_ids[:keep_s]
         return p, s, len(prefix_ids) - len(p), len(suffix_ids) - len(s)
+
+
+def _read_engine_manifest(folder: Path, verify: bool) -> Manifest:
+    """The folder's manifest, checked against the checksum its pull recorded when it is a catalog model's."""
+    from engine.catalog import recorded_manifest_sha256
+
+    recorded = recorded_manifest_sha256(folder)
+    if recorded is None:
+        return read_manifest(folder, verify=verify)
+    name, expected = recorded
+    advice = f"convert it again with: dlm-lsp models pull {name} --force"
+    if expected is None:
+        raise ManifestError(
+            f"{folder} is a catalog model's folder, but no pull recorded its manifest's checksum (converted by "
+            f"an older dlm-lsp, or copied there): {advice}"
+        )
+    try:
+        return read_manifest(folder, verify=verify, expected_sha256=expected)
+    except ManifestError as exc:
+        raise ManifestError(f"{exc} ({name}: {advice})") from exc

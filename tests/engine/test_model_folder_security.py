@@ -9,7 +9,10 @@ graphs do not have, a rewritten manifest, a pickle where a checkpoint should be.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +403,82 @@ def test_an_architecture_the_graphs_do_not_have_is_refused_naming_both_values(fo
     label = field if field == "top_k" else f"arch.{field}"
     with pytest.raises(ManifestError, match=rf"{label}: manifest {value}, graph context\.onnx \w+ dimension \d is {graph_value}"):
         Engine.load(folder, backend="cpu")
+
+
+# -- catalog folders: the manifest pinned outside the folder --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pulled(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A tiny catalog model pulled (downloaded from a local hub cache, converted) by the real pull."""
+    pytest.importorskip("torch")
+    pytest.importorskip("huggingface_hub")
+    from hub_cache import tiny_catalog
+
+    root = tmp_path_factory.mktemp("catalog")
+    env = {**os.environ, **tiny_catalog(root)}
+    return root, env
+
+
+def _pull(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dlm_lsp", "models", "pull", "tiny-dream", "--precision", "fp32"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def _change_a_weight(graph: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    for i, tensor in enumerate(model.graph.initializer):
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32 and values.size > 16:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(-values, tensor.name))
+            break
+    else:  # pragma: no cover - every graph has float weights
+        raise AssertionError("no float initializer")
+    onnx.save(model, str(graph))
+
+
+@pytest.mark.slow
+def test_a_catalog_folder_with_a_rewritten_graph_and_manifest_is_refused(pulled, monkeypatch):
+    """A tampered graph with its checksum updated in the manifest loaded; the manifest's sha256 recorded by
+    the pull (outside the folder) now refuses it, and a pull converts it again."""
+    pytest.importorskip("onnx")
+    from engine import catalog
+
+    _, env = pulled
+    proc = _pull(env)
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(proc.stdout.strip())
+    monkeypatch.setenv("DLM_LSP_CACHE", env["DLM_LSP_CACHE"])
+    monkeypatch.setenv("DLM_LSP_CATALOG", env["DLM_LSP_CATALOG"])
+    Engine.load(catalog.resolve("tiny-dream"), backend="cpu")
+    pinned = sha256_file(folder / MANIFEST_FILE)
+
+    # a weight of the span step changed, the manifest rewritten to match: integrity holds
+    before = sha256_file(folder / "span_step.onnx")
+    _change_a_weight(folder / "span_step.onnx")
+    assert sha256_file(folder / "span_step.onnx") != before
+    manifest = read_manifest(folder, verify=False)
+    manifest.write(folder)
+    read_manifest(folder)
+    with pytest.raises(ManifestError, match="not the one recorded when the folder was installed.*models pull tiny-dream --force"):
+        Engine.load(catalog.resolve("tiny-dream"), backend="cpu")
+    with pytest.raises(ManifestError, match="not the one recorded"):
+        Engine.load(folder, backend="cpu", verify=False)  # by path too, checksums off or not
+    record = json.loads((folder.parent.parent / catalog.CURRENT_FILE).read_text())
+    assert record["manifests"] == {f"{folder.parent.name}/fp32": pinned}  # outside the folder
+
+    again = _pull(env)
+    assert again.returncode == 0 and "cannot be trusted" in again.stderr and "exporting" in again.stderr
+    Engine.load(catalog.resolve("tiny-dream"), backend="cpu")
+
+    # a folder from before pulls recorded manifests: refused until pulled again
+    record = json.loads((folder.parent.parent / catalog.CURRENT_FILE).read_text())
+    del record["manifests"]
+    (folder.parent.parent / catalog.CURRENT_FILE).write_text(json.dumps(record))
+    with pytest.raises(ManifestError, match="no pull recorded its manifest's checksum"):
+        Engine.load(catalog.resolve("tiny-dream"), backend="cpu")
