@@ -137,6 +137,30 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a kill mid-save keeps the previous checkpoint
 
 
+def _load_checkpoint(path: Path, device: str) -> dict[str, Any]:
+    """A run's checkpoint: tensors and plain data only (``weights_only``), so loading one runs no code.
+
+    A checkpoint is a pickle; unpickled in full, a crafted one executes whatever it
+    names. Ours hold only tensors, numbers, strings, lists and dicts.
+    """
+    import pickle
+
+    import torch
+
+    from engine.errors import CheckpointError
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain data, so it is not loaded (unpickling it could run code): "
+            f"it is not a dlm-train checkpoint ({str(exc).splitlines()[0]})"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a dlm-train checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
 def _loss(model: Any, batch: dict[str, Any]) -> Any:
     """Mean cross-entropy over the positions that have a target.
 
@@ -196,7 +220,7 @@ def run_training(run: Path, minutes: float, threads: int | None = None) -> dict[
     rng = np.random.default_rng(cfg.seed)
     ckpt_path = run / "checkpoint.pt"
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = _load_checkpoint(ckpt_path, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
@@ -258,7 +282,6 @@ def export_hf(run: Path, out: Path) -> Path:
     """Write the run's latest checkpoint as a Hugging Face-format dream checkpoint folder."""
     import shutil
 
-    import torch
     from safetensors.torch import save_file
 
     from engine.families import TokenIds
@@ -267,7 +290,7 @@ def export_hf(run: Path, out: Path) -> Path:
     from engine.train.data import SpecialIds
 
     cfg = TrainConfig(**json.loads((run / "train_config.json").read_text()))
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = _load_checkpoint(run / "checkpoint.pt", "cpu")
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous() for k, v in state["model"].items() if not k.startswith("rotary")}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -20,7 +20,7 @@ import pytest
 
 import engine
 from engine import Engine
-from engine.errors import ManifestError
+from engine.errors import CheckpointError, ManifestError
 from engine.manifest import (
     CONTEXT_INPUTS,
     CONTEXT_OUTPUTS,
@@ -482,3 +482,34 @@ def test_a_catalog_folder_with_a_rewritten_graph_and_manifest_is_refused(pulled,
     (folder.parent.parent / catalog.CURRENT_FILE).write_text(json.dumps(record))
     with pytest.raises(ManifestError, match="no pull recorded its manifest's checksum"):
         Engine.load(catalog.resolve("tiny-dream"), backend="cpu")
+
+
+# -- training checkpoints are not pickles to run -------------------------------------------------------
+
+
+class _WritesMarker:
+    """Unpickled, calls ``open(marker, "w")``: what any code a crafted checkpoint names would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.marker), "w"))
+
+
+def test_dlm_train_export_does_not_run_a_pickled_checkpoint(tmp_path):
+    """``dlm-train export`` unpickled RUN/checkpoint.pt with ``weights_only=False``: a crafted one ran code."""
+    torch = pytest.importorskip("torch")
+    from dataclasses import asdict
+
+    from engine.train.trainer import TrainConfig, main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps(asdict(TrainConfig())))
+    marker = tmp_path / "marker"
+    torch.save({"model": {}, "step": 1, "payload": _WritesMarker(marker)}, run / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain data"):
+        main(["export", str(run), str(tmp_path / "out")])
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
