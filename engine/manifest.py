@@ -99,25 +99,28 @@ CACHED_HASH_MIN_BYTES = 1 << 20
 
 
 def hash_cache_file() -> Path:
-    """``<model cache>/hashes.json``: sha256 of large files by (path, size, mtime, inode)."""
+    """``<model cache>/hashes.json``: sha256 of large files by (path, size, mtime, ctime, inode)."""
     from engine.catalog import cache_dir
 
     return cache_dir() / "hashes.json"
 
 
 def cached_sha256(path: Path) -> str:
-    """sha256 of ``path``, computed once per (path, size, modification time, inode) and remembered.
+    """sha256 of ``path``, computed once per (path, size, modification time, change time, inode) and remembered.
 
     Verifying an engine folder on every load hashed its graphs every time: 2 GB,
     about 8 s, for a 0.5B model. A file that is replaced or rewritten gets a new
-    modification time or inode, and is hashed again. The cache is the user's own
-    file; if it cannot be read or written, files are simply hashed.
+    inode or change time, and is hashed again. The change time (ctime) is in the
+    key because the modification time is not evidence: whoever can rewrite a file
+    can set its mtime back (``touch -d``), while the kernel sets ctime on every
+    write and every ``utime``. The cache is the user's own file; if it cannot be
+    read or written, files are simply hashed.
     """
     stat = path.stat()
     if stat.st_size < CACHED_HASH_MIN_BYTES:
         return sha256_file(path)
     key = str(path.resolve())
-    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
     cache = hash_cache_file()
     try:
         known = json.loads(cache.read_text(encoding="utf-8"))
@@ -126,8 +129,8 @@ def cached_sha256(path: Path) -> str:
     except (OSError, ValueError):
         known = {}
     entry = known.get(key)
-    if isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp and isinstance(entry[3], str):
-        return entry[3]
+    if isinstance(entry, list) and len(entry) == len(stamp) + 1 and entry[:-1] == stamp and isinstance(entry[-1], str):
+        return entry[-1]
     digest = sha256_file(path)
     known[key] = [*stamp, digest]
     try:

@@ -375,6 +375,24 @@ def test_sizes_are_checked_before_any_file_is_hashed(folder, monkeypatch, tmp_pa
     assert str(big.resolve()) in json.loads(cache.read_text())
 
 
+def test_a_file_rewritten_in_place_with_its_mtime_set_back_is_hashed_again(folder, monkeypatch, tmp_path):
+    """Remembered hashes were keyed by (path, size, mtime, inode): a graph changed in place, its mtime restored
+    with ``os.utime``, passed verification on the remembered hash."""
+    monkeypatch.setenv("DLM_LSP_CACHE", str(tmp_path / "cache"))
+    read_manifest(folder)  # remembers the graphs' hashes
+    graph = folder / "span_step.onnx"
+    before = graph.stat()
+    with graph.open("r+b") as handle:
+        handle.seek(-10, os.SEEK_END)
+        byte = handle.read(1)[0]
+        handle.seek(-10, os.SEEK_END)
+        handle.write(bytes([byte ^ 0xFF]))
+    os.utime(graph, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = graph.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert "span_step.onnx does not match its checksum" in refusal(folder)
+
+
 # -- the architecture against the graphs' shapes ----------------------------------------------------------
 
 
