@@ -28,6 +28,7 @@ with every way of chopping a stream.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAX_HEADER_BYTES = 8 * 1024
@@ -84,8 +85,12 @@ class FrameDecoder:
             return 0
         return max(0, self._length - len(self._buffer))
 
-    def feed(self, data: bytes) -> list[Event]:
-        """Take the next bytes of the stream; the frames (and broken frames) they complete."""
+    def feed(self, data: bytes) -> Iterator[Event]:
+        """Take the next bytes of the stream; the frames (and broken frames) they complete.
+
+        The events come lazily: a frame the caller finds is no message can be handed back
+        (:meth:`recover`) before the bytes after it are read as the next frame.
+        """
         if self._skip:
             dropped = min(self._skip, len(data))
             header = HEADER_AT.search(data, 0, dropped)
@@ -98,7 +103,7 @@ class FrameDecoder:
         self._buffer += data
         return self._drain()
 
-    def stall(self) -> list[Event]:
+    def stall(self) -> Iterator[Event]:
         """No bytes came for a while: a body still waiting for bytes is cut at a header inside what
         did come (its length was too long and the client went on to its next message). Without
         such a header the frame may just be slow, and it keeps waiting."""
@@ -109,54 +114,56 @@ class FrameDecoder:
             return self._drain(stalled=True)
         cut = self._next_header(0)
         if cut is None:
-            return []
+            return iter(())
         broken = Broken(f"the body ended after {cut} of the {self._length} bytes its header declared", bytes(self._buffer[:cut]))
         del self._buffer[:cut]
         self._length = None
-        return [broken, *self._drain()]
+        return _chain(broken, self._drain())
 
     def recover(self, body: bytes) -> bool:
         """A body of a frame that turned out not to be a message: if a header starts inside it (its
-        length swallowed the next message), put the bytes from there back in front of the stream.
-        True when something was put back (the caller then calls :meth:`feed` with ``b""``)."""
+        length swallowed the next message), put the bytes from there back in front of the stream,
+        to be read next. True when something was put back."""
         cut = self._next_header(1, body)
         if cut is None:
             return False
         self._buffer[:0] = body[cut:]
         return True
 
-    def _drain(self, stalled: bool = False) -> list[Event]:
-        events: list[Event] = []
+    def _drain(self, stalled: bool = False) -> Iterator[Event]:
+        # state changes before each yield: the caller may recover() or feed() before resuming
         while True:
             if self._length is not None:
                 if len(self._buffer) < self._length:
-                    return events
-                events.append(Frame(bytes(self._buffer[: self._length])))
+                    return
+                body = bytes(self._buffer[: self._length])
                 del self._buffer[: self._length]
                 self._length = None
+                yield Frame(body)
                 continue
             end = self._buffer.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
             if end < 0:
                 if len(self._buffer) <= MAX_HEADER_BYTES and not (stalled and self._buffer):
-                    return events
+                    return
                 # no header block where one must be: garbage, or a header that never ended
                 reason = "bytes that are not a message header" if stalled else f"a header over {MAX_HEADER_BYTES} bytes"
-                events.append(self._resync(reason, 1, keep_tail=not stalled))
                 stalled = False
+                yield self._resync(reason, 1, keep_tail=reason.startswith("a header"))
                 continue
             problem, length = self._parse_header(bytes(self._buffer[:end]))
             if problem:
-                events.append(self._resync(problem, 1))
+                yield self._resync(problem, 1)
                 continue
             assert length is not None
             del self._buffer[: end + 4]
             if length > self.max_body:
                 dropped = min(length, len(self._buffer))
-                events.append(Broken(f"a message of {length} bytes, over the limit of {self.max_body}", bytes(self._buffer[:min(dropped, KEPT_BROKEN_BYTES)])))
+                kept = bytes(self._buffer[: min(dropped, KEPT_BROKEN_BYTES)])
                 del self._buffer[:dropped]
                 self._skip = length - dropped
+                yield Broken(f"a message of {length} bytes, over the limit of {self.max_body}", kept)
                 if self._skip:
-                    return events
+                    return
                 continue
             self._length = length
 
@@ -190,6 +197,11 @@ class FrameDecoder:
         broken = Broken(reason, bytes(self._buffer[: min(cut, KEPT_BROKEN_BYTES)]))
         del self._buffer[:cut]
         return broken
+
+
+def _chain(first: Event, rest: Iterator[Event]) -> Iterator[Event]:
+    yield first
+    yield from rest
 
 
 def encode_frame(body: bytes) -> bytes:

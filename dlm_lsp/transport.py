@@ -22,7 +22,7 @@ import secrets
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable, Iterator
 
 from dlm_lsp.framing import MAX_BODY_BYTES, Broken, FrameDecoder, Frame
 from dlm_lsp.protocol import PARSE_ERROR, DlmProtocol, dispatch, recover_id
@@ -54,14 +54,14 @@ class Connection:
 
     async def stalled(self) -> None:
         """No bytes came for :data:`STALL_S` with a message half read."""
-        events = self.decoder.stall()
+        events = list(self.decoder.stall())
         if not events and not self._warned_wait:
             self._warned_wait = True
             log.warning("waiting for %d more bytes of a message (a wrong Content-Length?); "
                         "it is cut at the next message that arrives", self.decoder.waiting_for)
-        await self._handle(events)
+        await self._handle(iter(events))
 
-    async def _handle(self, events: list[Frame | Broken]) -> None:
+    async def _handle(self, events: Iterator[Frame | Broken]) -> None:
         for index, event in enumerate(events):
             if index:  # what the last message started runs before the next one, as when they come one by one
                 await asyncio.sleep(0)
@@ -84,8 +84,7 @@ class Connection:
         except (ValueError, RecursionError) as exc:
             self.broken_frames += 1
             self.protocol.send_error(recover_id(body), PARSE_ERROR, f"not JSON: {str(exc)[:120]}")
-            if self.decoder.recover(body):  # the length swallowed the next message: read it again
-                await self.feed(b"")
+            self.decoder.recover(body)  # if the length swallowed the next message, it is read next
             return
         dispatch(self.protocol, message)
 
