@@ -214,13 +214,17 @@ class CompletionService:
         self._inflight[uri] = stop
         loop = asyncio.get_running_loop()
         work_started = time.perf_counter()
+        def work() -> Result:
+            return complete_text(engine, text, offset, language_id, settings, others, stop.is_set, work_started, document_start)
+
         try:
-            result = await loop.run_in_executor(
-                self.executor,
-                lambda: complete_text(
-                    engine, text, offset, language_id, settings, others, stop.is_set, work_started, document_start
-                ),
-            )
+            try:
+                pending = loop.run_in_executor(self.executor, work)
+            except RuntimeError:  # the worker pool is gone (shut down, or broken): a new one takes over
+                log.warning("the engine worker pool was gone; starting a new one")
+                self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlm-engine")
+                pending = loop.run_in_executor(self.executor, work)
+            result = await pending
         except asyncio.CancelledError:  # $/cancelRequest: stop the denoising loop at its next step
             stop.set()
             self.metrics.count("cancelled")

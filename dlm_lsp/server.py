@@ -43,6 +43,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcException
 from pygls.lsp.server import LanguageServer
 
 from dlm_lsp import __version__
@@ -72,6 +73,7 @@ STATUS_PUSH_INTERVAL_S = 1.0
 MAX_OTHER_DOCUMENTS = 20
 MAX_OTHER_DOCUMENT_CHARS = 1_000_000
 """Other open documents larger than this are not searched for snippets (a minified bundle, a log)."""
+REQUEST_FAILED = types.LSPErrorCodes.RequestFailed.value
 RELOAD_COMMAND = "dlm.reloadModel"
 """``workspace/executeCommand``: load the model again (after fixing its folder, say)."""
 
@@ -99,6 +101,8 @@ class DlmLanguageServer(LanguageServer):
         self.pulling: str | None = None
         """The catalog model being downloaded and converted, if any."""
         self._warned_fit: tuple[int, int] | None = None
+        self._failures_shown: set[str] = set()
+        """Kinds of completion failure the user was told about (once each)."""
 
     # -- settings ---------------------------------------------------------------------
     def apply_settings(self, raw: Any) -> None:
@@ -350,19 +354,22 @@ class DlmLanguageServer(LanguageServer):
         offset = doc.offset_at(position)
         # only the text around the cursor goes further: a 5 MB line or file costs what a small one does
         text, at, start = window(doc.text, offset, settings)
-        result = await self.completions.complete(
-            engine,
-            uri,
-            text,
-            at,
-            language,
-            settings,
-            version=doc.version,
-            current_version=lambda: getattr(self.documents.get(uri), "version", None),
-            automatic=automatic,
-            others=self.other_documents(uri, language),
-            document_start=start == 0,
-        )
+        try:
+            result = await self.completions.complete(
+                engine,
+                uri,
+                text,
+                at,
+                language,
+                settings,
+                version=doc.version,
+                current_version=lambda: getattr(self.documents.get(uri), "version", None),
+                automatic=automatic,
+                others=self.other_documents(uri, language),
+                document_start=start == 0,
+            )
+        except Exception as exc:  # noqa: BLE001 - the engine failed: a clear error, the server carries on
+            raise self.completion_failed(exc) from exc
         log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
         self.send_status_soon()
         if result.suggestion is None:
@@ -371,6 +378,19 @@ class DlmLanguageServer(LanguageServer):
         end = doc.position_at(start + at + result.suggestion.replace_suffix)
         item = types.InlineCompletionItem(insert_text=result.suggestion.text, range=types.Range(start=begin, end=end))
         return types.InlineCompletionList(items=[item])
+
+    def completion_failed(self, exc: Exception) -> JsonRpcException:
+        """The error answer of a completion the engine failed on (``RequestFailed``, no traceback);
+        the user is told once per kind of failure, the log has the details."""
+        log.error("completion failed", exc_info=exc)
+        what = f"{type(exc).__name__}: {exc}"
+        if type(exc).__name__ not in self._failures_shown:
+            self._failures_shown.add(type(exc).__name__)
+            self.window_show_message(types.ShowMessageParams(
+                type=types.MessageType.Error,
+                message=f"dlm: a completion failed ({what[:200]}); the server carries on (details in its log)",
+            ))
+        return JsonRpcException(code=REQUEST_FAILED, message=f"dlm: the completion failed: {what[:500]}")
 
     def close(self) -> None:
         """End this session's work: requests in flight stopped, tasks cancelled, the model released."""

@@ -153,11 +153,13 @@ class RawClient:
 
 
 class StdioServer(RawClient):
-    """``python -m dlm_lsp`` over pipes."""
+    """``python -m dlm_lsp`` (or ``script``) over pipes; ``prefix`` runs it under another command."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None,
+                 script: str | None = None) -> None:
+        entry = [script] if script else ["-m", "dlm_lsp"]
         self.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "dlm_lsp", *args],
+            [*(prefix or []), sys.executable, *entry, *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
             env={**os.environ, **(env or {})},
         )
