@@ -153,15 +153,16 @@ class RawClient:
 
 
 class StdioServer(RawClient):
-    """``python -m dlm_lsp`` (or ``script``) over pipes; ``prefix`` runs it under another command."""
+    """``python -m dlm_lsp`` (or ``script``) over pipes; ``prefix`` runs it under another command,
+    ``root`` from another checkout (to measure an older version side by side)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None,
-                 script: str | None = None) -> None:
+                 script: str | None = None, root: Path = ROOT) -> None:
         entry = [script] if script else ["-m", "dlm_lsp"]
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, *entry, *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-            env={**os.environ, **(env or {})},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root), **(env or {})},
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
 
