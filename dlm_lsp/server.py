@@ -35,6 +35,7 @@ asked again until the setting names another model or the server restarts.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -355,22 +356,19 @@ class DlmLanguageServer(LanguageServer):
         offset = doc.offset_at(position)
         # only the text around the cursor goes further: a 5 MB line or file costs what a small one does
         text, at, start = window(doc.text, offset, settings)
-        try:
-            result = await self.completions.complete(
-                engine,
-                uri,
-                text,
-                at,
-                language,
-                settings,
-                version=doc.version,
-                current_version=lambda: getattr(self.documents.get(uri), "version", None),
-                automatic=automatic,
-                others=self.other_documents(uri, language),
-                document_start=start == 0,
-            )
-        except Exception as exc:  # noqa: BLE001 - the engine failed: a clear error, the server carries on
-            raise self.completion_failed(exc) from exc
+        result = await self.completions.complete(
+            engine,
+            uri,
+            text,
+            at,
+            language,
+            settings,
+            version=doc.version,
+            current_version=lambda: getattr(self.documents.get(uri), "version", None),
+            automatic=automatic,
+            others=self.other_documents(uri, language),
+            document_start=start == 0,
+        )
         log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
         self.send_status_soon()
         if result.suggestion is None:
@@ -482,7 +480,10 @@ async def on_inline_completion(
 ) -> types.InlineCompletionList:
     """Ghost text at the cursor; an empty list when disabled, not ready, superseded, stale or hidden."""
     automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
-    return await ls.complete_at(params.text_document.uri, params.position, automatic=automatic)
+    try:
+        return await ls.complete_at(params.text_document.uri, params.position, automatic=automatic)
+    except Exception as exc:  # noqa: BLE001 - the engine failed: a clear error, the server carries on
+        raise ls.completion_failed(exc) from exc
 
 
 def on_status(ls: DlmLanguageServer, params: Any) -> dict[str, Any]:
@@ -492,8 +493,6 @@ def on_status(ls: DlmLanguageServer, params: Any) -> dict[str, Any]:
 
 def on_document_state(ls: DlmLanguageServer, params: Any) -> dict[str, Any] | None:
     """``dlm/documentState``: what the server holds of a document (null when it is not open)."""
-    import hashlib
-
     doc = ls.documents.get(_field(params, "uri") or "")
     if doc is None:
         return None

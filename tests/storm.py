@@ -97,6 +97,11 @@ def storm(client: RawClient, *, documents: int = 10, requests: int = 1000, seed:
         else:
             outcome["empty"] += 1
     total_s = time.perf_counter() - started
+    after_storm = {"items": 0, "empty": 0, "errors": 0}  # the server still serves each document afterwards
+    for n, mirror in enumerate(mirrors):
+        position = mirror.random_position(rng)
+        reply = client.complete(f"after-{n}", mirror.uri, position.line, position.character, timeout=60)
+        after_storm["errors" if "error" in reply else "items" if reply["result"]["items"] else "empty"] += 1
     in_step = sum(client.document_state(m.uri)["sha256"] == m.sha256() for m in mirrors)  # type: ignore[index]
     for mirror in mirrors:
         client.notify("textDocument/didClose", {"textDocument": {"uri": mirror.uri}})
@@ -104,7 +109,7 @@ def storm(client: RawClient, *, documents: int = 10, requests: int = 1000, seed:
     after = client.status()
     return {
         "requests": requests, "documents": documents, "answered": sum(outcome.values()) - outcome["bad_ranges"],
-        **outcome, "documents_in_step": in_step, "send_s": round(send_s, 2), "total_s": round(total_s, 2),
+        **outcome, "after_storm": after_storm, "documents_in_step": in_step, "send_s": round(send_s, 2), "total_s": round(total_s, 2),
         "server_stale": after["stale"] - before["stale"], "server_cancelled": after["cancelled"] - before["cancelled"],
         "threads_before": before["threads"], "threads_after": after["threads"],
         "tasks_before": before["tasks"], "tasks_after": after["tasks"], "pending_after": after["pending_messages"],

@@ -45,8 +45,11 @@ def reload(server: StdioServer) -> dict:  # type: ignore[type-arg]
     return server.wait_ready()
 
 
-def shown_errors(server: StdioServer) -> list[str]:
-    return [m["params"]["message"] for m in server.other if isinstance(m, dict) and m.get("method") == "window/showMessage"]
+def shown(server: StdioServer, words: str) -> str:
+    """The ``window/showMessage`` text holding ``words`` (waits for it: it may follow the status)."""
+    message = server.wait_for(lambda m: isinstance(m, dict) and m.get("method") == "window/showMessage"
+                              and words in m["params"]["message"], timeout=15)
+    return message["params"]["message"]
 
 
 def completes(server: StdioServer, msg_id: str) -> bool:
@@ -65,7 +68,7 @@ def test_the_model_folder_deleted_while_running(model: Path, tmp_path: Path):
         assert completes(server, "c1")  # the loaded model keeps serving
         status = reload(server)
         assert status["state"] == "error" and "model" in status["error"].lower()
-        assert any("failed to load" in m for m in shown_errors(server))
+        assert shown(server, "failed to load")
         assert server.complete("c2", URI, 1, 11)["result"]["items"] == []  # no model: nothing, no error
         shutil.move(backup, model)
         assert reload(server)["state"] == "ready"
@@ -126,7 +129,7 @@ def test_an_exception_inside_the_engine_mid_request_is_a_clear_error_and_the_nex
         failed = server.complete("boom", URI, 1, 11)
         assert failed["error"]["code"] == -32803
         assert "injected failure inside the model" in failed["error"]["message"] and "data" not in failed["error"]  # no traceback
-        assert any("completion failed" in m for m in shown_errors(server))
+        assert "injected failure" in shown(server, "completion failed")
         assert server.complete("fine", URI, 1, 11)["result"]["items"][0]["insertText"].startswith("a + b")
         assert server.status()["errors"] == 1
     finally:
