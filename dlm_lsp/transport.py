@@ -45,7 +45,6 @@ class Connection:
     def __init__(self, protocol: DlmProtocol, max_body: int = MAX_BODY_BYTES) -> None:
         self.protocol = protocol
         self.decoder = FrameDecoder(max_body)
-        self.broken_frames = 0
         self._warned_wait = False
 
     async def feed(self, data: bytes) -> None:
@@ -69,7 +68,6 @@ class Connection:
                 self._warned_wait = False
                 await self._message(event.body)
             else:
-                self.broken_frames += 1
                 log.warning("broken message: %s", event.reason)
                 self.protocol.send_error(recover_id(event.data), PARSE_ERROR, f"broken message: {event.reason}")
 
@@ -82,7 +80,6 @@ class Connection:
         try:
             message = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            self.broken_frames += 1
             self.protocol.send_error(recover_id(body), PARSE_ERROR, f"not JSON: {str(exc)[:120]}")
             self.decoder.recover(body)  # if the length swallowed the next message, it is read next
             return

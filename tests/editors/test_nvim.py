@@ -14,6 +14,8 @@ from editor_env import FIB_SOURCE as SOURCE
 from editor_env import TYPE_AT, need, screenshot_dir
 from nvim_driver import Nvim, nvim_executable
 
+from engine import default_model_path
+
 KEYMAPS = {
     "accept": "<Tab>",
     "accept_word": "<M-Right>",
@@ -237,6 +239,11 @@ def test_missing_model_shows_in_status_and_checkhealth(nvim: Nvim, tmp_path: Pat
     nvim.nvim.command("checkhealth dlm")
     report = "\n".join(nvim.lines())
     assert "server executable" in report and "does not exist" in report and "dlm's extmarks" in report
+    # the folder appears (downloaded, unpacked, fixed): :DlmReload loads it without restarting anything
+    shutil.copytree(default_model_path(), tmp_path / "no-model")
+    nvim.nvim.command("DlmReload")
+    nvim.wait(lambda: (s := nvim.lua("return require('dlm').status(500)")) and s.get("state") == "ready", timeout=60,
+              message="the model loaded after :DlmReload")
 
 
 def test_an_equal_result_keeps_the_extmark(nvim: Nvim, tmp_path: Path):

@@ -200,6 +200,19 @@ function M.define_highlights()
   })
 end
 
+--- Load the model of the current settings again (after fixing its folder, say), without restarting
+--- anything: the server's `dlm.reloadModel` command.
+function M.reload()
+  local id = client.request("workspace/executeCommand", { command = "dlm.reloadModel" }, function(err)
+    if err then
+      vim.notify("dlm: reload failed: " .. (err.message or vim.inspect(err)), vim.log.levels.ERROR)
+    end
+  end)
+  if not id then
+    vim.notify("dlm: the server is not running", vim.log.levels.WARN)
+  end
+end
+
 --- Set the plugin up. See `dlm.Config` (lua/dlm/config.lua) for the options and defaults.
 ---@param opts dlm.Config|table|nil
 function M.setup(opts)
@@ -223,6 +236,7 @@ function M.setup(opts)
     nargs = "?", complete = "filetype", desc = "dlm: disable suggestions (optionally for one filetype)",
   })
   vim.api.nvim_create_user_command("DlmStatus", show_status, { desc = "dlm: server, model and counters" })
+  vim.api.nvim_create_user_command("DlmReload", M.reload, { desc = "dlm: load the model again (after fixing it)" })
   for _, buf in ipairs(vim.api.nvim_list_bufs()) do -- buffers opened before setup()
     if vim.api.nvim_buf_is_loaded(buf) then
       M.attach(buf)
