@@ -178,6 +178,16 @@ def test_missing_model_folder_shows_an_error(tmp_path: Path):
     assert "does not exist" in out["notifications"]
 
 
+def test_a_model_fixed_on_disk_is_loaded_by_the_reload_command(tmp_path: Path):
+    from engine import default_model_path
+
+    target = tmp_path / "later-model"
+    out, _, _ = run_vscode(tmp_path, "reload", extra={"modelFrom": str(default_model_path()), "modelTo": str(target)},
+                           **{"dlm.model": str(target)})
+    assert "does not exist" in out["statusError"]
+    assert out["steps"][-2:] == ["error-shown", "reloaded"] and "codicon-check" in out["statusReloaded"]
+
+
 def test_a_catalog_model_is_offered_downloaded_and_completes(tmp_path: Path):
     """The model setting names a catalog model not yet downloaded (a tiny one in a local hub cache, offline):
     VS Code shows the server's offer as a notification with buttons; Download pulls it and it completes."""

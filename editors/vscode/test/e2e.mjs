@@ -4,11 +4,11 @@
 //   node e2e.mjs CONFIG.json
 //
 // CONFIG: { e2eDir, codeServer, workspace, userDataDir, extensionsDir, port, file, line,
-//           settingsFile, chromium, screenshots, scenario: "complete" | "errors" | "endOfFile" | "download",
-//           download, pulledModel (the "download" scenario) }. Prints one JSON object of observations on stdout; the
+//           settingsFile, chromium, screenshots, scenario: "complete" | "errors" | "endOfFile" | "download" | "reload",
+//           download, pulledModel (the "download" scenario), modelFrom, modelTo (the "reload" scenario) }. Prints one JSON object of observations on stdout; the
 // Python test asserts on it and on the files the editor saved.
 import { spawn } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { cpSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
 
@@ -104,6 +104,19 @@ async function scenarioErrors(page) {
     return (await page.locator(".notification-list-item-message").allInnerTexts()).join("\n");
   }, 30_000);
   out.steps.push("error-shown");
+}
+
+/** The model folder is missing (an error); it appears (copied from modelFrom); "dlm: Reload the model"
+ * loads it without restarting anything. */
+async function scenarioReload(page) {
+  await scenarioErrors(page);
+  cpSync(config.modelFrom, config.modelTo, { recursive: true });
+  await runCommand(page, "dlm: Reload the model");
+  out.statusReloaded = await waitFor("the model to be ready after the reload", async () => {
+    const s = await statusText(page);
+    return s.includes("codicon-check") ? s : "";
+  }, 120_000);
+  out.steps.push("reloaded");
 }
 
 async function waitReady(page) {
@@ -225,6 +238,7 @@ try {
   out.steps.push("editor");
   const scenarios = {
     errors: scenarioErrors, complete: scenarioComplete, endOfFile: scenarioEndOfFile, download: scenarioDownload,
+    reload: scenarioReload,
   };
   await scenarios[config.scenario](page);
   if (config.screenshots) await page.screenshot({ path: path.join(config.screenshots, "final.png") });
