@@ -9,6 +9,8 @@ Runs the real server over stdio with the shipped model and prints a JSON report:
   without waiting; every answer checked, documents compared, threads/tasks/pending counted;
 * soak: 10,000 completions with random edits, one after another: latency p50/p95 and
   the server's RSS per thousand, growth from the first thousand to the last;
+* notifications: the server's RSS before and after 10,000 keystrokes (a ``didChange``
+  and a ``dlm/didAcceptCompletion`` each);
 * longline: a document holding one 5 MB line; how long the server takes to answer a
   ``dlm/status`` sent right after a keystroke in that line, and right after a completion
   request in it (the event loop is blocked for that long), medians of 20.
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from raw_lsp import StdioServer  # noqa: E402 - after the path setup
-from storm import soak, storm  # noqa: E402
+from storm import rss_kb, soak, storm  # noqa: E402
 
 SETTINGS = {"backend": "cpu", "debounceMs": 5, "minConfidence": 0, "latencyBudgetMs": 100}
 
@@ -55,16 +57,34 @@ def longline(server: StdioServer, repeats: int = 20) -> dict[str, float]:
             "completion_request_then_status_ms": round(statistics.median(completion), 2)}
 
 
+def notifications(server: StdioServer, count: int = 10_000) -> dict[str, float]:
+    """The server's RSS before and after ``count`` keystrokes (a didChange and a didAcceptCompletion each)."""
+    uri = "file:///notify/doc.py"
+    server.open(uri, "x = 1\n")
+    server.status()
+    time.sleep(0.5)
+    before = rss_kb(server.proc.pid)
+    for n in range(count):
+        server.change(uri, n + 2, [{"range": {"start": {"line": 0, "character": 5}, "end": {"line": 0, "character": 5}},
+                                    "text": "1"}])
+        server.notify("dlm/didAcceptCompletion", {"acceptedLength": 1})
+    server.status()
+    time.sleep(0.5)
+    after = rss_kb(server.proc.pid)
+    return {"keystrokes": count, "rss_before_mb": round(before / 1024, 1), "rss_after_mb": round(after / 1024, 1),
+            "bytes_per_keystroke": round((after - before) * 1024 / count)}
+
+
 def main() -> int:
     """Run the chosen parts and print (and optionally write) the report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["storm", "soak", "longline"], action="append")
+    p.add_argument("--only", choices=["storm", "soak", "longline", "notifications"], action="append")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--completions", type=int, default=10_000)
     p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose server runs (default: this one)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    parts = args.only or ["storm", "soak", "longline"]
+    parts = args.only or ["storm", "soak", "longline", "notifications"]
     report: dict[str, object] = {"root": str(args.root)}
     server = StdioServer(root=args.root)
     try:
@@ -73,6 +93,9 @@ def main() -> int:
         if "longline" in parts:
             report["longline"] = longline(server)
             print(json.dumps(report["longline"]), file=sys.stderr)
+        if "notifications" in parts:
+            report["notifications"] = notifications(server)
+            print(json.dumps(report["notifications"]), file=sys.stderr)
         if "storm" in parts:
             report["storm"] = storm(server, requests=args.requests)
             print(json.dumps(report["storm"]), file=sys.stderr)
