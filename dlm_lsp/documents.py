@@ -33,6 +33,7 @@ UTF32 = types.PositionEncodingKind.Utf32
 _OTHER_BREAKS = re.compile("[\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 """What :meth:`str.splitlines` breaks at beyond LSP's three line breaks."""
 _LSP_BREAK = re.compile(r"\r\n|\r|\n")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
 def split_lines(text: str) -> list[str]:
@@ -75,8 +76,16 @@ def column(content: str, units: int, encoding: str | None) -> int:
             return len(data.decode("utf-8", "surrogatepass"))
         except UnicodeDecodeError as exc:  # the count ends inside the last character
             return len(data[: exc.start].decode("utf-8", "surrogatepass")) + 1
-    data = head.encode("utf-16-le", "surrogatepass")[: 2 * units]
-    return len(data.decode("utf-16-le", "surrogatepass"))  # half a pair decodes to one character
+    # UTF-16: one unit a character, two for each astral one (decoding would pair up two lone surrogates)
+    index, counted = 0, 0
+    for astral in _ASTRAL.finditer(head):
+        if counted + astral.start() - index >= units:
+            break
+        counted += astral.start() - index + 2
+        index = astral.start() + 1
+        if counted >= units:
+            return index  # the count ended inside (or right after) this character
+    return min(len(content), index + units - counted)
 
 
 def units(text: str, encoding: str | None) -> int:

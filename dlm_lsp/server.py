@@ -168,6 +168,11 @@ class DlmLanguageServer(LanguageServer):
             return None
         return token
 
+    def end_progress(self, token: str, message: str) -> None:
+        """End a ``$/progress`` report and forget its token (pygls keeps every token it created)."""
+        self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+        self.work_done_progress.tokens.pop(token, None)
+
     def start_model_load(self) -> None:
         """Load the configured model in the background, with ``$/progress`` when the client supports it."""
         token = self.begin_progress("dlm: loading model", self.settings.model or "default model")
@@ -180,13 +185,13 @@ class DlmLanguageServer(LanguageServer):
         def report(host: ModelHost, superseded: bool) -> None:  # on the event loop
             if superseded:  # the settings changed meanwhile: the newer load reports for itself
                 if token is not None:
-                    self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="replaced by a newer load"))
+                    self.end_progress(token, "replaced by a newer load")
                 return
             self.send_status()
             self.warn_if_too_long()
             if token is not None:
                 message = "ready" if host.state == "ready" else f"failed: {host.error}"
-                self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+                self.end_progress(token, message)
             if host.state == "error":
                 self.window_show_message(
                     types.ShowMessageParams(type=types.MessageType.Error, message=f"dlm: model failed to load: {host.error}")
@@ -296,7 +301,7 @@ class DlmLanguageServer(LanguageServer):
                 child.kill()
         self.pulling = None
         if token is not None:
-            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=error or "ready"))
+            self.end_progress(token, error or "ready")
         if error is not None:
             self._offered.discard(entry.name)  # asked again on the next load of this setting
             self.window_show_message(
