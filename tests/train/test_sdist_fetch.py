@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from engine.train import corpus
+from engine.train import corpus, sdist
 
 
 def code(n: int = 20) -> str:
@@ -79,7 +79,7 @@ class Index:
                         self._send(f"<!DOCTYPE html><html><body>{links}</body></html>".encode(), "text/html")
                     else:
                         body = {"meta": {"api-version": "1.0"}, "name": project, "files": files}
-                        self._send(json.dumps(body).encode(), corpus.SIMPLE_JSON)
+                        self._send(json.dumps(body).encode(), sdist.SIMPLE_JSON)
                 elif self.path in index.blobs:
                     self._send(index.blobs[self.path], "application/octet-stream")
                 else:
@@ -118,22 +118,22 @@ def index(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
 
 def test_the_pinned_sdist_is_fetched_checked_and_read_without_running_its_code(index: Index, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    sdist = tarball(evil_sdist(marker))
+    published = tarball(evil_sdist(marker))
     index.publish("evil-pkg", "evil_pkg-1.0.1.tar.gz", tarball({"evil_pkg-1.0.1/PKG-INFO": b"Name: evil-pkg\n"}))
     index.publish("evil-pkg", "evil_pkg-1.0-py3-none-any.whl", b"not the sdist")
-    index.publish("evil-pkg", "evil_pkg-1.0.tar.gz", sdist)
+    index.publish("evil-pkg", "evil_pkg-1.0.tar.gz", published)
     cache = tmp_path / "cache"
-    archive = corpus.fetch_sdist("evil-pkg", "1.0", cache)  # the index from PIP_INDEX_URL
+    archive = sdist.fetch_sdist("evil-pkg", "1.0", cache)  # the index from PIP_INDEX_URL
     assert not marker.exists(), "building the corpus ran the package's code"
-    assert archive == cache / "evil_pkg-1.0.tar.gz" and archive.read_bytes() == sdist
+    assert archive == cache / "evil_pkg-1.0.tar.gz" and archive.read_bytes() == published
     assert [p for p in cache.iterdir()] == [archive]  # nothing half-downloaded left
-    assert index.requests[0][0] == "/simple/evil-pkg/" and corpus.SIMPLE_JSON in index.requests[0][1]
+    assert index.requests[0][0] == "/simple/evil-pkg/" and sdist.SIMPLE_JSON in index.requests[0][1]
     stats = corpus.Stats()
     files = list(corpus.package_files("evil-pkg", "1.0", archive, stats))
     assert "evil_pkg/core.py" in [f.path for f in files] and {f.licence for f in files} == {"MIT"}  # read as text only
     assert not marker.exists()
     served = len(index.requests)
-    assert corpus.fetch_sdist("Evil_Pkg", "1.0", cache) == archive  # from the cache, whatever the name's spelling
+    assert sdist.fetch_sdist("Evil_Pkg", "1.0", cache) == archive  # from the cache, whatever the name's spelling
     assert len(index.requests) == served
 
 
@@ -141,18 +141,18 @@ def test_the_pinned_sdist_is_fetched_checked_and_read_without_running_its_code(i
 def test_an_sdist_that_does_not_match_the_index_hash_is_refused(index: Index, tmp_path: Path, advertised: str) -> None:
     index.publish("evil-pkg", "evil_pkg-1.0.tar.gz", tarball(evil_sdist(tmp_path / "marker")), sha256=advertised)
     cache = tmp_path / "cache"
-    with pytest.raises(corpus.FetchError, match="sha256"):
-        corpus.fetch_sdist("evil-pkg", "1.0", cache)
+    with pytest.raises(sdist.FetchError, match="sha256"):
+        sdist.fetch_sdist("evil-pkg", "1.0", cache)
     assert list(cache.iterdir()) == [] if cache.exists() else True
 
 
 def test_a_missing_version_or_project_is_a_reason_not_a_crash(index: Index, tmp_path: Path) -> None:
     index.publish("evil-pkg", "evil_pkg-2.0.tar.gz", b"x")
-    with pytest.raises(corpus.FetchError, match="no source distribution of Evil.Pkg 1.0"):
-        corpus.fetch_sdist("Evil.Pkg", "1.0", tmp_path)
+    with pytest.raises(sdist.FetchError, match="no source distribution of Evil.Pkg 1.0"):
+        sdist.fetch_sdist("Evil.Pkg", "1.0", tmp_path)
     assert index.requests[-1][0] == "/simple/evil-pkg/"  # the normalised name (PEP 503)
-    with pytest.raises(corpus.FetchError, match="cannot read the index page of nothing-here"):
-        corpus.fetch_sdist("nothing-here", "1.0", tmp_path)
+    with pytest.raises(sdist.FetchError, match="cannot read the index page of nothing-here"):
+        sdist.fetch_sdist("nothing-here", "1.0", tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ def test_a_tarball_with_members_outside_its_folder_is_refused(tmp_path: Path, me
     archive = tmp_path / "pkg-1.0.tar.gz"
     pkg_info = {"pkg-1.0/PKG-INFO": b"Metadata-Version: 2.1\nName: pkg\nVersion: 1.0\nLicense-Expression: MIT\n"}
     archive.write_bytes(tarball({**pkg_info, "pkg-1.0/pkg/core.py": code().encode(), **members}, links))
-    with pytest.raises(corpus.UnsafeArchiveError, match="outside the package folder|special file"):
+    with pytest.raises(sdist.UnsafeArchiveError, match="outside the package folder|special file"):
         list(corpus.package_files("pkg", "1.0", archive, corpus.Stats()))
 
 
@@ -185,7 +185,7 @@ def test_a_zip_with_members_outside_its_folder_is_refused(tmp_path: Path) -> Non
             if target is not None:
                 info.external_attr = (0o120777 << 16)  # a symbolic link
             zipped.writestr(info, target or code())
-        with pytest.raises(corpus.UnsafeArchiveError, match="outside the package folder"):
+        with pytest.raises(sdist.UnsafeArchiveError, match="outside the package folder"):
             list(corpus.package_files("pkg", "1.0", archive, corpus.Stats()))
 
 
