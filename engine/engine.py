@@ -187,6 +187,7 @@ class Engine:
                 "decode_ms": (time.perf_counter() - t0) * 1000,
                 "total_ms": (time.perf_counter() - start) * 1000,
                 "middle_tokens": len(result.ids),
+                "context_tokens": len(prefix_ids) + len(suffix_ids),
                 "backend": self.info.backend,
                 "exact": params.exact,
                 "healed": removed,

@@ -1,6 +1,7 @@
 """The real language server with a scripted model, for deterministic end-to-end tests.
 
     python tests/scripted_server.py [dlm-lsp arguments]      # DLM_TEST_SCRIPT='{"text": "a + b\\n", "p": 0.9}'
+    python tests/scripted_server.py --serve [dlm-serve arguments]
 
 Everything is the production server (``dlm_lsp.cli.main``: pygls, settings, the
 completion service, context, engine facade, sampler, post-processing, gate); only
@@ -86,6 +87,10 @@ def install_script() -> None:
 
 if __name__ == "__main__":
     install_script()
+    if sys.argv[1:2] == ["--serve"]:  # dlm-serve (the HTTP APIs) instead of the language server
+        from dlm_lsp.http.cli import main as serve
+
+        sys.exit(serve(sys.argv[2:]))
     from dlm_lsp.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,100 @@
+"""``dlm-serve``: serve a model over Mercury's FIM API and llama.cpp's ``/infill`` (uvicorn).
+
+    dlm-serve                                      # the shipped model on http://127.0.0.1:8012
+    dlm-serve --model open-dcoder-0.5b --port 8012
+    DLM_SERVE_API_KEYS=... dlm-serve --host 0.0.0.0   # beyond this machine: API keys required
+
+Binds 127.0.0.1 unless ``--host`` says otherwise; beyond loopback it refuses to start
+without API keys (``--api-key-file`` or ``DLM_SERVE_API_KEYS``). Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from engine import SERVING_BACKENDS
+
+log = logging.getLogger("dlm-serve")
+
+
+def parser() -> argparse.ArgumentParser:
+    """Arguments of ``dlm-serve``."""
+    p = argparse.ArgumentParser(prog="dlm-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8012, help="port (default 8012, llama.vim's default endpoint)")
+    p.add_argument("--model", default="", help="catalog name or engine folder (default: the shipped model)")
+    p.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
+    p.add_argument("--budget-ms", type=float, default=None,
+                   help="latency budget of a request that sets none (default: the language server's, 150 ms)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="the confidence gate (default: the language server's; 0 returns every middle)")
+    p.add_argument("--settings", default=None, metavar="JSON",
+                   help='the language server\'s settings as a JSON object, e.g. \'{"tokenHealing": false}\' '
+                        "(docs/server.md#settings; the flags above win)")
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="API keys, one per line (also DLM_SERVE_API_KEYS, comma-separated)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dlm-serve``."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from dlm_lsp.http.app import create_app
+        from dlm_lsp.http.service import Service, read_keys
+    except ImportError as exc:
+        print(f"dlm-serve: error: {exc.name} is missing: pip install -e '.[serve]' in your dlm-lsp clone", file=sys.stderr)
+        return 2
+    from dlm_lsp.settings import Settings
+    from dlm_lsp.transport import is_loopback
+
+    try:
+        keys = read_keys(args.api_key_file)
+    except (OSError, ValueError) as exc:
+        print(f"dlm-serve: error: {exc}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and not keys:
+        print(f"dlm-serve: error: --host {args.host} serves beyond this machine: give API keys "
+              "(--api-key-file or DLM_SERVE_API_KEYS)", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host):
+        log.warning("serving on %s beyond this machine: requests need an API key; the traffic is not encrypted "
+                    "(put a TLS proxy in front)", args.host)
+    settings = Settings()
+    if args.settings:
+        from dlm_lsp.settings import parse_settings
+
+        try:
+            raw = json.loads(args.settings)
+        except ValueError as exc:
+            print(f"dlm-serve: error: --settings is not JSON: {exc}", file=sys.stderr)
+            return 2
+        settings, problems = parse_settings(raw)
+        if problems:
+            print("dlm-serve: error: " + "; ".join(problems), file=sys.stderr)
+            return 2
+    settings = replace(settings, model=args.model, backend=args.backend)
+    if args.budget_ms is not None:
+        settings = replace(settings, latency_budget_ms=args.budget_ms)
+    if args.min_confidence is not None:
+        settings = replace(settings, min_confidence=args.min_confidence)
+    name = args.model if args.model and "/" not in args.model else (Path(args.model).name if args.model else "dlm-default")
+    app = create_app(Service(settings, name, keys))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
+                limit_concurrency=256, server_header=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
