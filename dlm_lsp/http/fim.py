@@ -4,8 +4,8 @@ Request: ``model`` (optional; the served model's name), ``prompt`` (the text bef
 cursor), ``suffix`` (after it), ``max_tokens`` (capped at 512, the longest middle), ``stop``
 (a string or a list), ``stream`` (server-sent events ending with ``data: [DONE]``), and
 ``language`` (ours, optional: an LSP language id or a file name, for the syntax-aware
-decisions). ``temperature``, ``top_p``, ``presence_penalty``, ``frequency_penalty`` and
-``user`` are accepted and do not apply: the middle is unmasked greedily, most confident
+decisions). ``user`` (optional) groups requests that replace each other; ``temperature``,
+``top_p``, ``presence_penalty`` and ``frequency_penalty`` are accepted and do not apply: the middle is unmasked greedily, most confident
 positions first. Reply: ``{id, object: "text_completion", created, model, choices: [{index,
 text, finish_reason: "stop"|"length"}], usage}``. A diffusion model writes the whole middle
 at once, so a stream carries it in one event, then the finish reason and usage.
@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlm_lsp.http.service import MAX_TEXT_CHARS, ApiError, Service, language_id, parse_body
+from dlm_lsp.http.service import MAX_TEXT_CHARS, ApiError, Service, document_key, language_id, parse_body
 from dlm_lsp.http.text import finish_reason, usage, with_stops
 
 router = APIRouter()
@@ -65,7 +65,7 @@ async def fim_completions(request: Request) -> Any:
     service.enter(who or client)
     try:
         result = await service.complete(
-            "fim", f"fim:{who}:{client}:{body.user or ''}", body.prompt, body.suffix,
+            "fim", document_key("fim", who, request, body.user), body.prompt, body.suffix,
             max_tokens=body.max_tokens, budget_ms=None,
             language=language_id(body.language),
             disconnected=request.is_disconnected,

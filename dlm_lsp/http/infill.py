@@ -7,9 +7,8 @@ middle, capped at 512; ``0`` only primes the context, as llama.vim does to warm 
 cache, and answers at once), ``n_indent`` (a later line indented less ends the
 middle), ``stop``, ``t_max_prompt_ms`` + ``t_max_predict_ms`` (together: the latency
 budget, a hard deadline), ``response_fields`` (only these fields, nested ones
-flattened to ``"a/b"`` keys, as llama.cpp does), ``id_slot`` (requests of one slot
-replace each other), ``model``. Sampling fields (``top_k``, ``top_p``, ``samplers``,
-``temperature``) and ``cache_prompt`` are accepted and do not apply. Reply:
+flattened to ``"a/b"`` keys, as llama.cpp does), ``model``. Sampling fields (``top_k``, ``top_p``, ``samplers``,
+``temperature``), ``cache_prompt`` and ``id_slot`` are accepted and do not apply. Reply:
 ``content``, ``stop``, ``stop_type``, ``tokens_predicted``, ``tokens_evaluated``,
 ``tokens_cached`` (0: no prompt cache yet), ``truncated``, ``timings``, ``model``.
 """
@@ -23,7 +22,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlm_lsp.context import OpenDocument
-from dlm_lsp.http.service import MAX_EXTRA_CHUNKS, MAX_TEXT_CHARS, ApiError, Service, language_id, parse_body
+from dlm_lsp.http.service import (
+    MAX_EXTRA_CHUNKS,
+    MAX_TEXT_CHARS,
+    ApiError,
+    Service,
+    document_key,
+    language_id,
+    parse_body,
+)
 from dlm_lsp.http.text import timings, with_stops, within_indent
 
 router = APIRouter()
@@ -97,7 +104,7 @@ async def infill(request: Request) -> JSONResponse:
     service.enter(who or client)
     try:
         result = await service.complete(
-            "infill", f"infill:{who}:{client}:{body.id_slot}", prefix, body.input_suffix,
+            "infill", document_key("infill", who, request), prefix, body.input_suffix,
             max_tokens=None if body.n_predict < 0 else body.n_predict, budget_ms=budget,
             language=language_id(language), others=others, disconnected=request.is_disconnected,
         )

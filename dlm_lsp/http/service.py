@@ -76,6 +76,20 @@ async def parse_body(request: Any, model: type[Body]) -> Body:
         raise ApiError(400, message, param=where or None) from exc
 
 
+def document_key(route: str, who: str, request: Any, user: str | None = None) -> str:
+    """Which requests replace each other (a newer one stops the older at its next step).
+
+    By the caller's own ``user`` field when it sends one (OpenAI's convention), else by
+    connection: never by address alone, or everyone behind one address (a shared host,
+    a proxy) would cancel everyone else. llama.vim opens a connection per request and
+    closes it when it moves on, which stops the old request anyway.
+    """
+    if user:
+        return f"{route}:{who}:user:{user}"
+    client = request.client
+    return f"{route}:{who}:{client.host}:{client.port}" if client else f"{route}:{who}:-"
+
+
 def read_keys(key_file: Path | None) -> list[str]:
     """API keys from ``key_file`` (one per line, ``#`` comments) and :data:`KEYS_ENV`."""
     keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]

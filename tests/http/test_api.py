@@ -181,3 +181,25 @@ def test_a_model_that_fails_to_load_is_reported_by_health():
         assert completion.status_code == 503 and completion.json()["error"]["type"] == "unavailable_error"
     finally:
         server.stop()
+
+
+def test_concurrent_clients_do_not_replace_each_others_requests():
+    """Requests from one address on different connections are different clients (a shared host, a
+    proxy): none stops another. The shipped model, so that requests overlap for real."""
+    import concurrent.futures
+
+    server = Serve("--min-confidence", "0")
+
+    def one(n: int) -> int:
+        with httpx.Client(timeout=60) as http:  # a connection of its own
+            reply = http.post(server.url + "/v1/fim/completions", json={"prompt": f"v{n} = compute(", "suffix": ")\n"})
+            return reply.status_code
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, range(24))) == [200] * 24
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'outcome="cancelled"' not in metrics, [m for m in metrics.splitlines() if "cancelled" in m]
+        assert 'dlm_requests_total{outcome="model",route="fim"}' in metrics or 'outcome="empty"' in metrics
+    finally:
+        server.stop()

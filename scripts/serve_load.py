@@ -1,0 +1,95 @@
+"""Throughput and latency of ``dlm-serve`` against the number of concurrent clients (docs/serve.md).
+
+    python scripts/serve_load.py --clients 1 2 4 8 16 --seconds 20 --out runs/serve_load.json
+    python scripts/serve_load.py --url http://127.0.0.1:8012        # a server already running
+
+Each client sends Mercury FIM requests one after another, each with a context of its
+own (so the type-through cache never answers), for ``--seconds`` per concurrency level.
+Reports requests per second, p50/p95 latency, how many came back with text, and how many
+the latency budget cut, per level. Without ``--url`` it starts ``dlm-serve`` with the
+shipped model (``--settings`` passes the server's settings, e.g. a budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import httpx  # noqa: E402
+
+from http_client import Serve  # noqa: E402
+
+PROMPT = "def area(width, height):\n    # case {n}\n    return "
+SUFFIX = "\n\n\nprint(area(2, 3))\n"
+
+
+async def level(url: str, clients: int, seconds: float) -> dict[str, float]:
+    """One concurrency level: ``clients`` loops for ``seconds``."""
+    latencies: list[float] = []
+    with_text = 0
+    counter = iter(range(10**9))
+    deadline = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal with_text
+        while time.perf_counter() < deadline:
+            n = next(counter)
+            started = time.perf_counter()
+            reply = await http.post(url + "/v1/fim/completions",
+                                    json={"prompt": PROMPT.format(n=n), "suffix": SUFFIX, "max_tokens": 32})
+            latencies.append((time.perf_counter() - started) * 1000)
+            reply.raise_for_status()
+            with_text += bool(reply.json()["choices"][0]["text"])
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {
+        "clients": clients, "requests": len(latencies), "per_second": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(statistics.median(latencies), 1),
+        "p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1) if len(latencies) > 1 else latencies[0],
+        "with_text": with_text,
+    }
+
+
+def main() -> int:
+    """Run every level and print (and optionally write) the report."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--url")
+    p.add_argument("--settings", default='{"minConfidence": 0}')
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    server = None if args.url else Serve("--settings", args.settings)
+    url = args.url or server.url  # type: ignore[union-attr]
+    try:
+        report = {"url": url, "settings": args.settings, "levels": []}
+        for clients in args.clients:
+            result = asyncio.run(level(url, clients, args.seconds))
+            print(json.dumps(result), file=sys.stderr)
+            report["levels"].append(result)  # type: ignore[attr-defined]
+        metrics = httpx.get(url + "/metrics").text
+        report["budget_cut"] = [line for line in metrics.splitlines() if line.startswith("dlm_requests_total")]
+    finally:
+        if server is not None:
+            server.stop()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
