@@ -5,8 +5,9 @@
 
 Each client sends Mercury FIM requests one after another, each with a context of its
 own (so the type-through cache never answers), for ``--seconds`` per concurrency level.
-Reports requests per second, p50/p95 latency, how many came back with text, and how many
-the latency budget cut, per level. Without ``--url`` it starts ``dlm-serve`` with the
+Reports requests per second, p50/p95 latency, how many came back with text and how many
+were refused (429: past the 8 requests a key, or an address without keys, may run at
+once), per level. Without ``--url`` it starts ``dlm-serve`` with the
 shipped model (``--settings`` passes the server's settings, e.g. a budget).
 """
 
@@ -34,17 +35,21 @@ SUFFIX = "\n\n\nprint(area(2, 3))\n"
 async def level(url: str, clients: int, seconds: float) -> dict[str, float]:
     """One concurrency level: ``clients`` loops for ``seconds``."""
     latencies: list[float] = []
-    with_text = 0
+    with_text = refused = 0
     counter = iter(range(10**9))
     deadline = time.perf_counter() + seconds
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal with_text
+        nonlocal with_text, refused
         while time.perf_counter() < deadline:
             n = next(counter)
             started = time.perf_counter()
             reply = await http.post(url + "/v1/fim/completions",
                                     json={"prompt": PROMPT.format(n=n), "suffix": SUFFIX, "max_tokens": 32})
+            if reply.status_code == 429:  # past the per-key (or per-address) concurrency limit
+                refused += 1
+                await asyncio.sleep(0.01)
+                continue
             latencies.append((time.perf_counter() - started) * 1000)
             reply.raise_for_status()
             with_text += bool(reply.json()["choices"][0]["text"])
@@ -57,7 +62,7 @@ async def level(url: str, clients: int, seconds: float) -> dict[str, float]:
         "clients": clients, "requests": len(latencies), "per_second": round(len(latencies) / elapsed, 2),
         "p50_ms": round(statistics.median(latencies), 1),
         "p95_ms": round(statistics.quantiles(latencies, n=20)[-1], 1) if len(latencies) > 1 else latencies[0],
-        "with_text": with_text,
+        "with_text": with_text, "refused_429": refused,
     }
 
 
