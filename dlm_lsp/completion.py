@@ -27,6 +27,7 @@ from dlm_lsp.settings import Settings
 from dlm_lsp.status import Metrics
 
 if TYPE_CHECKING:
+    from dlm_lsp.remote import Endpoint
     from engine import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,34 @@ def complete_text(
     )
 
 
+def complete_remote(
+    remote: Endpoint,
+    text: str,
+    offset: int,
+    language_id: str,
+    settings: Settings,
+    stop: Callable[[], bool],
+    started: float,
+) -> Result:
+    """Complete ``text`` at ``offset`` on a remote endpoint (synchronous; :mod:`dlm_lsp.remote`).
+
+    The prefix and suffix windows go to the endpoint; its answer is post-processed here
+    as the engine's would be (the confidence gate needs per-token confidence, which a
+    FIM API does not return: a ``dlm-serve`` gates on its side). Out of time or stopped:
+    no suggestion, ``cut`` or ``cancelled``.
+    """
+    ctx = build_context(without_surrogates(text), offset, language_id, settings)
+    spent_ms = (time.perf_counter() - started) * 1000
+    budget = max(1.0, settings.latency_budget_ms - spent_ms - BUDGET_RESERVE_MS)
+    answer = remote.complete(ctx.prefix, ctx.suffix, max(settings.lengths(ctx.multiline)), budget, stop)
+    latency = (time.perf_counter() - started) * 1000
+    if answer.abandoned:
+        return Result(None, latency, "cancelled" if stop() else "empty", cut=not stop(), context=ctx)
+    suggestion = postprocess(answer.text, ctx.post) if answer.text else None
+    return Result(suggestion, latency, "model" if suggestion else "empty", cut=answer.finish_reason == "length",
+                  raw_text=answer.text, ungated=suggestion, context=ctx)
+
+
 class CompletionService:
     """Debounce, per-document cancellation, type-through cache and stale-result dropping."""
 
@@ -179,7 +208,7 @@ class CompletionService:
 
     async def complete(
         self,
-        engine: Engine,
+        engine: Engine | None,
         uri: str,
         text: str,
         offset: int,
@@ -191,9 +220,11 @@ class CompletionService:
         automatic: bool,
         others: Iterable[OpenDocument] = (),
         document_start: bool = True,
+        remote: Endpoint | None = None,
     ) -> Result:
         """Complete at ``offset`` unless superseded, cancelled or made stale on the way
-        (``document_start``: as in :func:`complete_text`)."""
+        (``document_start``: as in :func:`complete_text`; ``remote``: ask that endpoint instead of
+        ``engine``, :func:`complete_remote`)."""
         started = time.perf_counter()
         self.metrics.count("requests")
         generation = self._generation.get(uri, 0) + 1
@@ -215,6 +246,9 @@ class CompletionService:
         loop = asyncio.get_running_loop()
         work_started = time.perf_counter()
         def work() -> Result:
+            if remote is not None:
+                return complete_remote(remote, text, offset, language_id, settings, stop.is_set, work_started)
+            assert engine is not None, "a completion needs an engine or an endpoint"
             return complete_text(engine, text, offset, language_id, settings, others, stop.is_set, work_started, document_start)
 
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    from dlm_lsp.remote import Endpoint
     from engine import Engine, SamplingParams
     from engine.catalog import CatalogEntry
 
@@ -57,14 +58,56 @@ class ModelHost:
         self.missing: CatalogEntry | None = None
         """The catalog model the setting names but that is not downloaded (the shipped one runs instead)."""
         self.load_ms: float | None = None
+        self.remote: Endpoint | None = None
+        """The remote engine in use (the ``endpoint`` setting), instead of a model loaded here."""
+        self.endpoint = ""
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._generation = 0
         """Counts loads: a load that a newer one replaced must not touch the state."""
 
-    def wants_reload(self, model: str, backend: str) -> bool:
-        """Whether these settings name another model or backend than the loaded one."""
-        return model != self.spec or backend != self.backend
+    def wants_reload(self, model: str, backend: str, endpoint: str = "") -> bool:
+        """Whether these settings name another model, backend or endpoint than the current one."""
+        return model != self.spec or backend != self.backend or endpoint != self.endpoint
+
+    def connect(self, endpoint: str, key_env: str, key_file: str,
+                on_done: Callable[["ModelHost", bool], None] | None = None) -> threading.Thread:
+        """Use a remote engine instead of loading a model: ``GET /v1/models`` on a thread, then
+        ``ready`` (or ``error`` saying why); ``on_done`` as for :meth:`load`."""
+        from dlm_lsp.remote import Endpoint, EndpointError
+
+        with self._lock:
+            self.state, self.error, self.spec, self.backend, self.missing = "loading", None, None, "remote", None
+            self.endpoint, self.engine, self.remote, self.path = endpoint, None, None, None
+            self._generation += 1
+            generation = self._generation
+            self._loaded.clear()
+
+        def work() -> None:
+            started = time.perf_counter()
+            try:
+                remote = Endpoint(endpoint, key_env, key_file)
+                remote.check()
+            except EndpointError as exc:
+                with self._lock:
+                    if self._generation == generation:
+                        self.state, self.error = "error", str(exc)
+                log.error("endpoint %s: %s", endpoint, exc)
+            else:
+                with self._lock:
+                    if self._generation == generation:
+                        self.remote, self.state = remote, "ready"
+                        self.load_ms = (time.perf_counter() - started) * 1000
+            with self._lock:
+                superseded = self._generation != generation
+                if not superseded:
+                    self._loaded.set()
+            if on_done is not None:
+                on_done(self, superseded)
+
+        thread = threading.Thread(target=work, name="dlm-endpoint-check", daemon=True)
+        thread.start()
+        return thread
 
     def load(
         self,
@@ -83,7 +126,7 @@ class ModelHost:
         """
         with self._lock:
             self.state, self.error, self.spec, self.backend, self.missing = "loading", None, model, backend, None
-            self.path = None
+            self.path, self.remote, self.endpoint = None, None, ""
             self._generation += 1
             generation = self._generation
             self._loaded.clear()
@@ -145,7 +188,7 @@ class ModelHost:
         """Drop the engine; a load still running is superseded (it changes nothing and reports so)."""
         with self._lock:
             self._generation += 1
-            self.state, self.engine, self.error = "idle", None, None
+            self.state, self.engine, self.error, self.remote = "idle", None, None, None
             self._loaded.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -161,6 +204,10 @@ class ModelHost:
     def describe(self) -> dict[str, Any]:
         """Model, family, backend, device and state for ``dlm/status``."""
         info = self.engine.info if self.engine is not None else None
+        if self.endpoint:
+            return {"state": self.state, "error": self.error, "model": self.remote.model if self.remote else None,
+                    "endpoint": self.endpoint, "missing": None, "family": None, "backend": "remote", "device": None,
+                    "precision": None, "load_ms": round(self.load_ms, 1) if self.load_ms else None}
         return {
             "state": self.state,
             "error": self.error,

@@ -115,7 +115,7 @@ class DlmLanguageServer(LanguageServer):
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=problem))
         self.settings = settings
         if self.model.state == "error" or (
-            self.model.state != "idle" and self.model.wants_reload(settings.model, settings.backend)
+            self.model.state != "idle" and self.model.wants_reload(settings.model, settings.backend, settings.endpoint)
         ):
             self.start_model_load()  # a failed load is retried on any settings change: the cause may be fixed
         self.warn_if_too_long()
@@ -124,7 +124,7 @@ class DlmLanguageServer(LanguageServer):
     def warn_if_too_long(self) -> None:
         """Say so once when the length settings ask for middles the loaded model's window cannot hold
         (they are capped: :func:`dlm_lsp.completion.longest_middle`)."""
-        engine = self.model.engine
+        engine = self.model.engine if self.model.state == "ready" else None
         if engine is None:
             return
         positions = engine.info.arch.max_positions
@@ -175,7 +175,7 @@ class DlmLanguageServer(LanguageServer):
 
     def start_model_load(self) -> None:
         """Load the configured model in the background, with ``$/progress`` when the client supports it."""
-        token = self.begin_progress("dlm: loading model", self.settings.model or "default model")
+        token = self.begin_progress("dlm: loading model", self.settings.endpoint or self.settings.model or "default model")
 
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -208,7 +208,11 @@ class DlmLanguageServer(LanguageServer):
             else:
                 report(host, superseded)
 
-        self.model.load(self.settings.model, self.settings.backend, on_done=done)
+        if self.settings.endpoint:  # a remote engine: nothing loads here
+            self.model.connect(self.settings.endpoint, self.settings.endpoint_key_env, self.settings.endpoint_key_file,
+                               on_done=done)
+        else:
+            self.model.load(self.settings.model, self.settings.backend, on_done=done)
         self.send_status()
 
     async def offer_download(self, entry: CatalogEntry) -> None:
@@ -355,8 +359,8 @@ class DlmLanguageServer(LanguageServer):
             return empty
         language = doc.language_id or "plaintext"
         settings = self.settings
-        engine = self.model.engine
-        if not settings.enabled_for(language) or self.model.state != "ready" or engine is None:
+        engine, remote = self.model.engine, self.model.remote
+        if not settings.enabled_for(language) or self.model.state != "ready" or (engine is None and remote is None):
             return empty
         offset = doc.offset_at(position)
         # only the text around the cursor goes further: a 5 MB line or file costs what a small one does
@@ -373,6 +377,7 @@ class DlmLanguageServer(LanguageServer):
             automatic=automatic,
             others=self.other_documents(uri, language),
             document_start=start == 0,
+            remote=remote,
         )
         log.debug("completion %s: %s in %.1f ms", uri, result.source, result.latency_ms)
         self.send_status_soon()

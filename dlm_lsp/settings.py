@@ -138,6 +138,13 @@ class Settings:
     """Token budget of those snippets (taken from the prefix budget's share of the window)."""
     metrics: bool = _setting(True, Rule("boolean"))
     """Count shown/accepted suggestions locally (never sent anywhere)."""
+    endpoint: str = _setting("", Rule("string", what="an http(s) URL such as http://127.0.0.1:8012, or empty"))
+    """A dlm-serve (or another Mercury FIM API) to send completions to instead of loading a model here;
+    empty = run the model in this server."""
+    endpoint_key_env: str = _setting("DLM_API_KEY", Rule("string", what="the name of an environment variable"))
+    """The environment variable holding the endpoint's API key (keys never go in settings)."""
+    endpoint_key_file: str = _setting("", Rule("string", what="a file path, or empty"))
+    """A file holding the endpoint's API key (its first line), used when the variable is unset."""
 
     def enabled_for(self, language_id: str) -> bool:
         """Whether completions are on for ``language_id``."""

@@ -4,7 +4,8 @@ Request: ``model`` (optional; the served model's name), ``prompt`` (the text bef
 cursor), ``suffix`` (after it), ``max_tokens`` (capped at 512, the longest middle), ``stop``
 (a string or a list), ``stream`` (server-sent events ending with ``data: [DONE]``), and
 ``language`` (ours, optional: an LSP language id or a file name, for the syntax-aware
-decisions). ``user`` (optional) groups requests that replace each other; ``temperature``,
+decisions). The header ``X-DLM-Budget-Ms`` (ours) sets the latency budget, as the
+language server's remote mode sends it. ``user`` (optional) groups requests that replace each other; ``temperature``,
 ``top_p``, ``presence_penalty`` and ``frequency_penalty`` are accepted and do not apply: the middle is unmasked greedily, most confident
 positions first. Reply: ``{id, object: "text_completion", created, model, choices: [{index,
 text, finish_reason: "stop"|"length"}], usage}``. A diffusion model writes the whole middle
@@ -21,7 +22,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from dlm_lsp.http.service import MAX_TEXT_CHARS, ApiError, Service, document_key, language_id, parse_body
+from dlm_lsp.http.service import (
+    MAX_TEXT_CHARS,
+    ApiError,
+    Service,
+    budget_header,
+    document_key,
+    language_id,
+    parse_body,
+)
+from dlm_lsp.remote import BUDGET_HEADER
 from dlm_lsp.http.text import finish_reason, usage, with_stops
 
 router = APIRouter()
@@ -66,7 +76,7 @@ async def fim_completions(request: Request) -> Any:
     try:
         result = await service.complete(
             "fim", document_key("fim", who, request, body.user), body.prompt, body.suffix,
-            max_tokens=body.max_tokens, budget_ms=None,
+            max_tokens=body.max_tokens, budget_ms=budget_header(request.headers.get(BUDGET_HEADER)),
             language=language_id(body.language),
             disconnected=request.is_disconnected,
         )

@@ -76,6 +76,19 @@ async def parse_body(request: Any, model: type[Body]) -> Body:
         raise ApiError(400, message, param=where or None) from exc
 
 
+def budget_header(value: str | None) -> float | None:
+    """The ``X-DLM-Budget-Ms`` header: milliseconds (1-60,000), or None when absent."""
+    if value is None:
+        return None
+    try:
+        budget = float(value)
+    except ValueError as exc:
+        raise ApiError(400, "X-DLM-Budget-Ms must be a number of milliseconds") from exc
+    if not 1 <= budget <= 60_000:
+        raise ApiError(400, "X-DLM-Budget-Ms must be between 1 and 60000")
+    return budget
+
+
 def document_key(route: str, who: str, request: Any, user: str | None = None) -> str:
     """Which requests replace each other (a newer one stops the older at its next step).
 
