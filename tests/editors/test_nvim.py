@@ -311,3 +311,20 @@ def test_a_catalog_model_is_offered_downloaded_and_completes(tmp_path: Path):
         assert type_return(editor)  # ghost text from the pulled model
     finally:
         editor.close()
+
+
+def test_ghost_text_from_a_remote_dlm_serve(nvim: Nvim, tmp_path: Path):
+    """The plugin unchanged; the server's endpoint setting points at a dlm-serve holding the model."""
+    import httpx
+    from http_client import Serve
+
+    served = Serve("--min-confidence", "0", "--budget-ms", "2000")
+    try:
+        start(nvim, tmp_path, endpoint=served.url)
+        status = nvim.lua("return require('dlm').status(500)")
+        assert status["backend"] == "remote" and status["endpoint"] == served.url
+        assert type_return(nvim).strip()
+        metrics = httpx.get(served.url + "/metrics").text
+        assert 'route="fim"' in metrics  # the suggestion came over HTTP
+    finally:
+        served.stop()
