@@ -187,8 +187,10 @@ def complete_remote(
 class CompletionService:
     """Debounce, per-document cancellation, type-through cache and stale-result dropping."""
 
-    def __init__(self, metrics: Metrics, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, metrics: Metrics, executor: ThreadPoolExecutor | None = None, *, cache: bool = True) -> None:
+        """``cache``: keep a type-through cache (one editor's; a server shared by many clients has none)."""
         self.metrics = metrics
+        self.use_cache = cache
         self.cache = CompletionCache()
         self.executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlm-engine")
         self._inflight: dict[str, threading.Event] = {}
@@ -230,8 +232,20 @@ class CompletionService:
         generation = self._generation.get(uri, 0) + 1
         self._generation[uri] = generation
         self.cancel(uri)  # a newer request replaces the one in flight
+        try:
+            return await self._complete(engine, uri, text, offset, language_id, settings, version, current_version,
+                                        automatic, others, document_start, remote, started, generation)
+        finally:
+            if self._generation.get(uri) == generation:  # the newest request for uri ended: forget the uri
+                del self._generation[uri]
+
+    async def _complete(
+        self, engine: Engine | None, uri: str, text: str, offset: int, language_id: str, settings: Settings,
+        version: int | None, current_version: Callable[[], int | None], automatic: bool,
+        others: Iterable[OpenDocument], document_start: bool, remote: Endpoint | None, started: float, generation: int,
+    ) -> Result:
         prefix, suffix = text[:offset], text[offset:]
-        cached = self.cache.get(prefix, suffix)
+        cached = self.cache.get(prefix, suffix) if self.use_cache else None
         if cached is not None:
             self.metrics.count("cache_hits")
             latency = (time.perf_counter() - started) * 1000
@@ -245,6 +259,7 @@ class CompletionService:
         self._inflight[uri] = stop
         loop = asyncio.get_running_loop()
         work_started = time.perf_counter()
+
         def work() -> Result:
             if remote is not None:
                 return complete_remote(remote, text, offset, language_id, settings, stop.is_set, work_started)
@@ -283,5 +298,6 @@ class CompletionService:
             self.metrics.count(result.source)  # empty or gated
             return result
         self.metrics.count("completions")
-        self.cache.put(prefix, suffix, CachedSuggestion(result.suggestion.text, result.suggestion.replace_suffix))
+        if self.use_cache:
+            self.cache.put(prefix, suffix, CachedSuggestion(result.suggestion.text, result.suggestion.replace_suffix))
         return result

@@ -61,14 +61,18 @@ class ModelHost:
         self.remote: Endpoint | None = None
         """The remote engine in use (the ``endpoint`` setting), instead of a model loaded here."""
         self.endpoint = ""
+        self._endpoint_key: tuple[str, str, str] = ("", "", "")
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._generation = 0
         """Counts loads: a load that a newer one replaced must not touch the state."""
 
-    def wants_reload(self, model: str, backend: str, endpoint: str = "") -> bool:
-        """Whether these settings name another model, backend or endpoint than the current one."""
-        return model != self.spec or backend != self.backend or endpoint != self.endpoint
+    def wants_reload(self, model: str, backend: str, endpoint: str = "", key_env: str = "", key_file: str = "") -> bool:
+        """Whether these settings name another model, backend or endpoint (or its key) than the current
+        ones (with an endpoint, the model and backend settings do not matter)."""
+        if endpoint or self.endpoint:
+            return (endpoint, key_env, key_file) != self._endpoint_key
+        return model != self.spec or backend != self.backend
 
     def connect(self, endpoint: str, key_env: str, key_file: str,
                 on_done: Callable[["ModelHost", bool], None] | None = None) -> threading.Thread:
@@ -79,6 +83,7 @@ class ModelHost:
         with self._lock:
             self.state, self.error, self.spec, self.backend, self.missing = "loading", None, None, "remote", None
             self.endpoint, self.engine, self.remote, self.path = endpoint, None, None, None
+            self._endpoint_key = (endpoint, key_env, key_file)
             self._generation += 1
             generation = self._generation
             self._loaded.clear()
@@ -88,11 +93,12 @@ class ModelHost:
             try:
                 remote = Endpoint(endpoint, key_env, key_file)
                 remote.check()
-            except EndpointError as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is this endpoint's error state, never a dead thread
+                message = str(exc) if isinstance(exc, EndpointError) else f"endpoint {endpoint!r}: {type(exc).__name__}: {exc}"
                 with self._lock:
                     if self._generation == generation:
-                        self.state, self.error = "error", str(exc)
-                log.error("endpoint %s: %s", endpoint, exc)
+                        self.state, self.error = "error", message
+                log.error("endpoint %s: %s", endpoint, message)
             else:
                 with self._lock:
                     if self._generation == generation:
@@ -126,7 +132,7 @@ class ModelHost:
         """
         with self._lock:
             self.state, self.error, self.spec, self.backend, self.missing = "loading", None, model, backend, None
-            self.path, self.remote, self.endpoint = None, None, ""
+            self.path, self.remote, self.endpoint, self._endpoint_key = None, None, "", ("", "", "")
             self._generation += 1
             generation = self._generation
             self._loaded.clear()

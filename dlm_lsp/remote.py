@@ -12,6 +12,7 @@ or a file, never from the settings (which editors store in plain text).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -50,11 +51,15 @@ class Endpoint:
 
     def __init__(self, url: str, key_env: str = "DLM_API_KEY", key_file: str = "") -> None:
         parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or " " in parts.netloc:
             raise EndpointError(f"endpoint {url!r} is not an http(s) URL such as http://127.0.0.1:8012")
         self.url = url.strip()
         self.https = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port or (443 if self.https else 80)
+        self.host, self.port = parts.hostname, port or (443 if self.https else 80)
         base = parts.path.rstrip("/")
         self.base = base[: -len(FIM_PATH)] if base.endswith(FIM_PATH) else base
         self.key_env, self.key_file = key_env, key_file
@@ -105,30 +110,36 @@ class Endpoint:
                  extra: dict[str, str] | None = None) -> tuple[int | None, bytes]:
         """(status, body), or (None, b"") when stopped or out of time: the connection is closed then,
         which is how the server learns that the answer is no longer wanted."""
+        deadline = time.monotonic() + timeout_s
         connection: http.client.HTTPConnection
         if self.https:
             connection = http.client.HTTPSConnection(self.host, self.port, timeout=max(0.05, timeout_s),
-                                                     context=ssl.create_default_context())
+                                                     context=_tls_context())
         else:
             connection = http.client.HTTPConnection(self.host, self.port, timeout=max(0.05, timeout_s))
+        connection.auto_open = 0  # never reconnect by itself after an abort
         outcome: dict[str, Any] = {}
+        abandoned = threading.Event()
 
         def run() -> None:
             try:
+                connection.connect()
+                if abandoned.is_set():  # given up while connecting: send nothing
+                    connection.close()
+                    return
                 connection.request(method, path or "/", body=body, headers={**self.headers(), **(extra or {})})
                 response = connection.getresponse()
                 outcome["reply"] = (response.status, response.read(MAX_REPLY_BYTES))
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, AttributeError) as exc:  # AttributeError: closed under it
                 outcome["error"] = exc
 
         worker = threading.Thread(target=run, name="dlm-endpoint", daemon=True)
         worker.start()
-        deadline = time.monotonic() + timeout_s
         while worker.is_alive():
             worker.join(0.01)
             if worker.is_alive() and (stop() or time.monotonic() > deadline):
-                _abort(connection)
-                worker.join(1.0)
+                abandoned.set()
+                _abort(connection)  # the server sees the request closed (the worker ends on its own)
                 return None, b""
         connection.close()
         if "error" in outcome:
@@ -141,6 +152,12 @@ class Endpoint:
 
     def _key_source(self) -> str:
         return f"${self.key_env}" + (f" or {self.key_file}" if self.key_file else "")
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for every request (building one costs tens of milliseconds)."""
+    return ssl.create_default_context()
 
 
 def _abort(connection: http.client.HTTPConnection) -> None:

@@ -115,7 +115,9 @@ class DlmLanguageServer(LanguageServer):
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Warning, message=problem))
         self.settings = settings
         if self.model.state == "error" or (
-            self.model.state != "idle" and self.model.wants_reload(settings.model, settings.backend, settings.endpoint)
+            self.model.state != "idle" and self.model.wants_reload(
+                settings.model, settings.backend, settings.endpoint, settings.endpoint_key_env, settings.endpoint_key_file
+            )
         ):
             self.start_model_load()  # a failed load is retried on any settings change: the cause may be fixed
         self.warn_if_too_long()

@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -28,8 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8012, help="port (default 8012, llama.vim's default endpoint)")
-    p.add_argument("--model", default="", help="catalog name or engine folder (default: the shipped model)")
-    p.add_argument("--backend", default="auto", choices=SERVING_BACKENDS)
+    p.add_argument("--model", default=None, help="catalog name or engine folder (default: the shipped model)")
+    p.add_argument("--backend", default=None, choices=SERVING_BACKENDS, help="default: auto")
     p.add_argument("--budget-ms", type=float, default=None,
                    help="latency budget of a request that sets none (default: the language server's, 150 ms)")
     p.add_argument("--min-confidence", type=float, default=None,
@@ -56,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"dlm-serve: error: {exc.name} is missing: pip install -e '.[serve]' in your dlm-lsp clone", file=sys.stderr)
         return 2
-    from dlm_lsp.settings import Settings
+    from dlm_lsp.settings import parse_settings
     from dlm_lsp.transport import is_loopback
 
     try:
@@ -71,28 +70,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not is_loopback(args.host):
         log.warning("serving on %s beyond this machine: requests need an API key; the traffic is not encrypted "
                     "(put a TLS proxy in front)", args.host)
-    settings = Settings()
-    if args.settings:
-        from dlm_lsp.settings import parse_settings
-
-        try:
-            raw = json.loads(args.settings)
-        except ValueError as exc:
-            print(f"dlm-serve: error: --settings is not JSON: {exc}", file=sys.stderr)
-            return 2
-        settings, problems = parse_settings(raw)
-        if problems:
-            print("dlm-serve: error: " + "; ".join(problems), file=sys.stderr)
-            return 2
-    settings = replace(settings, model=args.model, backend=args.backend)
-    if args.budget_ms is not None:
-        settings = replace(settings, latency_budget_ms=args.budget_ms)
-    if args.min_confidence is not None:
-        settings = replace(settings, min_confidence=args.min_confidence)
-    name = args.model if args.model and "/" not in args.model else (Path(args.model).name if args.model else "dlm-default")
+    try:
+        raw = json.loads(args.settings) if args.settings else {}
+    except ValueError as exc:
+        print(f"dlm-serve: error: --settings is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(raw, dict):
+        print("dlm-serve: error: --settings must be a JSON object", file=sys.stderr)
+        return 2
+    flags = {"model": args.model, "backend": args.backend, "latencyBudgetMs": args.budget_ms,
+             "minConfidence": args.min_confidence}
+    raw.update({key: value for key, value in flags.items() if value is not None})  # the flags win
+    settings, problems = parse_settings(raw)
+    if problems:
+        print("dlm-serve: error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    model = settings.model
+    name = model if model and "/" not in model else (Path(model).name if model else "dlm-default")
     app = create_app(Service(settings, name, keys))
+    # no limit_concurrency: idle connections would count against it and lock every client out; the
+    # per-key limits bound the work, and beyond loopback a proxy with header timeouts belongs in front
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
-                limit_concurrency=256, server_header=False)
+                server_header=False)
     return 0
 
 

@@ -6,7 +6,8 @@ other files' chunks, the server's other-file context), ``n_predict`` (the longes
 middle, capped at 512; ``0`` only primes the context, as llama.vim does to warm its
 cache, and answers at once), ``n_indent`` (a later line indented less ends the
 middle), ``stop``, ``t_max_prompt_ms`` + ``t_max_predict_ms`` (together: the latency
-budget, a hard deadline), ``response_fields`` (only these fields, nested ones
+budget, a hard deadline, at most 60 s; ``-1`` or ``0``: the server's budget),
+``language`` (ours: an LSP language id or a file name), ``response_fields`` (only these fields, nested ones
 flattened to ``"a/b"`` keys, as llama.cpp does), ``model``. Sampling fields (``top_k``, ``top_p``, ``samplers``,
 ``temperature``), ``cache_prompt`` and ``id_slot`` are accepted and do not apply. Reply:
 ``content``, ``stop``, ``stop_type``, ``tokens_predicted``, ``tokens_evaluated``,
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dlm_lsp.context import OpenDocument
 from dlm_lsp.http.service import (
+    MAX_EXTRA_CHARS,
     MAX_EXTRA_CHUNKS,
     MAX_TEXT_CHARS,
     ApiError,
@@ -55,8 +57,8 @@ class InfillRequest(BaseModel):
     n_predict: int = Field(-1, ge=-1, le=32_768)
     n_indent: int = Field(0, ge=0, le=1000)
     stop: list[str] = Field(default_factory=list, max_length=16)
-    t_max_prompt_ms: int | None = Field(None, ge=0, le=600_000)
-    t_max_predict_ms: int | None = Field(None, ge=0, le=600_000)
+    t_max_prompt_ms: int | None = Field(None, ge=-1, le=60_000)
+    t_max_predict_ms: int | None = Field(None, ge=-1, le=60_000)
     response_fields: list[str] | None = Field(None, max_length=64)
     id_slot: int = Field(-1, ge=-1, le=1_000_000)
     model: str | None = None
@@ -94,11 +96,12 @@ async def infill(request: Request) -> JSONResponse:
         return JSONResponse(_shape({"content": "", "stop": True, "stop_type": "limit", "tokens_predicted": 0,
                                     "tokens_evaluated": 0, "tokens_cached": 0, "truncated": False,
                                     "timings": {}, "model": service.model_name}, body.response_fields))
-    budget = None
-    if body.t_max_prompt_ms is not None or body.t_max_predict_ms is not None:
-        budget = float(max(1, (body.t_max_prompt_ms or 0) + (body.t_max_predict_ms or 0)))
+    if sum(len(c.text) for c in body.input_extra) > MAX_EXTRA_CHARS:
+        raise ApiError(400, f"input_extra: at most {MAX_EXTRA_CHARS} characters in all", param="input_extra")
+    limits = [t for t in (body.t_max_prompt_ms, body.t_max_predict_ms) if t is not None and t > 0]
+    budget = float(min(60_000, sum(limits))) if limits else None  # -1 or 0: no limit of the client's
     others = [OpenDocument(c.filename or f"chunk{i}", "", c.text) for i, c in enumerate(body.input_extra) if c.text]
-    language = body.language or next((language_id(c.filename) for c in body.input_extra if c.filename), None)
+    language = body.language
     others = [OpenDocument(d.uri, language_id(language), d.text) for d in others]
     client = request.client.host if request.client else "-"
     service.enter(who or client)

@@ -38,6 +38,8 @@ MAX_BODY_BYTES = 8 << 20
 MAX_TEXT_CHARS = 1_000_000
 """prompt, suffix and each other-file chunk: at most this many characters."""
 MAX_EXTRA_CHUNKS = 64
+MAX_EXTRA_CHARS = 512_000
+"""Other-file chunks of one request, in all (more costs CPU before the budget starts)."""
 PER_KEY_CONCURRENCY = 8
 """Requests one API key (or, without keys, one client address) may have running at once."""
 LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "typescriptreact", ".go": "go",
@@ -153,7 +155,9 @@ class Service:
         self.keys = keys
         self.host = ModelHost()
         self.metrics = Metrics()
-        self.completions = CompletionService(self.metrics)
+        self.completions = CompletionService(self.metrics, cache=False)
+        """No type-through cache: it is one editor's, and would serve one client's middle (made with its
+        settings, budget and other files) to another."""
         self.prometheus = Prometheus()
         self.started = time.time()
         self._ids = itertools.count(1)
@@ -245,19 +249,26 @@ class Service:
             engine, document, text, offset, language, settings, version=None, current_version=lambda: None,
             automatic=False, others=others or [], document_start=start == 0,
         ))
+        gone = False
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.05)
                 if not task.done() and disconnected is not None and await disconnected():
                     log.info("%s: the client went away; its request stops", route)
+                    gone = True
                     task.cancel()
             result = await task
         except asyncio.CancelledError:
             self.prometheus.requests.labels(route, "cancelled").inc()
+            if gone:  # nobody reads the answer: no traceback for the server's log
+                raise ApiError(499, "the client closed the request", "client_closed_request") from None
             raise
         except Exception:
             self.prometheus.requests.labels(route, "error").inc()
             raise
+        finally:
+            if not task.done():  # this handler itself was cancelled: stop the engine request too
+                task.cancel()
         result.engine_stats["window_cut"] = len(text) < len(prefix) + len(suffix)
         self.prometheus.latency.labels(route).observe(time.perf_counter() - started)
         self.prometheus.requests.labels(route, result.source).inc()

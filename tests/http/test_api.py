@@ -100,7 +100,8 @@ def test_bad_mercury_requests_get_the_error_shape(serve: Serve, body: bytes, sta
 
 
 @pytest.mark.parametrize("body", [
-    {"n_predict": -5}, {"t_max_predict_ms": -1}, {"t_max_prompt_ms": 10**9}, {"input_extra": "text"},
+    {"n_predict": -5}, {"t_max_predict_ms": -2}, {"t_max_prompt_ms": 10**9}, {"input_extra": "text"},
+    {"input_extra": [{"filename": "a", "text": "x" * 300_000}] * 2},
     {"input_extra": [{"filename": "a", "text": "x"}] * 65}, {"n_indent": -1}, {"id_slot": "first"},
 ])
 def test_bad_infill_requests_get_the_error_shape(serve: Serve, body: dict):  # type: ignore[type-arg]
@@ -203,3 +204,11 @@ def test_concurrent_clients_do_not_replace_each_others_requests():
         assert 'dlm_requests_total{outcome="model",route="fim"}' in metrics or 'outcome="empty"' in metrics
     finally:
         server.stop()
+
+
+def test_no_answer_is_shared_between_requests_with_other_limits(serve: Serve):
+    """A middle cut to one token must not come back, as if complete, to a request that allows 64."""
+    short = httpx.post(serve.url + "/v1/fim/completions", json={"prompt": "m = (", "suffix": ")\n", "max_tokens": 1}).json()
+    assert short["choices"][0] == {"index": 0, "text": "a", "finish_reason": "length"}
+    full = httpx.post(serve.url + "/v1/fim/completions", json={"prompt": "m = (", "suffix": ")\n", "max_tokens": 64}).json()
+    assert full["choices"][0]["text"] == "a + b" and full["usage"]["completion_tokens"] >= 3

@@ -42,6 +42,13 @@ def test_completions_come_from_the_endpoint(served: Serve):
         assert item["range"]["start"] == {"line": 1, "character": 11}
         again = lsp.complete("r2", URI, 1, 11)["result"]["items"][0]  # the type-through cache, not the network
         assert again["insertText"] == "a + b" and lsp.status()["cache_hits"] == 1
+        # a settings change that leaves the endpoint alone does not reconnect (no new load)
+        loaded = lsp.status()["load_ms"]
+        lsp.notify("workspace/didChangeConfiguration", {"settings": {"dlm": {**SETTINGS, "endpoint": served.url,
+                                                                             "latencyBudgetMs": 1500}}})
+        status = lsp.status()
+        assert status["state"] == "ready" and status["load_ms"] == loaded
+        assert status["settings"]["latencyBudgetMs"] == 1500
     finally:
         lsp.stop()
 
@@ -54,8 +61,9 @@ def test_a_refused_key_or_an_absent_server_is_reported_and_clearing_the_setting_
         lsp.notify("workspace/didChangeConfiguration", {"settings": {"dlm": {**SETTINGS, "endpoint": f"http://127.0.0.1:{free_port()}"}}})
         status = lsp.wait_ready()
         assert status["state"] == "error" and "cannot be reached" in status["error"]
-        lsp.notify("workspace/didChangeConfiguration", {"settings": {"dlm": {**SETTINGS, "endpoint": "ftp://x"}}})
-        assert "not an http(s) URL" in lsp.wait_ready()["error"]
+        for bad in ("ftp://x", "http://localhost:80800", "http://bad host:1"):
+            lsp.notify("workspace/didChangeConfiguration", {"settings": {"dlm": {**SETTINGS, "endpoint": bad}}})
+            assert "not an http(s) URL" in lsp.wait_ready()["error"], bad
         lsp.notify("workspace/didChangeConfiguration", {"settings": {"dlm": SETTINGS}})  # back to a local model
         status = lsp.wait_ready()
         assert status["state"] == "ready" and status["backend"] == "cpu"
