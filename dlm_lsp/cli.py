@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dlm_lsp import __version__
+from dlm_lsp.syntax import EXTENSIONS
 from engine import SERVING_BACKENDS
 
 SAMPLE = '''def fibonacci(n: int) -> int:
@@ -84,8 +85,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust", ".java": "java",
-             ".c": "c", ".h": "c", ".cpp": "cpp", ".cc": "cpp", ".lua": "lua", ".rb": "ruby", ".md": "markdown"}
 
 
 def _target(spec: str | None) -> tuple[str, int, str, str]:
@@ -107,7 +106,7 @@ def _target(spec: str | None) -> tuple[str, int, str, str]:
         if not 1 <= line <= len(lines) or not 1 <= col <= len(lines[line - 1]) + 1:
             raise ValueError(f"{spec}: position outside the file ({len(lines)} lines)")
         offset = sum(len(x) + 1 for x in lines[: line - 1]) + col - 1
-    return text, offset, LANGUAGES.get(file.suffix, "plaintext"), str(file)
+    return text, offset, EXTENSIONS.get(file.suffix, "plaintext"), str(file)
 
 
 def check(args: argparse.Namespace) -> int:

@@ -33,6 +33,10 @@ GRAMMARS: dict[str, tuple[str, str]] = {
     "cpp": ("tree_sitter_cpp", "language"),
     "lua": ("tree_sitter_lua", "language"),
 }
+EXTENSIONS = {".py": "python", ".js": "javascript", ".jsx": "javascriptreact", ".ts": "typescript",
+              ".tsx": "typescriptreact", ".go": "go", ".rs": "rust", ".java": "java", ".c": "c", ".h": "c",
+              ".cpp": "cpp", ".cc": "cpp", ".lua": "lua", ".rb": "ruby", ".md": "markdown"}
+"""LSP language ids by file extension, for callers that have a file name and no editor to ask."""
 OPENER_PATTERNS = {
     "python": re.compile(r":\s*(#.*)?$"),
     "lua": re.compile(r"(\bthen|\bdo|\belse|\bfunction\b.*\)|\brepeat)\s*(--.*)?$"),

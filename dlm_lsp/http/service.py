@@ -28,6 +28,7 @@ from dlm_lsp.context import OpenDocument, window
 from dlm_lsp.model_host import ModelHost
 from dlm_lsp.settings import MAX_TOKENS, Settings
 from dlm_lsp.status import Metrics
+from dlm_lsp.syntax import EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ MAX_EXTRA_CHARS = 512_000
 """Other-file chunks of one request, in all (more costs CPU before the budget starts)."""
 PER_KEY_CONCURRENCY = 8
 """Requests one API key (or, without keys, one client address) may have running at once."""
-LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".tsx": "typescriptreact", ".go": "go",
-             ".rs": "rust", ".java": "java", ".c": "c", ".h": "c", ".cpp": "cpp", ".cc": "cpp", ".lua": "lua",
-             ".rb": "ruby"}
 
 
 class ApiError(Exception):
@@ -124,7 +122,7 @@ def language_id(value: str | None) -> str:
     if not value:
         return "plaintext"
     if "." in value or "/" in value:
-        return LANGUAGES.get(Path(value).suffix.lower(), "plaintext")
+        return EXTENSIONS.get(Path(value).suffix.lower(), "plaintext")
     return value
 
 
