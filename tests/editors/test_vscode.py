@@ -166,6 +166,20 @@ def test_real_vscode_shows_ghost_text_at_the_end_of_a_new_empty_file(tmp_path: P
         shutil.copyfile(tmp_path / "shots" / "ghost.png", folder / "vscode-ghost-text.png")
 
 
+def test_real_vscode_with_a_remote_dlm_serve(tmp_path: Path):
+    """The extension unchanged; the endpoint setting sends completions to a dlm-serve holding the model."""
+    import httpx
+    from http_client import Serve
+
+    served = Serve("--min-confidence", "0", "--budget-ms", "2000")
+    try:
+        out, source, _ = run_vscode(tmp_path, "endOfFile", text="", **{"dlm.endpoint": served.url})
+        assert out["ghost"].strip() and source.read_text().strip()
+        assert 'route="fim"' in httpx.get(served.url + "/metrics").text  # the suggestion came over HTTP
+    finally:
+        served.stop()
+
+
 def test_missing_server_executable_shows_an_error(tmp_path: Path):
     out, _, _ = run_vscode(tmp_path, "errors", **{"dlm.server.path": str(tmp_path / "no-such-dlm-lsp")})
     assert "server not found" in out["statusError"]
