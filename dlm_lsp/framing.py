@@ -39,6 +39,8 @@ KEPT_BROKEN_BYTES = 64 * 1024
 """Of a broken frame, this much is kept for the caller (to recover a request id from)."""
 HEADER_AT = re.compile(rb"Content-Length:[ \t]*\d+[ \t]*\r\n", re.IGNORECASE)
 """Where a header starts: resynchronisation looks for this."""
+SPLIT_HEADER_BYTES = 64
+"""Enough of a dropped chunk's end to hold the start of a header cut in two."""
 _LENGTH_VALUE = re.compile(rb"[ \t]*(\d{1,15})[ \t]*")
 
 
@@ -70,6 +72,8 @@ class FrameDecoder:
         """Body length of the frame whose header was read, while its body arrives."""
         self._skip = 0
         """Bytes of an oversized body still to drop."""
+        self._skip_tail = b""
+        """The last bytes dropped, searched again with the next chunk (a header split across two)."""
 
     @property
     def mid_frame(self) -> bool:
@@ -92,14 +96,16 @@ class FrameDecoder:
         (:meth:`recover`) before the bytes after it are read as the next frame.
         """
         if self._skip:
-            dropped = min(self._skip, len(data))
-            header = HEADER_AT.search(data, 0, dropped)
+            seen = self._skip_tail + data  # the tail of the last chunk: a header may be split across two
+            header = HEADER_AT.search(seen)
             if header is not None:  # a message begins inside the oversized body: it was shorter than declared
-                dropped = header.start()
-                self._skip = 0
+                self._skip, self._skip_tail = 0, b""
+                data = seen[header.start():]
             else:
+                dropped = min(self._skip, len(data))
                 self._skip -= dropped
-            data = data[dropped:]
+                self._skip_tail = seen[-SPLIT_HEADER_BYTES:] if self._skip else b""
+                data = data[dropped:]
         self._buffer += data
         return self._drain()
 
@@ -108,7 +114,7 @@ class FrameDecoder:
         did come (its length was too long and the client went on to its next message). Without
         such a header the frame may just be slow, and it keeps waiting."""
         if self._skip:  # an oversized body that stopped: whatever comes next starts afresh
-            self._skip = 0
+            self._skip, self._skip_tail = 0, b""
             return self._drain()
         if self._length is None:
             return self._drain(stalled=True)
@@ -157,11 +163,21 @@ class FrameDecoder:
             assert length is not None
             del self._buffer[: end + 4]
             if length > self.max_body:
+                reason = f"a message of {length} bytes, over the limit of {self.max_body}"
+                header = HEADER_AT.search(self._buffer, 0, length)
+                if header is not None:  # the next message already began: the length lied
+                    kept = bytes(self._buffer[: min(header.start(), KEPT_BROKEN_BYTES)])
+                    del self._buffer[: header.start()]
+                    yield Broken(reason, kept)
+                    continue
                 dropped = min(length, len(self._buffer))
                 kept = bytes(self._buffer[: min(dropped, KEPT_BROKEN_BYTES)])
+                self._skip_tail = bytes(self._buffer[max(0, dropped - SPLIT_HEADER_BYTES) : dropped])
                 del self._buffer[:dropped]
                 self._skip = length - dropped
-                yield Broken(f"a message of {length} bytes, over the limit of {self.max_body}", kept)
+                if not self._skip:
+                    self._skip_tail = b""
+                yield Broken(reason, kept)
                 if self._skip:
                     return
                 continue

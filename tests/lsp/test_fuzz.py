@@ -236,3 +236,15 @@ def test_the_server_answers_everything_and_stays_in_step(live: StdioServer, text
     assert state["sha256"] == hashlib.sha256(expected.encode("utf-8", "surrogatepass")).hexdigest()
     live.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
     assert live.alive()
+
+
+@FUZZ
+@given(bodies=json_bodies, cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_after_a_length_over_the_limit_the_following_messages_are_read(bodies: list[bytes], cuts: list[int]):
+    """``Content-Length: 99999999999``: its bytes are dropped as they come, but the messages after them
+    are read, however the stream is cut (a header split across two chunks included)."""
+    first = json.dumps({"id": 12, "method": "dlm/status"}).encode()
+    stream = frame(first, length=99_999_999_999) + b"".join(frame(body) for body in bodies)
+    events = drive(FrameDecoder(), chop(stream, cuts))
+    frames = [event.body for event in events if isinstance(event, Frame)]
+    assert frames == bodies
