@@ -219,7 +219,3 @@ def _chain(first: Event, rest: Iterator[Event]) -> Iterator[Event]:
     yield first
     yield from rest
 
-
-def encode_frame(body: bytes) -> bytes:
-    """One message as the base protocol frames it."""
-    return b"Content-Length: %d\r\n\r\n" % len(body) + body

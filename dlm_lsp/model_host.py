@@ -104,12 +104,7 @@ class ModelHost:
                     if self._generation == generation:
                         self.remote, self.state = remote, "ready"
                         self.load_ms = (time.perf_counter() - started) * 1000
-            with self._lock:
-                superseded = self._generation != generation
-                if not superseded:
-                    self._loaded.set()
-            if on_done is not None:
-                on_done(self, superseded)
+            self._finish(generation, on_done)
 
         thread = threading.Thread(target=work, name="dlm-endpoint-check", daemon=True)
         thread.start()
@@ -179,16 +174,20 @@ class ModelHost:
                         self.engine, self.state = engine, "ready"
                         self.load_ms = (time.perf_counter() - started) * 1000
                 log.info("model %s ready on %s in %.0f ms", path, engine.info.backend, self.load_ms or 0)
-            with self._lock:
-                superseded = not current()  # a newer load replaced this one and reports for itself
-                if not superseded:
-                    self._loaded.set()
-            if on_done is not None:
-                on_done(self, superseded)
+            self._finish(generation, on_done)
 
         thread = threading.Thread(target=work, name="dlm-model-load", daemon=True)
         thread.start()
         return thread
+
+    def _finish(self, generation: int, on_done: Callable[["ModelHost", bool], None] | None) -> None:
+        """End a load or connect: mark it done unless a newer one replaced it (which reports for itself)."""
+        with self._lock:
+            superseded = self._generation != generation
+            if not superseded:
+                self._loaded.set()
+        if on_done is not None:
+            on_done(self, superseded)
 
     def unload(self) -> None:
         """Drop the engine; a load still running is superseded (it changes nothing and reports so)."""

@@ -24,6 +24,17 @@ def nvim_executable() -> str | None:
     return str(here) if here.is_file() else shutil.which("nvim")
 
 
+def poll(what: Callable[[], Any], timeout: float = 60.0, message: str = "") -> Any:
+    """Call ``what`` every 50 ms until it returns something truthy; that value (AssertionError at ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message or what}")
+
+
 class Nvim:
     """One embedded Neovim process."""
 
@@ -54,13 +65,7 @@ class Nvim:
 
     def wait(self, what: Callable[[], Any], timeout: float = 60.0, message: str = "") -> Any:
         """Poll ``what`` until it returns something truthy."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = what()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message or what}")
+        return poll(what, timeout, message)
 
     def wait_ready(self) -> dict[str, Any]:
         return self.wait(

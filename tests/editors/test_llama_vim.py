@@ -18,20 +18,14 @@ import httpx
 import pytest
 from editor_env import need
 from http_client import ROOT, Serve
-from nvim_driver import nvim_executable
+from nvim_driver import nvim_executable, poll
 
 LLAMA_VIM = ROOT.parent / "shared" / "clients" / "llama.vim"
 KEY = "llama-vim-test-key-0123456789"
 
 
 def wait(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return poll(fn, timeout, what)
 
 
 @pytest.fixture
