@@ -43,9 +43,12 @@ async function ghostText(page) {
 async function statusText(page) {
   const item = page.locator('.statusbar-item[id$="dlm.status"]').first();
   if ((await item.count()) === 0) return "";
-  const label = (await item.getAttribute("aria-label")) ?? "";
-  const classes = await item.locator(".codicon").evaluateAll((els) => els.map((e) => e.className).join(" "));
-  return `${label} ${classes}`;
+  // one read of the DOM: the label and the icon read apart can straddle an update (the CI saw a
+  // "loading" label with the error icon)
+  return item.evaluate((el) => {
+    const classes = [...el.querySelectorAll(".codicon")].map((e) => e.className).join(" ");
+    return `${el.getAttribute("aria-label") ?? ""} ${classes}`;
+  });
 }
 
 async function waitFor(what, fn, timeoutMs) {
