@@ -25,6 +25,7 @@ from engine.errors import CheckpointError, InputError, ManifestError
 from engine.healing import Healing
 from engine.manifest import Manifest, is_engine_folder, read_manifest
 from engine.sampler import SamplingParams, denoise
+from engine.scheduler import MAX_ROWS, StepObserver, StepScheduler
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,19 @@ class Engine:
         self.denoiser = denoiser
         self.tokenizer = tokenizer
         self.path = path
+        self.scheduler: StepScheduler | None = None
+        """Set by :meth:`batch_requests`: concurrent :meth:`complete` calls then share their steps."""
+
+    def batch_requests(self, max_rows: int = MAX_ROWS, on_step: StepObserver | None = None) -> None:
+        """From now on, concurrent :meth:`complete` calls (from several threads) run their denoising
+        steps as one forward pass per round (:mod:`engine.scheduler`); for a server of many clients.
+        ``on_step(requests, rows)`` is told the size of each merged pass."""
+        self.scheduler = StepScheduler(self.denoiser, max_rows=max_rows, on_step=on_step)
+
+    @property
+    def merges_requests(self) -> bool:
+        """Whether the graphs run several requests' span steps as one forward pass (format 3 folders)."""
+        return bool(getattr(self.denoiser, "merges_contexts", hasattr(self.denoiser, "step_many")))
 
     @cached_property
     def line_break_ids(self) -> frozenset[int]:
@@ -176,7 +190,8 @@ class Engine:
         elif not prefix_ids and self.info.arch.shifted:
             prefix_ids = [tok.eos]  # a shifted model predicts slot 0 from the position before it
         breaks = self.line_break_ids if params.stop_at_line_break else frozenset()
-        result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop, line_break_ids=breaks, healing=healing)
+        result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop, line_break_ids=breaks, healing=healing,
+                         scheduler=self.scheduler)
         t0 = time.perf_counter()
         removed = healing.removed if healing is not None else ""
         text, token_ends, healed_tokens = self._decode_middle(result.ids, removed)

@@ -127,8 +127,12 @@ def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
             self.model = model
             self.register_buffer("suppress", suppress, persistent=False)
 
-        def forward(self, span_ids: Any, span_pos: Any, span_valid: Any, cache_keys: Any, cache_values: Any) -> Any:
-            return self.model.span_step(span_ids, span_pos, span_valid, cache_keys, cache_values, self.suppress, top_k)
+        def forward(
+            self, span_ids: Any, span_pos: Any, span_valid: Any, cache_keys: Any, cache_values: Any, cache_valid: Any
+        ) -> Any:
+            return self.model.span_step(
+                span_ids, span_pos, span_valid, cache_keys, cache_values, self.suppress, top_k, cache_valid
+            )
 
     return ContextGraph().eval(), SpanStepGraph().eval()
 
@@ -172,6 +176,7 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limi
         torch.ones(b, s, dtype=torch.bool),
         torch.zeros(arch.num_layers, b, arch.num_kv_heads, tc, arch.head_dim),
         torch.zeros(arch.num_layers, 1, arch.num_kv_heads, tc, arch.head_dim),
+        torch.ones(b, tc, dtype=torch.bool),
     )
     outputs = {"top_ids": {0: "batch", 1: "span"}, "top_probs": {0: "batch", 1: "span"}, "entropy": {0: "batch", 1: "span"}}
     graphs = {
@@ -200,7 +205,8 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limi
                 "span_pos": {0: "batch", 1: "span"},
                 "span_valid": {0: "batch", 1: "span"},
                 "cache_keys": {1: "batch", 3: "cached"},
-                "cache_values": {3: "cached"},
+                "cache_values": {1: "value_rows", 3: "cached"},  # 1 (shared) or batch (one context per row)
+                "cache_valid": {0: "batch", 1: "cached"},
                 **outputs,
             },
         ),

@@ -29,14 +29,25 @@ from engine.errors import ManifestError
 from engine.families import ArchConfig, TokenIds
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 2
-"""2: the context graph also returns the span's first step (``span_index`` in; top-k, entropy out)
-and the span step takes keys already rotated per row (no ``cache_pos``). 1: the first release."""
+FORMAT_VERSION = 3
+"""3: the span step also takes ``cache_valid`` and one context's values per row, so that the
+span steps of concurrent requests run as one batch (:mod:`engine.scheduler`). 2: the context
+graph also returns the span's first step (``span_index`` in; top-k, entropy out) and the span
+step takes keys already rotated per row (no ``cache_pos``). 1: the first release."""
+OLDEST_READABLE_FORMAT = 2
+"""Format 2 folders still load and serve; their span steps run one request at a time."""
 
 SPAN_OUTPUTS = ("top_ids", "top_probs", "entropy")
 CONTEXT_INPUTS = ("input_ids", "position_ids", "cache_index", "span_index")
 CONTEXT_OUTPUTS = ("cache_keys", "cache_values", *SPAN_OUTPUTS)
-SPAN_INPUTS = ("span_ids", "span_pos", "span_valid", "cache_keys", "cache_values")
+SPAN_INPUTS = ("span_ids", "span_pos", "span_valid", "cache_keys", "cache_values", "cache_valid")
+SPAN_INPUTS_V2 = SPAN_INPUTS[:5]
+"""The span step's inputs in format 2 (no ``cache_valid``)."""
+
+
+def span_inputs(format_version: int) -> tuple[str, ...]:
+    """The span step graph's inputs in a folder of ``format_version``."""
+    return SPAN_INPUTS if format_version >= 3 else SPAN_INPUTS_V2
 
 
 @dataclass
@@ -67,7 +78,7 @@ class Manifest:
             "graphs": self.graphs,
             "interface": {
                 "context": {"inputs": list(CONTEXT_INPUTS), "outputs": list(CONTEXT_OUTPUTS)},
-                "span_step": {"inputs": list(SPAN_INPUTS), "outputs": list(SPAN_OUTPUTS)},
+                "span_step": {"inputs": list(span_inputs(self.format_version)), "outputs": list(SPAN_OUTPUTS)},
             },
             "tokenizer": self.tokenizer,
             "files": self.files,
@@ -284,10 +295,10 @@ def read_manifest(folder: str | Path, verify: bool = True, *, expected_sha256: s
         version = int(data["format_version"])
         if version > FORMAT_VERSION:
             raise ManifestError(f"format version {version}; this engine reads up to {FORMAT_VERSION}: upgrade dlm-lsp")
-        if version < FORMAT_VERSION:
+        if version < OLDEST_READABLE_FORMAT:
             raise ManifestError(
-                f"format version {version}, from an older dlm-convert; this engine reads format "
-                f"{FORMAT_VERSION}: convert the checkpoint again (dlm-convert SRC {folder} --force)"
+                f"format version {version}, from an older dlm-convert; this engine reads formats "
+                f"{OLDEST_READABLE_FORMAT}-{FORMAT_VERSION}: convert the checkpoint again (dlm-convert SRC {folder} --force)"
             )
         for key in ("family", "precision"):
             if not isinstance(data[key], str):

@@ -268,18 +268,23 @@ class Transformer(nn.Module):
         span_valid: torch.Tensor,
         cache_keys: torch.Tensor,
         cache_values: torch.Tensor,
+        cache_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states of the span attending to the cached context and to itself.
 
         span_ids, span_pos, span_valid (B, S); cache_keys (L, B, Hkv, Tc, D), already
         rotated to each row's layout (:meth:`rotate_cache_keys`); cache_values
-        (L, 1, Hkv, Tc, D), shared by every row.
+        (L, 1, Hkv, Tc, D), shared by every row, or (L, B, Hkv, Tc, D), one per row;
+        cache_valid (B, Tc): which cached positions each row attends to (all when
+        None). Rows of different requests, their contexts padded to one length, so
+        run as one batch (:mod:`engine.scheduler`).
         """
         x = self.model.embed_tokens(span_ids)
         b = x.shape[0]
         cos, sin = self.rotary(span_pos)
-        cache_valid = torch.ones_like(cache_keys[0, :, 0, :, 0], dtype=torch.bool)  # (B, Tc)
-        bias = key_bias(torch.cat((cache_valid, span_valid.bool()), dim=1), x.dtype)  # (B, 1, 1, Tc+S)
+        if cache_valid is None:
+            cache_valid = torch.ones_like(cache_keys[0, :, 0, :, 0], dtype=torch.bool)  # (B, Tc)
+        bias = key_bias(torch.cat((cache_valid.bool(), span_valid.bool()), dim=1), x.dtype)  # (B, 1, 1, Tc+S)
         for i, layer in enumerate(self.model.blocks()):
             q, k, v = layer.self_attn.project(layer.input_layernorm(x))
             k = torch.cat((cache_keys[i], apply_rope(k, cos, sin)), dim=2)
@@ -304,12 +309,13 @@ class Transformer(nn.Module):
         cache_values: torch.Tensor,
         suppress: torch.Tensor,
         top_k: int,
+        cache_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One denoising forward of the span: (B, S, K) ids, (B, S, K) probabilities, (B, S) entropy.
 
-        ``cache_keys`` are rotated per row (:meth:`rotate_cache_keys`).
+        ``cache_keys`` are rotated per row (:meth:`rotate_cache_keys`); see :meth:`span_hidden`.
         """
-        hidden = self.span_hidden(span_ids, span_pos, span_valid, cache_keys, cache_values)
+        hidden = self.span_hidden(span_ids, span_pos, span_valid, cache_keys, cache_values, cache_valid)
         return summarize(F.linear(hidden, self.head_weight()), suppress, top_k)
 
 

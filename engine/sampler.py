@@ -54,13 +54,16 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from engine.backends.base import Denoiser, StepOutput
+from engine.backends.base import Denoiser, SpanBatch, StepOutput, step_batches
 from engine.errors import InputError
 from engine.healing import Healing
+
+if TYPE_CHECKING:
+    from engine.scheduler import StepScheduler
 
 
 MULTI_LINE_LENGTHS = (8, 16, 32, 64)
@@ -270,21 +273,25 @@ def denoise(
     stop: Callable[[], bool] | None = None,
     line_break_ids: frozenset[int] = frozenset(),
     healing: Healing | None = None,
+    scheduler: StepScheduler | None = None,
 ) -> SamplerResult:
     """Fill the middle between ``prefix`` and ``suffix`` (token ids). See the module docstring.
 
     ``line_break_ids`` are the ids whose text holds a line break (used with
     ``params.stop_at_line_break``); ``healing`` constrains the first slots to
-    write the text removed from the end of the prefix.
+    write the text removed from the end of the prefix; ``scheduler`` runs the
+    loop's steps together with other requests' (:mod:`engine.scheduler`).
     """
-    run = _Run(denoiser, prefix, suffix, params, stop, line_break_ids, healing)
+    run = DenoisingRun(denoiser, prefix, suffix, params, stop, line_break_ids, healing)
+    if scheduler is not None:
+        return scheduler.run(run)
     run.encode_context()
     while (active := run.active()) and not run.out_of_time(active):
         run.step(active)
     return run.result()
 
 
-class _Run:
+class DenoisingRun:
     """The state of one :func:`denoise` call, one method per phase of the loop."""
 
     def __init__(
@@ -353,27 +360,46 @@ class _Run:
 
     def step(self, active: list[Candidate]) -> None:
         """One denoising step of every active candidate: a forward pass (unless primed), then commits."""
+        part = self.span_part(active)
+        self.commit_step(active, None if part is None else step_batches(self.denoiser, [part])[0])
+
+    def span_part(self, active: list[Candidate]) -> SpanBatch | None:
+        """The span rows this step needs a forward pass for: the active candidates the context pass
+        did not already answer. None when it answered them all, and in the exact mode (whose
+        whole-window passes :meth:`commit_step` runs itself). A scheduler may run the parts of
+        several runs as one batch (:mod:`engine.scheduler`)."""
+        if self.params.exact:
+            return None
+        fresh = self._fresh(active)
+        return SpanBatch(self.cache, *self.layout.span_batch(fresh)) if fresh else None
+
+    def _fresh(self, active: list[Candidate]) -> list[Candidate]:
+        primed = self.primed
+        return [c for c in active if primed is None or c is not primed[0]]
+
+    def commit_step(self, active: list[Candidate], out: StepOutput | None) -> None:
+        """Commit this step's positions of every active candidate, ``out`` answering :meth:`span_part`'s rows."""
         outputs: list[tuple[Candidate, StepOutput, int, int]] = []  # candidate, output, its row, row of slot 0
         fresh = active  # the candidates this step runs a forward pass for
         if self.params.exact:
             ids, pos, valid, first = self.layout.window_batch(active)
-            out = self.denoiser.full(ids, pos, valid)
-            outputs = [(cand, out, r, first) for r, cand in enumerate(active)]
+            full = self.denoiser.full(ids, pos, valid)
+            outputs = [(cand, full, r, first) for r, cand in enumerate(active)]
         else:
             primed = self.primed
             if primed is not None and any(c is primed[0] for c in active):
                 outputs.append((primed[0], primed[1], 0, 0))
-            fresh = [c for c in active if primed is None or c is not primed[0]]
+            fresh = self._fresh(active)
             if fresh:
-                out = self.denoiser.step(self.cache, *self.layout.span_batch(fresh))
+                assert out is not None, "a span step's rows need its forward pass"
                 outputs += [(cand, out, r, 0) for r, cand in enumerate(fresh)]
             self.primed = None
-        for cand, out, r, first in outputs:
+        for cand, answer, r, first in outputs:
             healing = self.healing
             if healing is not None and cand.lead < cand.length and healing.pending(cand.tokens[: cand.lead].tolist()):
-                _heal(cand, out, r, first, healing)
+                _heal(cand, answer, r, first, healing)
             else:
-                _commit(cand, out, r, first, self.params, self.rng, self.end_ids, self.tok.eos, self.breaks)
+                _commit(cand, answer, r, first, self.params, self.rng, self.end_ids, self.tok.eos, self.breaks)
             cand.steps += 1
         self.stats["steps"] += 1
         if fresh:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -59,6 +59,82 @@ class StepOutput:
     ids: np.ndarray
     probs: np.ndarray
     entropy: np.ndarray
+
+
+@dataclass
+class SpanBatch:
+    """One request's share of a span step: its context cache and its rows (the arguments of :meth:`Denoiser.step`)."""
+
+    cache: Any
+    span_ids: np.ndarray
+    span_pos: np.ndarray
+    span_valid: np.ndarray
+    cache_pos: np.ndarray
+
+
+@dataclass
+class MergedBatch:
+    """Several requests' span rows as one batch: spans padded to the widest, contexts to the longest.
+
+    ``keys`` and ``values`` are (L, B, Hkv, Tc, D) with every row's own context (its
+    keys rotated to its layout); ``cache_valid`` (B, Tc) masks the padding.
+    """
+
+    span_ids: np.ndarray
+    span_pos: np.ndarray
+    span_valid: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+    cache_valid: np.ndarray
+    rows: list[slice]
+    """Each part's rows of the batch."""
+    widths: list[int]
+    """Each part's span width (its outputs are cut back to it)."""
+
+
+def merge_span_batches(parts: Sequence[SpanBatch], keys: Sequence[np.ndarray], values: Sequence[np.ndarray]) -> MergedBatch:
+    """One batch of ``parts``: their keys (L, B_i, Hkv, Tc_i, D), already rotated, and values
+    (L, 1 or B_i, Hkv, Tc_i, D), padded with zeros and masked by ``cache_valid``."""
+    batch = sum(len(p.span_ids) for p in parts)
+    width = max(p.span_ids.shape[1] for p in parts)
+    cached = max(k.shape[3] for k in keys)
+    layers, _, heads, _, dim = keys[0].shape
+    span_ids = np.zeros((batch, width), np.int64)
+    span_pos = np.zeros((batch, width), np.int64)
+    span_valid = np.zeros((batch, width), bool)
+    merged_keys = np.zeros((layers, batch, heads, cached, dim), np.float32)
+    merged_values = np.zeros((layers, batch, heads, cached, dim), np.float32)
+    cache_valid = np.zeros((batch, cached), bool)
+    rows, widths, at = [], [], 0
+    for part, k, v in zip(parts, keys, values):
+        n, w, tc = len(part.span_ids), part.span_ids.shape[1], k.shape[3]
+        rows.append(slice(at, at + n))
+        widths.append(w)
+        span_ids[at : at + n, :w] = part.span_ids
+        span_pos[at : at + n, :w] = part.span_pos
+        span_valid[at : at + n, :w] = part.span_valid
+        merged_keys[:, at : at + n, :, :tc] = k
+        merged_values[:, at : at + n, :, :tc] = v  # (L, 1, ...) broadcasts to the part's rows
+        cache_valid[at : at + n, :tc] = True
+        at += n
+    return MergedBatch(span_ids, span_pos, span_valid, merged_keys, merged_values, cache_valid, rows, widths)
+
+
+def split_output(out: StepOutput, merged: MergedBatch) -> list[StepOutput]:
+    """Each part's outputs of a merged step (its rows, its span width)."""
+    return [
+        StepOutput(ids=out.ids[rows, :w], probs=out.probs[rows, :w], entropy=out.entropy[rows, :w])
+        for rows, w in zip(merged.rows, merged.widths)
+    ]
+
+
+def step_batches(denoiser: "Denoiser", parts: Sequence[SpanBatch]) -> list[StepOutput]:
+    """The span steps of several requests: one forward pass when the denoiser can merge them
+    (``step_many``), else one per request."""
+    many = getattr(denoiser, "step_many", None)
+    if many is not None and len(parts) > 1:
+        return list(many(parts))
+    return [denoiser.step(p.cache, p.span_ids, p.span_pos, p.span_valid, p.cache_pos) for p in parts]
 
 
 class ContextCache(Protocol):

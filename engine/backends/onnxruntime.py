@@ -13,13 +13,20 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engine.backends.base import ModelInfo, StepOutput, onnxruntime_providers
+from engine.backends.base import (
+    ModelInfo,
+    SpanBatch,
+    StepOutput,
+    merge_span_batches,
+    onnxruntime_providers,
+    split_output,
+)
 from engine.errors import BackendUnavailableError, ManifestError
-from engine.manifest import Manifest
+from engine.manifest import Manifest, span_inputs
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +82,14 @@ GRAPH_INTERFACE: dict[str, dict[str, dict[str, tuple[str, tuple[str | None, ...]
     },
     "span_step": {
         "inputs": {"span_ids": _IDS, "span_pos": _IDS, "span_valid": ("tensor(bool)", (None, None)),
-                   "cache_keys": _KV, "cache_values": _KV},
+                   "cache_keys": _KV, "cache_values": _KV, "cache_valid": ("tensor(bool)", (None, None))},
         "outputs": dict(_TOP),
     },
 }
 """What each graph must declare: per input and output, its element type and, per dimension, the manifest
 value it must equal (an ``arch`` field or ``top_k``) or None (a dimension the runtime chooses). The names
-are :data:`engine.manifest.CONTEXT_INPUTS` and the others, in order (the tests check it)."""
+are :data:`engine.manifest.CONTEXT_INPUTS` and the others, in order (the tests check it); a format 2
+span step lacks ``cache_valid`` (:func:`engine.manifest.span_inputs`)."""
 
 
 def interface_mismatches(role: str, session: Any, manifest: Manifest) -> list[str]:
@@ -96,6 +104,8 @@ def interface_mismatches(role: str, session: Any, manifest: Manifest) -> list[st
     problems = []
     for side, declared in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         expected = GRAPH_INTERFACE[role][side]
+        if role == "span_step" and side == "inputs":
+            expected = {name: expected[name] for name in span_inputs(manifest.format_version)}
         names = [arg.name for arg in declared]
         if names != list(expected):
             problems.append(f"{name} {side} are {names}, expected {list(expected)}")
@@ -192,6 +202,8 @@ class OnnxRuntimeDenoiser:
             device="cpu" if chosen == "cpu" else "cuda:0",
             top_k=manifest.top_k,
         )
+        self.merges_contexts = manifest.format_version >= 3
+        """Whether the span step takes ``cache_valid``, so that several requests' rows run as one batch."""
         arch = manifest.arch
         self._empty_cache = OrtContextCache(
             keys=np.zeros((arch.num_layers, 1, arch.num_kv_heads, 0, arch.head_dim), np.float32),
@@ -222,21 +234,48 @@ class OnnxRuntimeDenoiser:
         cache_pos: np.ndarray,
     ) -> StepOutput:
         """See :meth:`engine.backends.base.Denoiser.step`."""
+        keys = self._rotated(cache, cache_pos)
+        valid = np.ones((keys.shape[1], keys.shape[3]), np.bool_) if self.merges_contexts else None
+        return self._run_step(span_ids, span_pos, span_valid, keys, cache.values, valid)
+
+    def step_many(self, parts: Sequence[SpanBatch]) -> list[StepOutput]:
+        """The span steps of several requests as one forward pass (format 3 graphs; else one pass each)."""
+        if not self.merges_contexts or len(parts) == 1:
+            return [self.step(p.cache, p.span_ids, p.span_pos, p.span_valid, p.cache_pos) for p in parts]
+        keys = [self._rotated(p.cache, p.cache_pos) for p in parts]
+        merged = merge_span_batches(parts, keys, [p.cache.values for p in parts])
+        out = self._run_step(merged.span_ids, merged.span_pos, merged.span_valid, merged.keys, merged.values,
+                             merged.cache_valid)
+        return split_output(out, merged)
+
+    def _rotated(self, cache: OrtContextCache, cache_pos: np.ndarray) -> np.ndarray:
+        """The cached keys rotated to ``cache_pos`` (memoised per layout)."""
         cache_pos = np.asarray(cache_pos, np.int64)
         layout = (cache_pos.shape, cache_pos.tobytes())
         keys = cache.rotated.get(layout)
         if keys is None:
             keys = cache.rotated[layout] = rotate_keys(cache.keys, cache_pos, self.info.arch.rope_theta)
-        ids, probs, entropy = self.sessions["span_step"].run(
-            None,
-            {
-                "span_ids": np.asarray(span_ids, np.int64),
-                "span_pos": np.asarray(span_pos, np.int64),
-                "span_valid": np.asarray(span_valid, np.bool_),
-                "cache_keys": keys,
-                "cache_values": cache.values,
-            },
-        )
+        return keys
+
+    def _run_step(
+        self,
+        span_ids: np.ndarray,
+        span_pos: np.ndarray,
+        span_valid: np.ndarray,
+        keys: np.ndarray,
+        values: np.ndarray,
+        cache_valid: np.ndarray | None,
+    ) -> StepOutput:
+        feed = {
+            "span_ids": np.asarray(span_ids, np.int64),
+            "span_pos": np.asarray(span_pos, np.int64),
+            "span_valid": np.asarray(span_valid, np.bool_),
+            "cache_keys": keys,
+            "cache_values": values,
+        }
+        if cache_valid is not None:
+            feed["cache_valid"] = cache_valid
+        ids, probs, entropy = self.sessions["span_step"].run(None, feed)
         return StepOutput(ids=ids, probs=probs, entropy=entropy)
 
     def full(self, input_ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> StepOutput:

@@ -8,11 +8,11 @@ it needs torch, which the server does not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from engine.backends.base import ModelInfo, StepOutput
+from engine.backends.base import ModelInfo, SpanBatch, StepOutput, merge_span_batches, split_output
 from engine.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -104,6 +104,26 @@ class TorchDenoiser:
                 self.top_k,
             )
         return StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())
+
+    def step_many(self, parts: Sequence[SpanBatch]) -> list[StepOutput]:
+        """The span steps of several requests as one forward pass (see :func:`engine.backends.base.merge_span_batches`)."""
+        torch = self.torch
+        with torch.inference_mode():
+            keys = [self.model.rotate_cache_keys(p.cache.keys, self._tensor(p.cache_pos, torch.long)).numpy() for p in parts]
+        merged = merge_span_batches(parts, keys, [p.cache.values.numpy() for p in parts])
+        with torch.inference_mode():
+            ids, probs, entropy = self.model.span_step(
+                self._tensor(merged.span_ids, torch.long),
+                self._tensor(merged.span_pos, torch.long),
+                self._tensor(merged.span_valid, torch.bool),
+                torch.from_numpy(merged.keys),
+                torch.from_numpy(merged.values),
+                self.suppress,
+                self.top_k,
+                torch.from_numpy(merged.cache_valid),
+            )
+        out = StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())
+        return split_output(out, merged)
 
     def full(self, input_ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> StepOutput:
         """Plain forward over whole windows (no cache)."""

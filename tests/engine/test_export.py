@@ -227,7 +227,7 @@ def test_int8_is_validated_on_real_code_windows(small_init_checkpoint):
         ids, span = case["input_ids"], case["span_index"]
         assert (ids[span[1:]] == mask).all() and (ids[np.setdiff1d(np.arange(len(ids)), span[1:])] != mask).all()
         decoded = ckpt.tokenizer.decode([int(i) for i in ids[: span[0]]])
-        assert len(decoded) > 5 and decoded in export.VALIDATION_CODE.read_text()  # a piece of real code
+        assert decoded.strip() and decoded in export.VALIDATION_CODE.read_text()  # a piece of real code
         assert (case["span_pos"][:, 0] == span[0]).all()
 
 
@@ -257,6 +257,7 @@ def test_streaming_int8_quantisation_matches_onnxruntimes_quantiser(tiny_engine,
         "span_valid": np.ones((2, 6), bool),
         "cache_keys": rng.standard_normal((arch.num_layers, 2, arch.num_kv_heads, 20, arch.head_dim)).astype(np.float32),
         "cache_values": rng.standard_normal((arch.num_layers, 1, arch.num_kv_heads, 20, arch.head_dim)).astype(np.float32),
+        "cache_valid": np.arange(20)[None] < np.array([[20], [13]]),
     }
     a = ort.InferenceSession(str(ours), providers=["CPUExecutionProvider"]).run(None, feeds)
     b = ort.InferenceSession(str(theirs), providers=["CPUExecutionProvider"]).run(None, feeds)
