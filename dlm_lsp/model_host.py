@@ -47,7 +47,9 @@ def model_path(model: str) -> Path:
 class ModelHost:
     """The current engine and its state: ``idle``, ``loading``, ``ready`` or ``error``."""
 
-    def __init__(self) -> None:
+    def __init__(self, prepare: Callable[[Engine], None] | None = None) -> None:
+        """``prepare`` runs on each engine loaded, before its warm-up (a server turns batching on there)."""
+        self.prepare = prepare
         self.state = "idle"
         self.error: str | None = None
         self.engine: Engine | None = None
@@ -156,6 +158,8 @@ class ModelHost:
                     if current():
                         self.path = path
                 engine = Engine.load(path, backend=backend)
+                if self.prepare is not None:
+                    self.prepare(engine)
                 # one tiny run so the first real request does not pay for lazy initialisation
                 engine.complete("", "", _warmup_params())
             except EngineError as exc:

@@ -2,13 +2,17 @@
 
     python scripts/serve_load.py --clients 1 2 4 8 16 --seconds 20 --out runs/serve_load.json
     python scripts/serve_load.py --url http://127.0.0.1:8012        # a server already running
+    python scripts/serve_load.py --max-batch-rows 64 0              # batched vs one at a time, side by side
 
 Each client sends Mercury FIM requests one after another, each with a context of its
 own (so the type-through cache never answers), for ``--seconds`` per concurrency level.
 Reports requests per second, p50/p95 latency, how many came back with text and how many
 were refused (429: past the 8 requests a key, or an address without keys, may run at
-once), per level. Without ``--url`` it starts ``dlm-serve`` with the
-shipped model (``--settings`` passes the server's settings, e.g. a budget).
+once), per level. Without ``--url`` it starts ``dlm-serve`` (``--model``, the shipped model
+by default; ``--settings`` passes the server's settings, e.g. a budget), once per
+``--max-batch-rows`` value, the values interleaved level by level so that the machine's
+load drifts over both alike. Each client uses an API key of its own, so that 16 clients
+are not refused as one address past 8 requests.
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ async def level(url: str, clients: int, seconds: float) -> dict[str, float]:
     counter = iter(range(10**9))
     deadline = time.perf_counter() + seconds
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, key: str) -> None:
         nonlocal with_text, refused
         while time.perf_counter() < deadline:
             n = next(counter)
             started = time.perf_counter()
-            reply = await http.post(url + "/v1/fim/completions",
+            reply = await http.post(url + "/v1/fim/completions", headers={"Authorization": f"Bearer {key}"},
                                     json={"prompt": PROMPT.format(n=n), "suffix": SUFFIX, "max_tokens": 32})
             if reply.status_code == 429:  # past the per-key (or per-address) concurrency limit
                 refused += 1
@@ -56,7 +60,7 @@ async def level(url: str, clients: int, seconds: float) -> dict[str, float]:
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+        await asyncio.gather(*(client(http, f"load-{i}") for i in range(clients)))
     elapsed = time.perf_counter() - started
     return {
         "clients": clients, "requests": len(latencies), "per_second": round(len(latencies) / elapsed, 2),
@@ -73,20 +77,35 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--url")
     p.add_argument("--settings", default='{"minConfidence": 0}')
+    p.add_argument("--model", help="catalog name or engine folder (default: the shipped model)")
+    p.add_argument("--max-batch-rows", type=int, nargs="+", default=[64],
+                   help="dlm-serve's --max-batch-rows, one server per value (0: no batching)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    server = None if args.url else Serve("--settings", args.settings)
-    url = args.url or server.url  # type: ignore[union-attr]
+    keys = ",".join(f"load-{i}" for i in range(max(args.clients)))
+    servers: dict[int, Serve] = {}
+    urls = {"url": args.url} if args.url else {}
     try:
-        report = {"url": url, "settings": args.settings, "levels": []}
+        if not args.url:
+            model = ["--model", args.model] if args.model else []
+            for rows in args.max_batch_rows:  # all started (and loaded) first, then measured in turn
+                servers[rows] = Serve("--settings", args.settings, "--max-batch-rows", str(rows), *model,
+                                      env={"DLM_SERVE_API_KEYS": keys}, timeout=600)
+                urls[f"max_batch_rows={rows}"] = servers[rows].url
+        report: dict = {"settings": args.settings, "model": args.model or "shipped", "runs": {k: [] for k in urls}}
         for clients in args.clients:
-            result = asyncio.run(level(url, clients, args.seconds))
-            print(json.dumps(result), file=sys.stderr)
-            report["levels"].append(result)  # type: ignore[attr-defined]
-        metrics = httpx.get(url + "/metrics").text
-        report["budget_cut"] = [line for line in metrics.splitlines() if line.startswith("dlm_requests_total")]
+            for name, url in urls.items():
+                result = asyncio.run(level(url, clients, args.seconds))
+                print(json.dumps({"server": name, **result}), file=sys.stderr)
+                report["runs"][name].append(result)
+        for name, url in urls.items():
+            metrics = httpx.get(url + "/metrics").text
+            report.setdefault("metrics", {})[name] = [
+                line for line in metrics.splitlines()
+                if line.startswith(("dlm_requests_total", "dlm_batch_requests_sum", "dlm_batch_requests_count"))
+            ]
     finally:
-        if server is not None:
+        for server in servers.values():
             server.stop()
     text = json.dumps(report, indent=2)
     print(text)

@@ -32,7 +32,8 @@ class Serve:
     """``dlm-serve`` (or the scripted model's, ``script``) on a free port; stopped by :meth:`stop`."""
 
     def __init__(self, *args: str, script: dict | None = None, env: dict[str, str] | None = None,  # type: ignore[type-arg]
-                 wait: bool = True) -> None:
+                 wait: bool = True, timeout: float = 60) -> None:
+        """``timeout``: how long to wait for ``/health`` to say ready (a real-size model loads for a while)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         entry = [str(ROOT / "tests" / "scripted_server.py"), "--serve"] if script is not None else ["-m", "dlm_lsp.http.cli"]
@@ -42,7 +43,7 @@ class Serve:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **extra, **(env or {})},
         )
         if wait:
-            self.wait_ready()
+            self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from engine import SERVING_BACKENDS
+from engine.scheduler import MAX_ROWS
 
 log = logging.getLogger("dlm-serve")
 
@@ -36,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default=None, metavar="JSON",
                    help='the language server\'s settings as a JSON object, e.g. \'{"tokenHealing": false}\' '
                         "(docs/server.md#settings; the flags above win)")
+    p.add_argument("--max-batch-rows", type=int, default=MAX_ROWS, metavar="N",
+                   help=f"concurrent requests' denoising steps run as one forward pass of at most N span rows "
+                        f"(default {MAX_ROWS}); 0: each request on its own, two at a time")
     p.add_argument("--api-key-file", type=Path, default=None,
                    help="API keys, one per line (also DLM_SERVE_API_KEYS, comma-separated)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -87,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     model = settings.model
     name = model if model and "/" not in model else (Path(model).name if model else "dlm-default")
-    app = create_app(Service(settings, name, keys))
+    if args.max_batch_rows < 0:
+        print("dlm-serve: error: --max-batch-rows must be 0 (no batching) or more", file=sys.stderr)
+        return 2
+    app = create_app(Service(settings, name, keys, max_batch_rows=args.max_batch_rows))
     # no limit_concurrency: idle connections would count against it and lock every client out; the
     # per-key limits bound the work, and beyond loopback a proxy with header timeouts belongs in front
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,

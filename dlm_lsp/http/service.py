@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,8 @@ from dlm_lsp.model_host import ModelHost
 from dlm_lsp.settings import MAX_TOKENS, Settings
 from dlm_lsp.status import Metrics
 from dlm_lsp.syntax import EXTENSIONS
+from engine import Engine
+from engine.scheduler import MAX_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ MAX_EXTRA_CHARS = 512_000
 """Other-file chunks of one request, in all (more costs CPU before the budget starts)."""
 PER_KEY_CONCURRENCY = 8
 """Requests one API key (or, without keys, one client address) may have running at once."""
+BATCH_WORKERS = 64
+"""Requests served at once when batching (each waits in the scheduler on a worker thread); more queue."""
 
 
 class ApiError(Exception):
@@ -141,19 +146,30 @@ class Prometheus:
         self.tokens_per_forward = Histogram("dlm_tokens_per_forward_pass", "Middle tokens written per forward pass",
                                             registry=r, buckets=(0.5, 1, 2, 3, 4, 6, 8, 12, 16, 32))
         self.in_flight = Gauge("dlm_requests_in_flight", "Completion requests being served (queue depth)", registry=r)
+        self.batch_requests = Histogram("dlm_batch_requests", "Requests sharing one merged span-step forward pass",
+                                        registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+        self.batch_rows = Histogram("dlm_batch_rows", "Span rows of one merged span-step forward pass",
+                                    registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
 class Service:
     """The model, the completion path, the keys and the limits of one ``dlm-serve``."""
 
-    def __init__(self, settings: Settings, model_name: str, keys: list[str]) -> None:
+    def __init__(self, settings: Settings, model_name: str, keys: list[str], *, max_batch_rows: int = MAX_ROWS) -> None:
+        """``max_batch_rows``: concurrent requests' span steps run as one forward pass of at most this many
+        rows (:mod:`engine.scheduler`); 0 runs each request's loop on its own, two at a time."""
         self.settings = settings
         self.model_name = model_name
         """What ``/v1/models`` lists and requests may name (the catalog name, or the folder's name)."""
         self.keys = keys
-        self.host = ModelHost()
+        self.max_batch_rows = max_batch_rows
+        self.host = ModelHost(prepare=self._prepare if max_batch_rows > 0 else None)
         self.metrics = Metrics()
-        self.completions = CompletionService(self.metrics, cache=False)
+        # batched, every request in flight waits in the scheduler on a worker thread of its own
+        workers = BATCH_WORKERS if max_batch_rows > 0 else 2
+        self.completions = CompletionService(
+            self.metrics, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dlm-engine"), cache=False
+        )
         """No type-through cache: it is one editor's, and would serve one client's middle (made with its
         settings, budget and other files) to another."""
         self.prometheus = Prometheus()
@@ -162,6 +178,18 @@ class Service:
         self._running: dict[str, int] = {}
 
     # -- model ------------------------------------------------------------------------
+    def _prepare(self, engine: Engine) -> None:
+        """Turn batching on for a freshly loaded engine, its merged passes counted in ``/metrics``."""
+        engine.batch_requests(self.max_batch_rows, on_step=self._observe_step)
+        if getattr(engine.denoiser, "merges_contexts", True) is False:
+            log.warning("%s is an engine folder of format 2: concurrent requests take one forward pass each; "
+                        "convert it again (dlm-convert, or dlm-lsp models pull NAME --force) for merged passes",
+                        engine.path)
+
+    def _observe_step(self, requests: int, rows: int) -> None:
+        self.prometheus.batch_requests.observe(requests)
+        self.prometheus.batch_rows.observe(rows)
+
     def load(self) -> None:
         """Start loading the model (``/health`` says ``loading`` until it is ready)."""
         self.host.load(self.settings.model, self.settings.backend, fallback=False)

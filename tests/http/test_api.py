@@ -184,12 +184,20 @@ def test_a_model_that_fails_to_load_is_reported_by_health():
         server.stop()
 
 
-def test_concurrent_clients_do_not_replace_each_others_requests():
+def _metric(text: str, name: str) -> float:
+    """The value of the series ``name`` (its full name with labels) in a Prometheus exposition."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+@pytest.mark.parametrize("batching", ["64", "0"])
+def test_concurrent_clients_do_not_replace_each_others_requests(batching: str):
     """Requests from one address on different connections are different clients (a shared host, a
-    proxy): none stops another. The shipped model, so that requests overlap for real."""
+    proxy): none stops another. The shipped model, so that requests overlap for real; with batching
+    their span steps share forward passes (/metrics counts them), without it none does."""
     import concurrent.futures
 
-    server = Serve("--min-confidence", "0")
+    # multi-line middles: several denoising steps each, so that requests overlap in their steps
+    server = Serve("--min-confidence", "0", "--max-batch-rows", batching, "--settings", '{"multiline": "always"}')
 
     def one(n: int) -> int:
         with httpx.Client(timeout=60) as http:  # a connection of its own
@@ -202,6 +210,12 @@ def test_concurrent_clients_do_not_replace_each_others_requests():
         metrics = httpx.get(server.url + "/metrics").text
         assert 'outcome="cancelled"' not in metrics, [m for m in metrics.splitlines() if "cancelled" in m]
         assert 'dlm_requests_total{outcome="model",route="fim"}' in metrics or 'outcome="empty"' in metrics
+        merged = _metric(metrics, "dlm_batch_requests_count")
+        alone = _metric(metrics, 'dlm_batch_requests_bucket{le="1.0"}')
+        if batching == "0":
+            assert merged == 0
+        else:  # 8 clients at once: some passes held several requests
+            assert merged > 0 and alone < merged, (alone, merged)
     finally:
         server.stop()
 
