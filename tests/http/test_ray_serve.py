@@ -54,7 +54,8 @@ def deploy_config(port: int, logs: Path) -> dict[str, Any]:
     config["http_options"].update(host="127.0.0.1", port=port)
     app = config["applications"][0]
     app["args"]["settings"] = {"minConfidence": 0}
-    app["runtime_env"] = {"env_vars": {"DLM_SERVE_API_KEYS": KEY}}
+    # the access log line of each request written at once (Ray's default; the served-once check reads it)
+    app["runtime_env"] = {"env_vars": {"DLM_SERVE_API_KEYS": KEY, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}}
     deployment = app["deployments"][0]
     deployment["autoscaling_config"].update(min_replicas=2, max_replicas=2)  # the shipped autoscaling, held at two
     deployment["logging_config"] = {"logs_dir": str(logs)}
@@ -97,7 +98,7 @@ def running_replicas() -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     logs = tmp_path_factory.mktemp("ray-serve-logs")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
     try:
         port = free_port()
         config = ServeDeploySchema.model_validate(deploy_config(port, logs))
