@@ -108,11 +108,14 @@ def complete_text(
     stop: Callable[[], bool] | None = None,
     started: float | None = None,
     document_start: bool = True,
+    reuse: str | None = None,
 ) -> Result:
     """Complete ``text`` at character ``offset`` (synchronous; runs the model).
 
     ``document_start``: ``text`` begins where the document does (False for a window cut from a
     larger one, :func:`dlm_lsp.context.window`), so that the model is told where files start.
+    ``reuse``: the document's key, when its previous request's context pass may be reused
+    (the ``contextReuse`` setting).
     """
     started = started if started is not None else time.perf_counter()
     text = without_surrogates(text)  # a lone surrogate cannot be tokenized; same length, same offsets
@@ -130,6 +133,7 @@ def complete_text(
         max_suffix_tokens=settings.suffix_tokens,
         document_start=document_start and ctx.snippets == 0 and len(ctx.prefix) == offset,
         heal=settings.token_healing,
+        reuse=reuse if settings.context_reuse else None,
     )
     ungated = postprocess(completion.text, ctx.post)
     written = slice(completion.healed_tokens, None)  # the healed tokens are the user's text
@@ -164,8 +168,10 @@ def complete_remote(
     settings: Settings,
     stop: Callable[[], bool],
     started: float,
+    document: str | None = None,
 ) -> Result:
     """Complete ``text`` at ``offset`` on a remote endpoint (synchronous; :mod:`dlm_lsp.remote`).
+    ``document``: its URI, sent hashed so that the server keys its requests by document.
 
     The prefix and suffix windows go to the endpoint; its answer is post-processed here
     as the engine's would be (the confidence gate needs per-token confidence, which a
@@ -175,7 +181,7 @@ def complete_remote(
     ctx = build_context(without_surrogates(text), offset, language_id, settings)
     spent_ms = (time.perf_counter() - started) * 1000
     budget = max(1.0, settings.latency_budget_ms - spent_ms - BUDGET_RESERVE_MS)
-    answer = remote.complete(ctx.prefix, ctx.suffix, max(settings.lengths(ctx.multiline)), budget, stop)
+    answer = remote.complete(ctx.prefix, ctx.suffix, max(settings.lengths(ctx.multiline)), budget, stop, document)
     latency = (time.perf_counter() - started) * 1000
     if answer.abandoned:
         return Result(None, latency, "cancelled" if stop() else "empty", cut=not stop(), context=ctx)
@@ -223,10 +229,12 @@ class CompletionService:
         others: Iterable[OpenDocument] = (),
         document_start: bool = True,
         remote: Endpoint | None = None,
+        reuse_key: str | None = None,
     ) -> Result:
         """Complete at ``offset`` unless superseded, cancelled or made stale on the way
         (``document_start``: as in :func:`complete_text`; ``remote``: ask that endpoint instead of
-        ``engine``, :func:`complete_remote`)."""
+        ``engine``, :func:`complete_remote`; ``reuse_key``: whose previous context pass to reuse,
+        ``uri``'s by default)."""
         started = time.perf_counter()
         self.metrics.count("requests")
         generation = self._generation.get(uri, 0) + 1
@@ -234,7 +242,8 @@ class CompletionService:
         self.cancel(uri)  # a newer request replaces the one in flight
         try:
             return await self._complete(engine, uri, text, offset, language_id, settings, version, current_version,
-                                        automatic, others, document_start, remote, started, generation)
+                                        automatic, others, document_start, remote, started, generation,
+                                        reuse_key or uri)
         finally:
             if self._generation.get(uri) == generation:  # the newest request for uri ended: forget the uri
                 del self._generation[uri]
@@ -243,6 +252,7 @@ class CompletionService:
         self, engine: Engine | None, uri: str, text: str, offset: int, language_id: str, settings: Settings,
         version: int | None, current_version: Callable[[], int | None], automatic: bool,
         others: Iterable[OpenDocument], document_start: bool, remote: Endpoint | None, started: float, generation: int,
+        reuse_key: str,
     ) -> Result:
         prefix, suffix = text[:offset], text[offset:]
         cached = self.cache.get(prefix, suffix) if self.use_cache else None
@@ -262,9 +272,10 @@ class CompletionService:
 
         def work() -> Result:
             if remote is not None:
-                return complete_remote(remote, text, offset, language_id, settings, stop.is_set, work_started)
+                return complete_remote(remote, text, offset, language_id, settings, stop.is_set, work_started, uri)
             assert engine is not None, "a completion needs an engine or an endpoint"
-            return complete_text(engine, text, offset, language_id, settings, others, stop.is_set, work_started, document_start)
+            return complete_text(engine, text, offset, language_id, settings, others, stop.is_set, work_started,
+                                 document_start, reuse=reuse_key)
 
         try:
             try:
@@ -285,6 +296,10 @@ class CompletionService:
             if self._inflight.get(uri) is stop:
                 del self._inflight[uri]
         result.latency_ms = (time.perf_counter() - started) * 1000
+        stats = result.engine_stats
+        if "context_computed" in stats:
+            self.metrics.count("context_reused", stats["context_reused"])
+            self.metrics.count("context_computed", stats["context_computed"])
         if stop.is_set():
             self.metrics.count("cancelled")
             return Result(None, result.latency_ms, "cancelled")

@@ -13,6 +13,7 @@ or a file, never from the settings (which editors store in plain text).
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.client
 import json
 import os
@@ -89,10 +90,16 @@ class Endpoint:
         return self.model
 
     def complete(self, prompt: str, suffix: str, max_tokens: int, budget_ms: float,
-                 stop: Callable[[], bool]) -> Answer:
-        """One completion; abandoned (no text) when ``stop`` turns true or the budget runs out first."""
-        body = json.dumps({"model": self.model, "prompt": prompt, "suffix": suffix, "max_tokens": max_tokens,
-                           "stream": False}).encode()
+                 stop: Callable[[], bool], document: str | None = None) -> Answer:
+        """One completion; abandoned (no text) when ``stop`` turns true or the budget runs out first.
+
+        ``document`` (its URI) goes as the request's ``user``, hashed: a ``dlm-serve`` then lets a newer
+        request of that document replace the older one and reuse its context pass; the path never leaves."""
+        fields: dict[str, Any] = {"model": self.model, "prompt": prompt, "suffix": suffix, "max_tokens": max_tokens,
+                                  "stream": False}
+        if document:
+            fields["user"] = "doc-" + hashlib.sha256(document.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+        body = json.dumps(fields).encode()
         server_budget = max(1.0, budget_ms - max(10.0, NETWORK_SHARE * budget_ms))
         status, data = self._request("POST", self.base + FIM_PATH, body, budget_ms / 1000, stop,
                                      {BUDGET_HEADER: f"{server_budget:.0f}"})

@@ -476,9 +476,13 @@ def on_did_change(ls: DlmLanguageServer, params: types.DidChangeTextDocumentPara
 
 
 def on_did_close(ls: DlmLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
-    """Forget the document and stop work for it."""
-    ls.documents.close(params.text_document.uri)
-    ls.completions.cancel(params.text_document.uri)
+    """Forget the document (its text and the engine's reusable context pass) and stop work for it."""
+    uri = params.text_document.uri
+    ls.documents.close(uri)
+    ls.completions.cancel(uri)
+    engine = ls.model.engine
+    if engine is not None and engine.contexts is not None:
+        engine.contexts.forget(uri)
 
 
 def reload_model(ls: DlmLanguageServer, *args: Any) -> None:

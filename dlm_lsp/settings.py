@@ -122,6 +122,9 @@ class Settings:
     token_healing: bool = _setting(True, Rule("boolean"))
     """Back the prefix up to a token boundary and have the model write the removed text again
     (``engine.healing``): no stray spaces after indentation, whole identifiers."""
+    context_reuse: bool = _setting(True, Rule("boolean"))
+    """Encode only what changed since the document's previous request, reusing the rest of its context
+    pass (``engine.reuse``; an approximation: docs/engine.md, "Context reuse")."""
     debounce_ms: int = _setting(75, Rule("integer", 0, 5_000))
     """Wait this long after the last keystroke before asking the model (automatic triggers only)."""
     enable: Mapping[str, bool] = _setting({"*": True, "plaintext": False, "markdown": False}, Rule("enable"))

@@ -27,6 +27,10 @@ class Metrics:
     accepted: int = 0
     partially_accepted: int = 0
     accepted_chars: int = 0
+    context_reused: int = 0
+    """Context tokens whose keys and values came from the document's previous request (engine.reuse)."""
+    context_computed: int = 0
+    """Context tokens encoded (all of them without reuse)."""
     prefetches: int = 0
     prefetch_errors: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=200))

@@ -20,10 +20,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.backends.base import BACKENDS, Denoiser, ModelInfo
+import numpy as np
+
+from engine.backends.base import BACKENDS, Denoiser, ModelInfo, StepOutput
 from engine.errors import CheckpointError, InputError, ManifestError
 from engine.healing import Healing
 from engine.manifest import Manifest, is_engine_folder, read_manifest
+from engine.reuse import ContextStore
 from engine.sampler import SamplingParams, denoise
 from engine.scheduler import MAX_ROWS, StepObserver, StepScheduler
 from engine.tokenizer import Tokenizer
@@ -85,12 +88,20 @@ class Engine:
         self.path = path
         self.scheduler: StepScheduler | None = None
         """Set by :meth:`batch_requests`: concurrent :meth:`complete` calls then share their steps."""
+        self.contexts: ContextStore | None = ContextStore() if getattr(denoiser, "reuses_context", False) else None
+        """The last context pass of each document, for :meth:`complete`'s ``reuse`` (None: the graphs
+        cannot take prior context, an engine folder of format 2)."""
 
     def batch_requests(self, max_rows: int = MAX_ROWS, on_step: StepObserver | None = None) -> None:
         """From now on, concurrent :meth:`complete` calls (from several threads) run their denoising
         steps as one forward pass per round (:mod:`engine.scheduler`); for a server of many clients.
         ``on_step(requests, rows)`` is told the size of each merged pass."""
         self.scheduler = StepScheduler(self.denoiser, max_rows=max_rows, on_step=on_step)
+
+    @property
+    def reuses_context(self) -> bool:
+        """Whether :meth:`complete`'s ``reuse`` can reuse context (format 3 graphs, the torch reference)."""
+        return self.contexts is not None and bool(getattr(self.denoiser, "reuses_context", False))
 
     @property
     def merges_requests(self) -> bool:
@@ -163,6 +174,7 @@ class Engine:
         max_suffix_tokens: int | None = None,
         document_start: bool = True,
         heal: bool = False,
+        reuse: str | None = None,
     ) -> Completion:
         """Fill the middle between ``prefix`` and ``suffix``.
 
@@ -171,7 +183,9 @@ class Engine:
         ``document_start`` says whether ``prefix`` begins where the document does
         (then, if the window keeps all of it, BOS goes first). ``heal`` backs the
         prefix up by its last token and has the middle write it again
-        (:mod:`engine.healing`); the returned text starts after it.
+        (:mod:`engine.healing`); the returned text starts after it. ``reuse`` names the
+        document: its previous request's context pass is reused where it still holds
+        (:mod:`engine.reuse`; stats ``context_reused`` and ``context_computed``).
         """
         params = params or SamplingParams()
         start = time.perf_counter()
@@ -190,8 +204,17 @@ class Engine:
         elif not prefix_ids and self.info.arch.shifted:
             prefix_ids = [tok.eos]  # a shifted model predicts slot 0 from the position before it
         breaks = self.line_break_ids if params.stop_at_line_break else frozenset()
+        encoder = None
+        denoiser = self.denoiser
+        if reuse is not None and self.contexts is not None and self.reuses_context and not params.exact:
+            store, anchor, span = self.contexts, 1 if self.info.arch.shifted else 0, max(params.lengths)
+            p_ids, s_ids = np.asarray(prefix_ids, np.int64), np.asarray(suffix_ids, np.int64)
+
+            def encoder() -> tuple[Any, StepOutput, dict[str, Any]]:
+                return store.encode(denoiser, reuse, p_ids, s_ids, span, anchor, tok.mask)
+
         result = denoise(self.denoiser, prefix_ids, suffix_ids, params, stop=stop, line_break_ids=breaks, healing=healing,
-                         scheduler=self.scheduler)
+                         scheduler=self.scheduler, encoder=encoder)
         t0 = time.perf_counter()
         removed = healing.removed if healing is not None else ""
         text, token_ends, healed_tokens = self._decode_middle(result.ids, removed)

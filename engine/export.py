@@ -118,8 +118,12 @@ def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
             self.model = model
             self.register_buffer("suppress", suppress, persistent=False)
 
-        def forward(self, input_ids: Any, position_ids: Any, cache_index: Any, span_index: Any) -> Any:
-            return self.model.encode_context(input_ids, position_ids, cache_index, span_index, self.suppress, top_k)
+        def forward(
+            self, input_ids: Any, position_ids: Any, cache_index: Any, span_index: Any, prior_keys: Any, prior_values: Any
+        ) -> Any:
+            return self.model.encode_context(
+                input_ids, position_ids, cache_index, span_index, self.suppress, top_k, prior_keys, prior_values
+            )
 
     class SpanStepGraph(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
@@ -169,6 +173,8 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limi
         torch.arange(t)[None],
         torch.arange(tc),
         torch.arange(tc - 1, t),
+        torch.zeros(arch.num_layers, 1, arch.num_kv_heads, 3, arch.head_dim),
+        torch.zeros(arch.num_layers, 1, arch.num_kv_heads, 3, arch.head_dim),
     )
     span_args = (
         torch.zeros(b, s, dtype=torch.long),
@@ -190,6 +196,8 @@ def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limi
                 "position_ids": {1: "window"},
                 "cache_index": {0: "cached"},
                 "span_index": {0: "span"},
+                "prior_keys": {3: "prior"},
+                "prior_values": {3: "prior"},
                 "cache_keys": {3: "cached"},
                 "cache_values": {3: "cached"},
                 **{name: {1: "span"} for name in outputs},

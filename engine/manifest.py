@@ -31,14 +31,17 @@ from engine.families import ArchConfig, TokenIds
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 3
 """3: the span step also takes ``cache_valid`` and one context's values per row, so that the
-span steps of concurrent requests run as one batch (:mod:`engine.scheduler`). 2: the context
+span steps of concurrent requests run as one batch (:mod:`engine.scheduler`), and the context
+pass takes ``prior_keys``/``prior_values``, context kept from the previous request of the same
+document (:mod:`engine.reuse`). 2: the context
 graph also returns the span's first step (``span_index`` in; top-k, entropy out) and the span
 step takes keys already rotated per row (no ``cache_pos``). 1: the first release."""
 OLDEST_READABLE_FORMAT = 2
 """Format 2 folders still load and serve; their span steps run one request at a time."""
 
 SPAN_OUTPUTS = ("top_ids", "top_probs", "entropy")
-CONTEXT_INPUTS = ("input_ids", "position_ids", "cache_index", "span_index")
+CONTEXT_INPUTS = ("input_ids", "position_ids", "cache_index", "span_index", "prior_keys", "prior_values")
+CONTEXT_INPUTS_V2 = CONTEXT_INPUTS[:4]
 CONTEXT_OUTPUTS = ("cache_keys", "cache_values", *SPAN_OUTPUTS)
 SPAN_INPUTS = ("span_ids", "span_pos", "span_valid", "cache_keys", "cache_values", "cache_valid")
 SPAN_INPUTS_V2 = SPAN_INPUTS[:5]
@@ -48,6 +51,11 @@ SPAN_INPUTS_V2 = SPAN_INPUTS[:5]
 def span_inputs(format_version: int) -> tuple[str, ...]:
     """The span step graph's inputs in a folder of ``format_version``."""
     return SPAN_INPUTS if format_version >= 3 else SPAN_INPUTS_V2
+
+
+def context_inputs(format_version: int) -> tuple[str, ...]:
+    """The context graph's inputs in a folder of ``format_version``."""
+    return CONTEXT_INPUTS if format_version >= 3 else CONTEXT_INPUTS_V2
 
 
 @dataclass
@@ -77,7 +85,7 @@ class Manifest:
             "top_k": self.top_k,
             "graphs": self.graphs,
             "interface": {
-                "context": {"inputs": list(CONTEXT_INPUTS), "outputs": list(CONTEXT_OUTPUTS)},
+                "context": {"inputs": list(context_inputs(self.format_version)), "outputs": list(CONTEXT_OUTPUTS)},
                 "span_step": {"inputs": list(span_inputs(self.format_version)), "outputs": list(SPAN_OUTPUTS)},
             },
             "tokenizer": self.tokenizer,

@@ -231,6 +231,8 @@ class Transformer(nn.Module):
         span_index: torch.Tensor,
         suppress: torch.Tensor,
         top_k: int,
+        prior_keys: torch.Tensor | None = None,
+        prior_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Full pass over the window: the cache, and the first denoising step of the span for free.
 
@@ -241,6 +243,11 @@ class Transformer(nn.Module):
         exactly what a span step of the still fully masked span would return, so
         the sampler's first step costs no forward pass of its own. The last
         layer runs only the ``span_index`` rows: nothing reads the others.
+
+        ``prior_keys`` (rotated to their positions) and ``prior_values``
+        (L, 1, Hkv, Tp, D): context kept from an earlier pass that every row
+        also attends to (:mod:`engine.reuse`); then ``input_ids`` holds only what
+        changed around the span. None (or Tp = 0): the whole window is here.
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids)
@@ -257,7 +264,10 @@ class Transformer(nn.Module):
                 q_cos, q_sin = cos, sin
             keys.append(k.index_select(2, cache_index))
             values.append(v.index_select(2, cache_index))
-            x = layer.finish(x, attend(apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin), v, None))
+            k = apply_rope(k, cos, sin)
+            if prior_keys is not None and prior_values is not None:
+                k, v = torch.cat((prior_keys[i], k), dim=2), torch.cat((prior_values[i], v), dim=2)
+            x = layer.finish(x, attend(apply_rope(q, q_cos, q_sin), k, v, None))
         top_ids, top_probs, entropy = summarize(F.linear(self.model.norm(x), self.head_weight()), suppress, top_k)
         return torch.stack(keys), torch.stack(values), top_ids, top_probs, entropy
 

@@ -68,6 +68,9 @@ if TYPE_CHECKING:
 
 MULTI_LINE_LENGTHS = (8, 16, 32, 64)
 """Default candidate lengths (tokens) of a middle of unknown length (the server's ``lengthCandidates``)."""
+ContextEncoder = Callable[[], "tuple[Any, StepOutput, dict[str, Any]]"]
+"""Runs a request's context pass its own way (:mod:`engine.reuse`): the cache of every context token in
+layout order, the longest span's first step, and stats."""
 SINGLE_LINE_LENGTHS = (10,)
 """Default candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates``)."""
 
@@ -274,15 +277,17 @@ def denoise(
     line_break_ids: frozenset[int] = frozenset(),
     healing: Healing | None = None,
     scheduler: StepScheduler | None = None,
+    encoder: ContextEncoder | None = None,
 ) -> SamplerResult:
     """Fill the middle between ``prefix`` and ``suffix`` (token ids). See the module docstring.
 
     ``line_break_ids`` are the ids whose text holds a line break (used with
     ``params.stop_at_line_break``); ``healing`` constrains the first slots to
     write the text removed from the end of the prefix; ``scheduler`` runs the
-    loop's steps together with other requests' (:mod:`engine.scheduler`).
+    loop's steps together with other requests' (:mod:`engine.scheduler`); ``encoder``
+    runs the context pass instead of a plain one (:mod:`engine.reuse`).
     """
-    run = DenoisingRun(denoiser, prefix, suffix, params, stop, line_break_ids, healing)
+    run = DenoisingRun(denoiser, prefix, suffix, params, stop, line_break_ids, healing, encoder)
     if scheduler is not None:
         return scheduler.run(run)
     run.encode_context()
@@ -303,8 +308,10 @@ class DenoisingRun:
         stop: Callable[[], bool] | None,
         line_break_ids: frozenset[int],
         healing: Healing | None,
+        encoder: ContextEncoder | None = None,
     ) -> None:
         self.denoiser, self.params, self.stop, self.healing = denoiser, params, stop, healing
+        self.encoder = encoder
         self.tok = denoiser.info.token_ids
         self.end_ids = self.tok.end_ids
         self.breaks = line_break_ids if params.stop_at_line_break else frozenset()
@@ -331,7 +338,11 @@ class DenoisingRun:
         """The context pass (cached mode): keys/values of prefix and suffix, and the longest span's first step."""
         if not self.params.exact:
             t0 = time.perf_counter()
-            self.cache, first_step = self.denoiser.encode_context(*self.layout.context(self.tok.mask))
+            if self.encoder is not None:
+                self.cache, first_step, reuse_stats = self.encoder()
+                self.stats.update(reuse_stats)
+            else:
+                self.cache, first_step = self.denoiser.encode_context(*self.layout.context(self.tok.mask))
             self.primed = (self.candidates[-1], first_step)
             self.stats["context_ms"] = (time.perf_counter() - t0) * 1000
             self.stats["forward_passes"] += 1

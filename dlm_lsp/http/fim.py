@@ -30,6 +30,7 @@ from dlm_lsp.http.service import (
     document_key,
     language_id,
     parse_body,
+    reuse_key,
 )
 from dlm_lsp.remote import BUDGET_HEADER
 from dlm_lsp.http.text import finish_reason, usage, with_stops
@@ -78,7 +79,7 @@ async def fim_completions(request: Request) -> Any:
             "fim", document_key("fim", who, request, body.user), body.prompt, body.suffix,
             max_tokens=body.max_tokens, budget_ms=budget_header(request.headers.get(BUDGET_HEADER)),
             language=language_id(body.language),
-            disconnected=request.is_disconnected,
+            disconnected=request.is_disconnected, reuse_key=reuse_key("fim", who, request, body.user),
         )
     finally:
         service.leave(who or client)

@@ -32,6 +32,7 @@ from dlm_lsp.http.service import (
     document_key,
     language_id,
     parse_body,
+    reuse_key,
 )
 from dlm_lsp.http.text import timings, with_stops, within_indent
 
@@ -90,12 +91,6 @@ async def infill(request: Request) -> JSONResponse:
     if any(len(s) > 1000 for s in body.stop):
         raise ApiError(400, "stop: strings of at most 1,000 characters", param="stop")
     prefix = body.input_prefix + body.prompt
-    if body.n_predict == 0:  # priming only: nothing to write (there is no prompt cache to fill yet)
-        service.engine()
-        service.prometheus.requests.labels("infill", "primed").inc()
-        return JSONResponse(_shape({"content": "", "stop": True, "stop_type": "limit", "tokens_predicted": 0,
-                                    "tokens_evaluated": 0, "tokens_cached": 0, "truncated": False,
-                                    "timings": {}, "model": service.model_name}, body.response_fields))
     if sum(len(c.text) for c in body.input_extra) > MAX_EXTRA_CHARS:
         raise ApiError(400, f"input_extra: at most {MAX_EXTRA_CHARS} characters in all", param="input_extra")
     limits = [t for t in (body.t_max_prompt_ms, body.t_max_predict_ms) if t is not None and t > 0]
@@ -106,10 +101,18 @@ async def infill(request: Request) -> JSONResponse:
     client = request.client.host if request.client else "-"
     service.enter(who or client)
     try:
+        if body.n_predict == 0:  # priming: encode the context now, for the next request to reuse
+            cached = await service.prime(reuse_key("infill", who, request), prefix, body.input_suffix,
+                                         language_id(language), others)
+            service.prometheus.requests.labels("infill", "primed").inc()
+            return JSONResponse(_shape({"content": "", "stop": True, "stop_type": "limit", "tokens_predicted": 0,
+                                        "tokens_evaluated": cached, "tokens_cached": cached, "truncated": False,
+                                        "timings": {}, "model": service.model_name}, body.response_fields))
         result = await service.complete(
             "infill", document_key("infill", who, request), prefix, body.input_suffix,
             max_tokens=None if body.n_predict < 0 else body.n_predict, budget_ms=budget,
             language=language_id(language), others=others, disconnected=request.is_disconnected,
+            reuse_key=reuse_key("infill", who, request),
         )
     finally:
         service.leave(who or client)

@@ -1,7 +1,7 @@
 """dlm-serve's HTTP API as a Ray Serve application: one model replica per GPU (or per CPU slot), many machines.
 
     serve run dlm_lsp/http/ray_serve.yaml          # in the foreground, on a running cluster or a local one
-    serve deploy dlm_lsp/http/ray_serve.yaml       # to the cluster of RAY_ADDRESS / the local head
+    serve deploy dlm_lsp/http/ray_serve.yaml       # to a running cluster (its head's dashboard, localhost:8265)
 
 Each replica is one :class:`dlm_lsp.http.service.Service` behind the unchanged
 :func:`dlm_lsp.http.app.create_app` (``@serve.ingress`` with the app built on the
@@ -140,6 +140,8 @@ class DocumentAffinityRouter(LocalityMixin, RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         """Ranks of replicas to try in order (Ray probes each rank's queue lengths and takes the shortest)."""
+        if not candidate_replicas:
+            return []
         session = pending_request.metadata.session_id if pending_request is not None else None
         if session and pending_request is not None:
             ranked = rank_by_document(session, candidate_replicas)

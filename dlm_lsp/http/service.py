@@ -24,13 +24,14 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ValidationError
 
-from dlm_lsp.completion import CompletionService, Result
+from dlm_lsp.completion import CompletionService, Result, complete_text
 from dlm_lsp.context import OpenDocument, window
 from dlm_lsp.model_host import ModelHost
 from dlm_lsp.settings import MAX_TOKENS, Settings
 from dlm_lsp.status import Metrics
 from dlm_lsp.syntax import EXTENSIONS
 from engine import Engine
+from engine.reuse import ContextStore, ReusePolicy
 from engine.scheduler import MAX_ROWS
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ MAX_EXTRA_CHARS = 512_000
 """Other-file chunks of one request, in all (more costs CPU before the budget starts)."""
 PER_KEY_CONCURRENCY = 8
 """Requests one API key (or, without keys, one client address) may have running at once."""
+CLIENT_CONTEXTS = 32
+"""Clients (documents) whose last context pass is kept for reuse (the least recent forgotten first)."""
 BATCH_WORKERS = 64
 """Requests served at once when batching (each waits in the scheduler on a worker thread); more queue."""
 
@@ -108,6 +111,14 @@ def document_key(route: str, who: str, request: Any, user: str | None = None) ->
     return f"{route}:{who}:{client.host}:{client.port}" if client else f"{route}:{who}:-"
 
 
+def reuse_key(route: str, who: str, request: Any, user: str | None = None) -> str:
+    """Whose previous context pass a request may reuse: the caller's (its ``user`` field, else its API key
+    and address), not its connection's: llama.vim opens a connection per request. A request of another
+    file of the same caller shares too little with it to reuse anything, and is encoded whole."""
+    client = request.client
+    return f"{route}:{who}:{user or (client.host if client else '-')}"
+
+
 def read_keys(key_file: Path | None) -> list[str]:
     """API keys from ``key_file`` (one per line, ``#`` comments) and :data:`KEYS_ENV`."""
     keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
@@ -146,6 +157,8 @@ class Prometheus:
         self.tokens_per_forward = Histogram("dlm_tokens_per_forward_pass", "Middle tokens written per forward pass",
                                             registry=r, buckets=(0.5, 1, 2, 3, 4, 6, 8, 12, 16, 32))
         self.in_flight = Gauge("dlm_requests_in_flight", "Completion requests being served (queue depth)", registry=r)
+        self.context_tokens = Counter("dlm_context_tokens", "Context tokens of context passes: reused from the "
+                                      "document's previous request, or computed", ["kind"], registry=r)
         self.batch_requests = Histogram("dlm_batch_requests", "Requests sharing one merged span-step forward pass",
                                         registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
         self.batch_rows = Histogram("dlm_batch_rows", "Span rows of one merged span-step forward pass",
@@ -163,7 +176,7 @@ class Service:
         """What ``/v1/models`` lists and requests may name (the catalog name, or the folder's name)."""
         self.keys = keys
         self.max_batch_rows = max_batch_rows
-        self.host = ModelHost(prepare=self._prepare if max_batch_rows > 0 else None)
+        self.host = ModelHost(prepare=self._prepare)
         self.metrics = Metrics()
         # batched, every request in flight waits in the scheduler on a worker thread of its own
         workers = BATCH_WORKERS if max_batch_rows > 0 else 2
@@ -179,7 +192,12 @@ class Service:
 
     # -- model ------------------------------------------------------------------------
     def _prepare(self, engine: Engine) -> None:
-        """Turn batching on for a freshly loaded engine, its merged passes counted in ``/metrics``."""
+        """Set a freshly loaded engine up for many clients: batching (its merged passes counted in
+        ``/metrics``) and a context pass kept for each of :data:`CLIENT_CONTEXTS` recent clients."""
+        if engine.contexts is not None:
+            engine.contexts = ContextStore(ReusePolicy(capacity=CLIENT_CONTEXTS))
+        if self.max_batch_rows <= 0:
+            return
         engine.batch_requests(self.max_batch_rows, on_step=self._observe_step)
         if getattr(engine.denoiser, "merges_contexts", True) is False:
             log.warning("%s is an engine folder of format 2: concurrent requests take one forward pass each; "
@@ -256,12 +274,14 @@ class Service:
         language: str = "plaintext",
         others: list[OpenDocument] | None = None,
         disconnected: Any = None,
+        reuse_key: str | None = None,
     ) -> Result:
         """One completion of ``prefix`` + middle + ``suffix`` through the server's completion path.
 
         ``document`` keys the one-request-in-flight rule (a newer request for the same
         document stops the older one). ``disconnected`` (an async callable) is polled:
         a client that went away stops its request at the next denoising step.
+        ``reuse_key``: whose previous context pass the request may reuse (:func:`reuse_key`).
         """
         engine = self.engine()
         settings = self.settings
@@ -273,7 +293,7 @@ class Service:
         started = time.perf_counter()
         task = asyncio.ensure_future(self.completions.complete(
             engine, document, text, offset, language, settings, version=None, current_version=lambda: None,
-            automatic=False, others=others or [], document_start=start == 0,
+            automatic=False, others=others or [], document_start=start == 0, reuse_key=reuse_key,
         ))
         gone = False
         try:
@@ -299,10 +319,30 @@ class Service:
         self.prometheus.latency.labels(route).observe(time.perf_counter() - started)
         self.prometheus.requests.labels(route, result.source).inc()
         stats = result.engine_stats
+        if "context_computed" in stats:
+            self.prometheus.context_tokens.labels("reused").inc(stats["context_reused"])
+            self.prometheus.context_tokens.labels("computed").inc(stats["context_computed"])
         if stats.get("forward_passes"):
             self.prometheus.forward_passes.inc(stats["forward_passes"])
             self.prometheus.tokens_per_forward.observe(stats.get("tokens_per_forward", 0.0))
         return result
+
+    async def prime(self, key: str, prefix: str, suffix: str, language: str, others: list[OpenDocument]) -> int:
+        """Run only the context pass of this window and keep it for ``key``'s next request (llama.vim's
+        ``n_predict: 0`` requests, sent to warm the server's cache ahead of the user). Its number of
+        context tokens, 0 when the model cannot keep context (an engine folder of format 2)."""
+        engine = self.engine()
+        if not engine.reuses_context or not self.settings.context_reuse:
+            return 0
+        text, offset, start = window(prefix + suffix, len(prefix), self.settings)
+        settings = replace(self.settings, latency_budget_ms=60_000.0)  # a context pass is all it runs
+
+        def work() -> Result:
+            return complete_text(engine, text, offset, language, settings, others, lambda: True,
+                                 document_start=start == 0, reuse=key)
+
+        result = await asyncio.get_running_loop().run_in_executor(self.completions.executor, work)
+        return int(result.engine_stats.get("context_tokens", 0))
 
     def status(self) -> dict[str, Any]:
         """``/v1/status``: what ``dlm/status`` reports in the editor."""

@@ -62,6 +62,16 @@ class StepOutput:
 
 
 @dataclass
+class Prior:
+    """Context kept from an earlier pass (:mod:`engine.reuse`): the entries ``index`` of ``cache``,
+    now at ``positions`` (their keys are rotated there)."""
+
+    cache: Any
+    index: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass
 class SpanBatch:
     """One request's share of a span step: its context cache and its rows (the arguments of :meth:`Denoiser.step`)."""
 
@@ -150,7 +160,10 @@ class Denoiser(Protocol):
         self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray, span_index: np.ndarray
     ) -> tuple[ContextCache, StepOutput]:
         """input_ids, positions (T,); cache_index (Tc,); span_index (S,) -> cache of the Tc positions
-        and the outputs (1, S, ...) at the S rows, as :meth:`step` would return them for that span."""
+        and the outputs (1, S, ...) at the S rows, as :meth:`step` would return them for that span.
+
+        A denoiser that can reuse context (``reuses_context``, :mod:`engine.reuse`) also takes
+        ``prior=``:class:`Prior`, attended to by every row, and joins caches with ``join``."""
         ...
 
     def step(

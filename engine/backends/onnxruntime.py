@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.backends.base import (
     ModelInfo,
+    Prior,
     SpanBatch,
     StepOutput,
     merge_span_batches,
@@ -26,7 +27,7 @@ from engine.backends.base import (
     split_output,
 )
 from engine.errors import BackendUnavailableError, ManifestError
-from engine.manifest import Manifest, span_inputs
+from engine.manifest import Manifest, context_inputs, span_inputs
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ _IDS = ("tensor(int64)", (None, None))
 GRAPH_INTERFACE: dict[str, dict[str, dict[str, tuple[str, tuple[str | None, ...]]]]] = {
     "context": {
         "inputs": {"input_ids": _IDS, "position_ids": _IDS, "cache_index": ("tensor(int64)", (None,)),
-                   "span_index": ("tensor(int64)", (None,))},
+                   "span_index": ("tensor(int64)", (None,)), "prior_keys": _KV, "prior_values": _KV},
         "outputs": {"cache_keys": _KV, "cache_values": _KV, **_TOP},
     },
     "span_step": {
@@ -88,8 +89,8 @@ GRAPH_INTERFACE: dict[str, dict[str, dict[str, tuple[str, tuple[str | None, ...]
 }
 """What each graph must declare: per input and output, its element type and, per dimension, the manifest
 value it must equal (an ``arch`` field or ``top_k``) or None (a dimension the runtime chooses). The names
-are :data:`engine.manifest.CONTEXT_INPUTS` and the others, in order (the tests check it); a format 2
-span step lacks ``cache_valid`` (:func:`engine.manifest.span_inputs`)."""
+are :data:`engine.manifest.CONTEXT_INPUTS` and the others, in order (the tests check it); format 2
+graphs lack ``prior_keys``, ``prior_values`` and ``cache_valid`` (:func:`engine.manifest.span_inputs`)."""
 
 
 def interface_mismatches(role: str, session: Any, manifest: Manifest) -> list[str]:
@@ -104,8 +105,9 @@ def interface_mismatches(role: str, session: Any, manifest: Manifest) -> list[st
     problems = []
     for side, declared in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         expected = GRAPH_INTERFACE[role][side]
-        if role == "span_step" and side == "inputs":
-            expected = {name: expected[name] for name in span_inputs(manifest.format_version)}
+        if side == "inputs":  # format 2 graphs lack the last inputs
+            names_then = (span_inputs if role == "span_step" else context_inputs)(manifest.format_version)
+            expected = {name: expected[name] for name in names_then}
         names = [arg.name for arg in declared]
         if names != list(expected):
             problems.append(f"{name} {side} are {names}, expected {list(expected)}")
@@ -204,6 +206,8 @@ class OnnxRuntimeDenoiser:
         )
         self.merges_contexts = manifest.format_version >= 3
         """Whether the span step takes ``cache_valid``, so that several requests' rows run as one batch."""
+        self.reuses_context = manifest.format_version >= 3
+        """Whether the context pass takes prior context (:mod:`engine.reuse`)."""
         arch = manifest.arch
         self._empty_cache = OrtContextCache(
             keys=np.zeros((arch.num_layers, 1, arch.num_kv_heads, 0, arch.head_dim), np.float32),
@@ -211,19 +215,39 @@ class OnnxRuntimeDenoiser:
         )
 
     def encode_context(
-        self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray, span_index: np.ndarray
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        cache_index: np.ndarray,
+        span_index: np.ndarray,
+        prior: Prior | None = None,
     ) -> tuple[OrtContextCache, StepOutput]:
         """See :meth:`engine.backends.base.Denoiser.encode_context`."""
-        keys, values, ids, probs, entropy = self.sessions["context"].run(
-            None,
-            {
-                "input_ids": np.asarray(input_ids, np.int64)[None],
-                "position_ids": np.asarray(positions, np.int64)[None],
-                "cache_index": np.asarray(cache_index, np.int64),
-                "span_index": np.asarray(span_index, np.int64),
-            },
-        )
+        feed = {
+            "input_ids": np.asarray(input_ids, np.int64)[None],
+            "position_ids": np.asarray(positions, np.int64)[None],
+            "cache_index": np.asarray(cache_index, np.int64),
+            "span_index": np.asarray(span_index, np.int64),
+        }
+        if self.reuses_context:
+            if prior is None:
+                feed["prior_keys"] = feed["prior_values"] = self._empty_cache.keys
+            else:
+                index = np.asarray(prior.index, np.int64)
+                feed["prior_keys"] = rotate_keys(prior.cache.keys[:, :, :, index],
+                                                 np.asarray(prior.positions, np.int64)[None], self.info.arch.rope_theta)
+                feed["prior_values"] = np.ascontiguousarray(prior.cache.values[:, :, :, index])
+        elif prior is not None:
+            raise ValueError("this engine folder (format 2) cannot reuse context: convert it again")
+        keys, values, ids, probs, entropy = self.sessions["context"].run(None, feed)
         return OrtContextCache(keys=keys, values=values), StepOutput(ids=ids, probs=probs, entropy=entropy)
+
+    def join(self, parts: Sequence[tuple[OrtContextCache, np.ndarray]]) -> OrtContextCache:
+        """One cache of the entries ``index`` of each cache, in this order (:mod:`engine.reuse`)."""
+        return OrtContextCache(
+            keys=np.concatenate([c.keys[:, :, :, i] for c, i in parts], axis=3),
+            values=np.concatenate([c.values[:, :, :, i] for c, i in parts], axis=3),
+        )
 
     def step(
         self,

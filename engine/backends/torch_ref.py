@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from engine.backends.base import ModelInfo, SpanBatch, StepOutput, merge_span_batches, split_output
+from engine.backends.base import ModelInfo, Prior, SpanBatch, StepOutput, merge_span_batches, split_output
 from engine.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -65,12 +65,27 @@ class TorchDenoiser:
     def _tensor(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return self.torch.as_tensor(np.asarray(array), dtype=dtype)
 
+    reuses_context = True
+    """The context pass takes prior context (:mod:`engine.reuse`)."""
+
     def encode_context(
-        self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray, span_index: np.ndarray
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        cache_index: np.ndarray,
+        span_index: np.ndarray,
+        prior: Prior | None = None,
     ) -> tuple[TorchContextCache, StepOutput]:
         """See :meth:`engine.backends.base.Denoiser.encode_context`."""
         torch = self.torch
         with torch.inference_mode():
+            prior_keys = prior_values = None
+            if prior is not None:
+                index = self._tensor(prior.index, torch.long)
+                prior_keys = self.model.rotate_cache_keys(
+                    prior.cache.keys.index_select(3, index), self._tensor(prior.positions, torch.long)[None]
+                )
+                prior_values = prior.cache.values.index_select(3, index)
             keys, values, ids, probs, entropy = self.model.encode_context(
                 self._tensor(input_ids, torch.long)[None],
                 self._tensor(positions, torch.long)[None],
@@ -78,9 +93,20 @@ class TorchDenoiser:
                 self._tensor(span_index, torch.long),
                 self.suppress,
                 self.top_k,
+                prior_keys,
+                prior_values,
             )
         first_step = StepOutput(ids=ids.numpy(), probs=probs.numpy(), entropy=entropy.numpy())
         return TorchContextCache(keys=keys, values=values), first_step
+
+    def join(self, parts: Sequence[tuple[TorchContextCache, np.ndarray]]) -> TorchContextCache:
+        """One cache of the entries ``index`` of each cache, in this order (:mod:`engine.reuse`)."""
+        torch = self.torch
+        index = [self._tensor(i, torch.long) for _, i in parts]
+        return TorchContextCache(
+            keys=torch.cat([c.keys.index_select(3, i) for (c, _), i in zip(parts, index)], dim=3),
+            values=torch.cat([c.values.index_select(3, i) for (c, _), i in zip(parts, index)], dim=3),
+        )
 
     def step(
         self,

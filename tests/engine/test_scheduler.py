@@ -90,21 +90,33 @@ def _as_format_2(src: Path, dst: Path) -> Path:
     graph.node.insert(2, helper.make_node("ConstantOfShape", ["cache_valid_shape"], ["cache_valid"],
                                           value=helper.make_tensor("one", TensorProto.BOOL, [1], [True])))
     onnx.save(model, str(dst / "span_step.onnx"))
+    model = onnx.load(str(dst / "context.onnx"))
+    graph = model.graph
     manifest: Manifest = read_manifest(src)
+    arch = manifest.arch
+    empty = helper.make_tensor("prior_shape", TensorProto.INT64, [5], [arch.num_layers, 1, arch.num_kv_heads, 0, arch.head_dim])
+    graph.initializer.append(empty)
+    for name in ("prior_keys", "prior_values"):  # format 2 had no prior context: an empty one
+        graph.input.remove(next(i for i in graph.input if i.name == name))
+        graph.node.insert(0, helper.make_node("ConstantOfShape", ["prior_shape"], [name],
+                                              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])))
+    onnx.save(model, str(dst / "context.onnx"))
     manifest.format_version = 2
     manifest.write(dst)
-    assert json.loads((dst / "manifest.json").read_text())["interface"]["span_step"]["inputs"][-1] == "cache_values"
+    interface = json.loads((dst / "manifest.json").read_text())["interface"]
+    assert interface["span_step"]["inputs"][-1] == "cache_values" and interface["context"]["inputs"][-1] == "span_index"
     return dst
 
 
-def test_a_format_2_folder_still_serves_one_request_per_pass(tiny_engine: Path, tmp_path: Path):
+def test_a_format_2_folder_still_serves_one_request_per_pass_without_reuse(tiny_engine: Path, tmp_path: Path):
     old = Engine.load(_as_format_2(tiny_engine, tmp_path / "v2"), backend="cpu")
     new = Engine.load(tiny_engine, backend="cpu")
-    assert not old.merges_requests
+    assert not old.merges_requests and old.contexts is None  # nor can it reuse context
     _assert_same_answers(old, _parts(old))
     params = SamplingParams(lengths=(4, 8))
     for prefix, suffix in PROMPTS:
-        assert old.complete(prefix, suffix, params).middle_ids == new.complete(prefix, suffix, params).middle_ids
+        got = old.complete(prefix, suffix, params, reuse="doc")  # asked for, but not possible: a full pass
+        assert got.middle_ids == new.complete(prefix, suffix, params).middle_ids and "context_reused" not in got.stats
 
 
 def _concurrently(engine: Engine, calls: list[dict]) -> list:

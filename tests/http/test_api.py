@@ -226,3 +226,22 @@ def test_no_answer_is_shared_between_requests_with_other_limits(serve: Serve):
     assert short["choices"][0] == {"index": 0, "text": "a", "finish_reason": "length"}
     full = httpx.post(serve.url + "/v1/fim/completions", json={"prompt": "m = (", "suffix": ")\n", "max_tokens": 64}).json()
     assert full["choices"][0]["text"] == "a + b" and full["usage"]["completion_tokens"] >= 3
+
+
+def test_a_warm_up_request_primes_the_next_one_of_that_client():
+    """llama.vim's n_predict 0 encodes the context now; its next request (a new connection, as llama.vim
+    opens one per request) reuses that encoding and computes only what changed."""
+    server = Serve("--min-confidence", "0")
+    body = "".join(f"def helper_{i}(value):\n    return value * {i}\n\n" for i in range(12))
+    try:
+        warm = httpx.post(server.url + "/infill", json={"input_prefix": body, "prompt": "def gre",
+                                                         "input_suffix": "\n\nprint(1)\n", "n_predict": 0}).json()
+        assert warm["content"] == "" and warm["tokens_cached"] > 100
+        httpx.post(server.url + "/infill", json={"input_prefix": body, "prompt": "def gree",
+                                                 "input_suffix": "\n\nprint(1)\n", "n_predict": 16}).raise_for_status()
+        metrics = httpx.get(server.url + "/metrics").text
+        reused = _metric(metrics, 'dlm_context_tokens_total{kind="reused"}')
+        computed = _metric(metrics, 'dlm_context_tokens_total{kind="computed"}')
+        assert reused > 100 and computed < reused / 2, (reused, computed)
+    finally:
+        server.stop()

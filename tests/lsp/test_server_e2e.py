@@ -276,3 +276,34 @@ async def test_documents_the_client_did_not_open_are_never_read(client: Language
     assert list(result.items) == []
     status = await asyncio.wait_for(wait_ready(client), timeout=10)  # still answering
     assert status["errors"] == 0 and status["prefetches"] == 0
+
+
+@pytest.mark.asyncio
+async def test_the_next_keystroke_reuses_the_documents_context(client: LanguageClient, tiny_engine):
+    """Typing on: the second request encodes only what changed around the cursor (dlm/status counts
+    reused and computed context tokens); with contextReuse off everything is computed again."""
+    await wait_ready(client)
+    body = "".join(f"def helper_{i}(value):\n    return value * {i}\n\n" for i in range(20))
+    text = body + "def greet(name):\n    message = \n    return message\n"
+    line = text[: text.index("message = ")].count("\n")
+    open_doc(client, text)
+    first = await inline(client, line, 14)
+    before = await wait_ready(client)
+    assert before["context_reused"] == 0 and before["context_computed"] > 100
+    shown = first.items[0].insert_text if first.items else ""
+    typed = "Q" if not str(shown).startswith("Q") else "Z"  # not what was suggested: no type-through cache hit
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=2),
+        content_changes=[types.TextDocumentContentChangePartial(
+            range=types.Range(start=types.Position(line=line, character=14), end=types.Position(line=line, character=14)),
+            text=typed)],
+    ))
+    await inline(client, line, 15)
+    after = await wait_ready(client)
+    assert after["cache_hits"] == 0
+    assert after["context_reused"] > 100 and after["context_computed"] - before["context_computed"] < 60
+    await apply(client, {"dlm": {"model": str(tiny_engine), "backend": "cpu", "debounceMs": 0, "minConfidence": 0,
+                                 "contextReuse": False}})
+    await inline(client, line, 15)
+    off = await wait_ready(client)
+    assert off["context_reused"] == after["context_reused"]

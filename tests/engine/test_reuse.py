@@ -1,0 +1,139 @@
+"""Context reuse across requests (engine.reuse): alignment, what is reused, and that a partial pass
+computes what the model computes given the reused entries."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import Engine, SamplingParams
+from engine.reuse import ContextStore, ReusePolicy, Run, _State, banded, prefix_run, suffix_run
+
+TEXT = (Path(__file__).resolve().parents[2] / "engine" / "sampler.py").read_text()[:5000]
+PARAMS = SamplingParams(lengths=(4, 8, 16))
+
+
+def ids(*values: int) -> np.ndarray:
+    return np.asarray(values, np.int64)
+
+
+def test_the_prefix_run_follows_a_window_that_slid_and_ends_at_the_first_change():
+    old = np.arange(100, 160)
+    new = np.concatenate([np.arange(105, 150), ids(7, 8)])  # the start slid by 5; edited after token 149
+    assert prefix_run(old, new) == Run(0, 45, 5)
+    assert prefix_run(old, old) == Run(0, 60, 0)
+    assert prefix_run(old, ids(1, 2, 3, 4, 5, 6, 7, 8, 9)) == Run(0, 0, 0)  # nothing in common
+
+
+def test_repeated_code_aligns_where_the_most_is_kept():
+    block = np.arange(10, 20)
+    old = np.concatenate([block, ids(1, 1, 1), block, np.arange(50, 70)])
+    new = np.concatenate([block, np.arange(50, 65)])  # the second copy, then what followed it
+    run = prefix_run(old, new)
+    assert run.old_start == 13 and run.end == 25
+
+
+def test_the_suffix_run_skips_a_change_at_its_start_and_stops_where_the_window_was_cut():
+    old = np.arange(200, 260)
+    assert suffix_run(old, old[:50]) == Run(0, 50, 0)
+    new = np.concatenate([ids(9), np.arange(201, 262)])  # the token under the cursor changed; two more at the end
+    run = suffix_run(old, new)
+    assert (run.start, run.end, run.old_start) == (1, 60, 1)
+    deleted = np.arange(203, 260)  # three tokens deleted forward
+    assert suffix_run(old, deleted) == Run(0, 57, 3)
+
+
+def test_bands_cut_both_sides_of_the_cursor_only_when_something_changed_there():
+    old = _State(prefix=np.arange(0, 50), suffix=np.arange(100, 130), cache=None, age=0)
+    same = banded(prefix_run(old.prefix, old.prefix), suffix_run(old.suffix, old.suffix), old, old.prefix, old.suffix,
+                  1, band=4)
+    assert same == (Run(0, 49, 0), Run(0, 30, 0))  # all of it (the anchor, the last prefix token, is never cached)
+    typed = np.concatenate([np.arange(0, 50), ids(7)])
+    pre, suf = banded(prefix_run(old.prefix, typed), suffix_run(old.suffix, old.suffix), old, typed, old.suffix, 1, band=4)
+    assert pre == Run(0, 45, 0)  # the old anchor (49) is not in the old cache, then 4 more
+    assert suf == Run(4, 30, 4)
+
+
+def test_an_unchanged_window_reuses_everything_and_answers_as_the_full_pass(tiny_engine: Path):
+    engine = Engine.load(tiny_engine, backend="cpu")
+    prefix, suffix = TEXT[:2000], TEXT[2100:2600]
+    full = engine.complete(prefix, suffix, PARAMS)
+    first = engine.complete(prefix, suffix, PARAMS, reuse="doc")
+    again = engine.complete(prefix, suffix, PARAMS, reuse="doc")
+    assert first.stats["context_reused"] == 0 and first.middle_ids == full.middle_ids
+    assert again.stats["context_computed"] == 0 and again.stats["context_reused"] == full.stats["context_tokens"] - 1
+    assert again.middle_ids == full.middle_ids
+    assert np.allclose(again.confidence, full.confidence, atol=1e-5)
+
+
+def _typing(engine: Engine, store: ContextStore, keys: int = 24) -> list:
+    engine.contexts = store
+    return [engine.complete(TEXT[: 2500 + k], TEXT[2540:], PARAMS, reuse="doc") for k in range(keys)]
+
+
+def test_typing_reuses_most_of_the_window_and_onnx_computes_what_the_reference_computes(tiny_engine: Path,
+                                                                                        tiny_checkpoint: Path):
+    """The same keystrokes through the ONNX graphs and the PyTorch reference: each partial pass of the
+    graphs (prior keys rotated to new positions, entries joined in layout order) agrees with the reference's."""
+    pytest.importorskip("torch")
+    policy = ReusePolicy(band=8, max_age=6)
+    onnx = Engine.load(tiny_engine, backend="cpu")
+    torch = Engine.load(tiny_checkpoint, backend="torch")
+    a, b = _typing(onnx, ContextStore(policy)), _typing(torch, ContextStore(policy))
+    partial = [r for r in a if r.stats["context_reused"]]
+    assert len(partial) >= len(a) * 2 // 3
+    assert all(r.stats["context_computed"] < r.stats["context_reused"] // 4 for r in partial)
+    assert [r.stats["context_reused"] for r in a] == [r.stats["context_reused"] for r in b]
+    assert [r.middle_ids for r in a] == [r.middle_ids for r in b]
+    for x, y in zip(a, b):
+        assert np.allclose(x.confidence, y.confidence, atol=1e-4)
+    ages = [r.stats["context_reused"] == 0 for r in a]
+    assert ages[0] and ages[7]  # the first request, and a full pass after 6 partial ones
+
+
+def test_a_large_change_or_another_document_encodes_the_whole_window(tiny_engine: Path):
+    engine = Engine.load(tiny_engine, backend="cpu")
+    engine.complete(TEXT[:2000], TEXT[2100:2600], PARAMS, reuse="doc")
+    moved = engine.complete(TEXT[:3000], TEXT[3100:3600], PARAMS, reuse="doc")  # the cursor jumped
+    assert moved.stats["context_reused"] == 0
+    other = engine.complete(TEXT[:3000], TEXT[3100:3600], PARAMS, reuse="other")
+    assert other.stats["context_reused"] == 0
+    assert engine.complete(TEXT[:3001], TEXT[3100:3600], PARAMS, reuse="other").stats["context_reused"] > 0
+    assert engine.contexts is not None
+    engine.contexts.forget("other")
+    assert engine.complete(TEXT[:3002], TEXT[3100:3600], PARAMS, reuse="other").stats["context_reused"] == 0
+
+
+def test_the_store_remembers_only_its_capacity_of_documents(tiny_engine: Path):
+    engine = Engine.load(tiny_engine, backend="cpu")
+    engine.contexts = ContextStore(ReusePolicy(capacity=2))
+    for key in ("a", "b", "c"):
+        engine.complete(TEXT[:2000], TEXT[2100:2600], PARAMS, reuse=key)
+    assert len(engine.contexts) == 2
+    assert engine.complete(TEXT[:2000], TEXT[2100:2600], PARAMS, reuse="a").stats["context_reused"] == 0
+    assert engine.complete(TEXT[:2000], TEXT[2100:2600], PARAMS, reuse="c").stats["context_reused"] > 0
+
+
+def test_reuse_under_the_batching_scheduler_gives_what_it_gives_alone(tiny_engine: Path):
+    """Documents typed at the same time by several threads through the scheduler: each gets the
+    middles its own keystrokes get without the scheduler."""
+    engine = Engine.load(tiny_engine, backend="cpu")
+    cuts = {"a": 1500, "b": 2500, "c": 3500}
+    alone = {d: [engine.complete(TEXT[: c + k], TEXT[c + 40 :], PARAMS, reuse=f"alone-{d}").middle_ids for k in range(8)]
+             for d, c in cuts.items()}
+    engine.batch_requests()
+    together: dict[str, list] = {}
+
+    def type_in(d: str) -> None:
+        c = cuts[d]
+        together[d] = [engine.complete(TEXT[: c + k], TEXT[c + 40 :], PARAMS, reuse=d).middle_ids for k in range(8)]
+
+    threads = [threading.Thread(target=type_in, args=(d,)) for d in cuts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert together == alone
