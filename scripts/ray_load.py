@@ -2,12 +2,16 @@
 
     python scripts/ray_load.py --replicas 1 2 --clients 1 2 4 8 --seconds 15 --out runs/ray_load.json
     python scripts/ray_load.py --baseline          # also dlm-serve alone first, on the same machine, same moment
+    python scripts/ray_load.py --replicas 2 --clients 0 --reuse-documents 8   # context reuse, with and without affinity
 
 Starts a local Ray instance, deploys dlm_lsp/http/ray_serve.yaml as ``serve run`` does
 (the shipped model, ``--settings`` as the application's settings, the autoscaler held at
 each replica count in turn, HTTP on a free loopback port) and runs scripts/serve_load.py's
 clients against Ray's HTTP proxy: per level, requests per second, p50/p95 latency, how many
-came back with text and how many were refused. Ray is stopped at the end, also on failure.
+came back with text and how many were refused. ``--reuse-documents`` then types in several
+files at once, without and with ``X-Session-Id``, and reports the share of context tokens
+the replicas reused (``dlm_context_tokens_total`` summed over the replicas). Ray is stopped
+at the end, also on failure.
 Every wait is bounded (``--ready-s``); the run takes about
 ``len(replicas) * len(clients) * seconds`` plus a minute per deployment.
 """
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -75,6 +80,41 @@ def measure(url: str, clients: list[int], seconds: float) -> list[dict[str, floa
     return results
 
 
+def replica_metrics(url: str, replicas: int, tries: int = 60) -> dict[str, dict[str, float]]:
+    """``dlm_context_tokens_total`` of every replica: ``/metrics`` asked until each replica has answered
+    (the proxy picks one per request; ``X-DLM-Replica`` says which)."""
+    seen: dict[str, dict[str, float]] = {}
+    for _ in range(tries):
+        reply = httpx.get(url + "/metrics", timeout=30)
+        found = re.findall(r'^dlm_context_tokens_total\{kind="(\w+)"\} ([0-9.e+]+)$', reply.text, re.M)
+        seen[reply.headers["x-dlm-replica"]] = {kind: float(value) for kind, value in found}
+        if len(seen) >= replicas:
+            break
+    return seen
+
+
+def reuse(url: str, replicas: int, documents: int, steps: int, affinity: bool) -> dict[str, Any]:
+    """Typing in ``documents`` files at once (round robin, one character a request, each file's hashed id
+    as ``user`` as the language server's remote mode sends it, and as ``X-Session-Id`` with ``affinity``):
+    the share of context tokens the replicas reused from the file's previous request."""
+    code = (ROOT / "engine" / "data" / "validation_code.txt").read_text()
+    before = replica_metrics(url, replicas)
+    with httpx.Client(timeout=60) as http:
+        for step in range(steps):
+            for d in range(documents):
+                start = 400 + 97 * d
+                prefix, suffix = code[start:start + 1200 + step], code[start + 1200 + step:start + 1800]
+                user = f"doc-{d:04d}"
+                headers = {"X-Session-Id": user} if affinity else {}
+                http.post(url + "/v1/fim/completions", headers=headers,
+                          json={"prompt": prefix, "suffix": suffix, "max_tokens": 8, "user": user}).raise_for_status()
+    after = replica_metrics(url, replicas)
+    totals = {kind: sum(m.get(kind, 0) - before.get(r, {}).get(kind, 0) for r, m in after.items())
+              for kind in ("reused", "computed")}
+    share = totals["reused"] / max(1.0, totals["reused"] + totals["computed"])
+    return {"affinity": affinity, "documents": documents, "steps": steps, **totals, "reused_share": round(share, 3)}
+
+
 def main() -> int:
     """Measure dlm-serve (with ``--baseline``) and the Ray application at each replica count; print the report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +123,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15)
     p.add_argument("--settings", default='{"minConfidence": 0}')
     p.add_argument("--baseline", action="store_true", help="first measure dlm-serve alone with the same settings")
+    p.add_argument("--reuse-documents", type=int, default=0,
+                   help="then type in this many files at once, without and with X-Session-Id: context reuse")
+    p.add_argument("--reuse-steps", type=int, default=20, help="characters typed per file")
     p.add_argument("--ready-s", type=float, default=300, help="bound on each wait for a deployment")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -116,8 +159,13 @@ def main() -> int:
             assert client is not None
             client.deploy_apps(config)
             wait_running(replicas, url, args.ready_s)
-            report["runs"].append({"server": f"ray serve, {replicas} replica(s)",
-                                   "levels": measure(url, args.clients, args.seconds)})
+            run: dict[str, Any] = {"server": f"ray serve, {replicas} replica(s)",
+                                   "levels": measure(url, args.clients, args.seconds) if args.clients[0] else []}
+            if args.reuse_documents:
+                run["reuse"] = [reuse(url, replicas, args.reuse_documents, args.reuse_steps, affinity)
+                                for affinity in (False, True)]
+                print(json.dumps(run["reuse"]), file=sys.stderr)
+            report["runs"].append(run)
     finally:
         try:
             serve.shutdown()

@@ -131,8 +131,16 @@ class DocumentAffinityRouter(LocalityMixin, RequestRouter):
     to any, when the first is full (``max_ongoing_requests``). Same-document requests then
     meet on one replica, where a newer one stops the older at its next denoising step.
     Requests without the header take the usual route: two random replicas (on this
-    proxy's machine first), the one with the shorter queue.
+    proxy's machine first), the one with the shorter queue; or, with the router kwarg
+    ``client_affinity: true``, the client's address stands for the document (a client such
+    as llama.vim, whose priming requests and context reuse dlm-serve keys by address, then
+    stays on the replica holding its context; wrong behind a proxy or NAT that gives every
+    client one address: all of them would share one replica until it is full).
     """
+
+    def initialize_state(self, client_affinity: bool = False, **kwargs: Any) -> None:
+        """The config's ``request_router_kwargs``: ``client_affinity`` (default false)."""
+        self.client_affinity = bool(client_affinity)
 
     async def choose_replicas(
         self,
@@ -142,7 +150,11 @@ class DocumentAffinityRouter(LocalityMixin, RequestRouter):
         """Ranks of replicas to try in order (Ray probes each rank's queue lengths and takes the shortest)."""
         if not candidate_replicas:
             return []
-        session = pending_request.metadata.session_id if pending_request is not None else None
+        session = None
+        if pending_request is not None:
+            metadata = pending_request.metadata
+            session = routing_key(metadata.session_id, getattr(metadata, "_client", ""),
+                                  getattr(self, "client_affinity", False))
         if session and pending_request is not None:
             ranked = rank_by_document(session, candidate_replicas)
             pending_request.routing_context.should_backoff = True  # all full: back off before the next round
@@ -150,6 +162,16 @@ class DocumentAffinityRouter(LocalityMixin, RequestRouter):
         ids = self.apply_locality_routing(pending_request)
         pool = [r for r in candidate_replicas if r.replica_id in ids] or candidate_replicas
         return [random.sample(pool, min(2, len(pool)))] if pool else []
+
+
+def routing_key(session_id: str, client: str, client_affinity: bool) -> str:
+    """What keeps requests together: the ``X-Session-Id`` value, else (with ``client_affinity``) the client's
+    host without its port (Ray's ``host:port`` or ``[v6]:port``); empty: spread by queue length."""
+    if session_id:
+        return session_id
+    if not client_affinity or not client:
+        return ""
+    return "client:" + (client.rsplit(":", 1)[0] if client.count(":") == 1 or client.startswith("[") else client)
 
 
 def rank_by_document(document: str, replicas: list[RunningReplica]) -> list[RunningReplica]:

@@ -167,6 +167,14 @@ def test_documents_rank_the_same_replicas_wherever_they_are_ranked():
     assert moved == []
 
 
+def test_the_routing_key_is_the_document_else_optionally_the_client_host():
+    assert ray_app.routing_key("file:///a.py", "10.0.0.7:5501", True) == "file:///a.py"
+    assert ray_app.routing_key("", "10.0.0.7:5501", False) == ""  # by default: spread by queue length
+    assert ray_app.routing_key("", "10.0.0.7:5501", True) == ray_app.routing_key("", "10.0.0.7:6000", True)
+    assert ray_app.routing_key("", "[::1]:5501", True) == "client:[::1]"
+    assert ray_app.routing_key("", "", True) == ""
+
+
 def test_two_replicas_answer_through_the_real_http_api(cluster: Cluster):
     assert httpx.get(cluster.url + "/health").json() == {"status": "ok"}  # open without a key, for load balancers
     client = MercuryClient(cluster.url, api_key=KEY)
