@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 FIM_PATH = "/v1/fim/completions"
 BUDGET_HEADER = "X-DLM-Budget-Ms"
+SESSION_HEADER = "X-Session-Id"
+"""Which document a request is for (hashed): Ray Serve's proxy routes on it, dlm-serve keys requests by it."""
 NETWORK_SHARE = 0.2
 """Of the budget, this share (at least 10 ms) is left for the round trip; the server gets the rest."""
 MAX_REPLY_BYTES = 4 << 20
@@ -93,16 +95,19 @@ class Endpoint:
                  stop: Callable[[], bool], document: str | None = None) -> Answer:
         """One completion; abandoned (no text) when ``stop`` turns true or the budget runs out first.
 
-        ``document`` (its URI) goes as the request's ``user``, hashed: a ``dlm-serve`` then lets a newer
-        request of that document replace the older one and reuse its context pass; the path never leaves."""
+        ``document`` (its URI) goes as the request's ``user`` and ``X-Session-Id``, hashed: a ``dlm-serve``
+        then lets a newer request of that document replace the older one and reuse its context pass, and
+        Ray Serve keeps the document on one replica (:mod:`dlm_lsp.http.ray_app`); the path never leaves."""
         fields: dict[str, Any] = {"model": self.model, "prompt": prompt, "suffix": suffix, "max_tokens": max_tokens,
                                   "stream": False}
-        if document:
-            fields["user"] = "doc-" + hashlib.sha256(document.encode("utf-8", "surrogatepass")).hexdigest()[:24]
-        body = json.dumps(fields).encode()
         server_budget = max(1.0, budget_ms - max(10.0, NETWORK_SHARE * budget_ms))
-        status, data = self._request("POST", self.base + FIM_PATH, body, budget_ms / 1000, stop,
-                                     {BUDGET_HEADER: f"{server_budget:.0f}"})
+        headers = {BUDGET_HEADER: f"{server_budget:.0f}"}
+        if document:
+            session = "doc-" + hashlib.sha256(document.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+            fields["user"] = session
+            headers[SESSION_HEADER] = session  # Ray Serve's proxy routes on it: one document, one replica
+        body = json.dumps(fields).encode()
+        status, data = self._request("POST", self.base + FIM_PATH, body, budget_ms / 1000, stop, headers)
         if status is None:
             return Answer("", "", abandoned=True)
         if status != 200:

@@ -24,7 +24,8 @@ nearest to the change, which the change moves the most, and after ``max_age`` pa
 passes in a row (or when more than ``max_fresh`` tokens changed, or too little is left to
 reuse) the whole window is encoded again. How often the suggestion's first line then
 differs from a full pass's is measured by ``scripts/reuse_replay.py`` (docs/engine.md,
-"Context reuse"), which chose the defaults.
+"Context reuse"), which chose the defaults: the cheapest policy measured that keeps 98 %
+of first lines identical where only the approximation can change them (fp32 graphs).
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ MAX_ALIGNMENTS = 16
 class ReusePolicy:
     """When and how much of the previous context pass to reuse."""
 
-    band: int = 16
+    band: int = 64
     """Tokens recomputed on each side of what changed."""
-    max_age: int = 8
+    max_age: int = 4
     """Partial passes in a row before the whole window is encoded again."""
-    max_fresh: int = 128
+    max_fresh: int = 256
     """More tokens to compute than this (the change and its bands): encode the whole window."""
     min_reused: int = 32
     """Fewer tokens to reuse than this: encode the whole window (the saving would be small)."""

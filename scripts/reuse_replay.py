@@ -11,6 +11,12 @@ server's candidate lengths; no budget, so that no cut mixes in) once with a full
 pass and once per reuse policy (each policy with its own state, carried from keystroke to
 keystroke as the server would). Reports, per policy, how often the middle's first line
 equals the full pass's, and the median context-pass time and share of context reused.
+
+An int8 model quantises activations per call, over the rows of that call: a partial pass
+rounds differently from a full one even where nothing is stale. ``--reference`` (the same
+weights in fp32, e.g. ``dlm-convert CKPT OUT --precision fp32``) separates the two: each
+variant's first lines are also compared with the reference's full pass, so that reuse is
+judged by whether it moves the int8 model away from what its weights compute.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from engine.train.corpus import read_jsonl  # noqa: E402
 
 POLICIES = {
     "band0-age8": ReusePolicy(band=0, max_age=8),
-    "band4-age8": ReusePolicy(band=4, max_age=8),
     "band16-age8": ReusePolicy(band=16, max_age=8),
     "band32-age8": ReusePolicy(band=32, max_age=8),
-    "band16-age32": ReusePolicy(band=16, max_age=32),
+    "band64-age8": ReusePolicy(band=64, max_age=8, max_fresh=256),
+    "band32-age4": ReusePolicy(band=32, max_age=4),
+    "band64-age4": ReusePolicy(band=64, max_age=4, max_fresh=256),
 }
 
 
@@ -72,6 +79,8 @@ def main() -> int:
     p.add_argument("--sequences", type=int, default=30)
     p.add_argument("--keys", type=int, default=40, help="keystrokes per sequence (at most)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--reference", type=Path, default=None,
+                   help="the same weights at fp32 (an engine folder): agreement with its full pass is reported too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -81,13 +90,18 @@ def main() -> int:
     engine = Engine.load(args.model or default_model_path(), backend="cpu")
     if engine.contexts is None:
         p.error(f"{engine.path} cannot reuse context (an engine folder of format 2): convert it again")
+    reference = Engine.load(args.reference, backend="cpu") if args.reference else None
     stores = {name: ContextStore(POLICIES[name]) for name in args.policies}
     rows: dict[str, list[dict]] = {name: [] for name in ["full", *args.policies]}
+    truth: list[str] = []
     for n, (before, line, after) in enumerate(sequences(args.heldout, args.sequences, args.keys, args.seed)):
         for k in range(len(line) + 1):
             prefix = before + line[:k]
             text, offset = prefix + after, len(prefix)
             full = complete_text(engine, text, offset, "python", replace(settings, context_reuse=False))
+            if reference is not None:
+                truth.append(first_line(complete_text(reference, text, offset, "python",
+                                                      replace(settings, context_reuse=False)).raw_text))
             rows["full"].append({"first": first_line(full.raw_text), "context_ms": full.engine_stats["context_ms"],
                                  "total_ms": full.latency_ms})
             for name, store in stores.items():
@@ -103,6 +117,9 @@ def main() -> int:
     full_rows = rows["full"]
     report["full"] = {"context_ms_p50": round(statistics.median(r["context_ms"] for r in full_rows), 2),
                       "total_ms_p50": round(statistics.median(r["total_ms"] for r in full_rows), 2)}
+    if truth:
+        report["reference"] = str(args.reference)
+        report["full"]["same_as_reference"] = round(sum(a == r["first"] for a, r in zip(truth, full_rows)) / len(truth), 4)
     for name in args.policies:
         got = rows[name]
         same = sum(a["first"] == b["first"] for a, b in zip(full_rows, got))
@@ -114,6 +131,9 @@ def main() -> int:
             "reused_share": round(sum(r["reused"] for r in got) / max(1, sum(context)), 3),
             "partial_passes": sum(r["reused"] > 0 for r in got),
         }
+        if truth:
+            report["policies"][name]["same_as_reference"] = round(
+                sum(a == r["first"] for a, r in zip(truth, got)) / len(truth), 4)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -8,5 +8,6 @@ One module per API, all on the language server's completion path
 * :mod:`dlm_lsp.http.infill`: llama.cpp's ``POST /infill`` (llama.vim, llama.vscode);
 * :mod:`dlm_lsp.http.health`: ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/status``;
 * :mod:`dlm_lsp.http.app`: the FastAPI application, keys, limits and error shapes;
-* :mod:`dlm_lsp.http.cli`: the ``dlm-serve`` command (uvicorn).
+* :mod:`dlm_lsp.http.cli`: the ``dlm-serve`` command (uvicorn);
+* :mod:`dlm_lsp.http.ray_app`: the same application as Ray Serve replicas (``ray_serve.yaml``).
 """

@@ -42,10 +42,10 @@ from dlm_lsp.transport import is_loopback
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "DlmServe"
-"""The deployment's name (replica actors are ``SERVE_REPLICA::<app>#DlmServe#<id>``)."""
-SESSION_HEADER = "X-Session-Id"
-"""The header a client sends to keep a document on one replica (Ray Serve's session header, read by its proxy;
-a cluster started with ``RAY_SERVE_SESSION_ID_HEADER_KEY`` uses that name instead)."""
+"""The deployment's name (replica actors are ``SERVE_REPLICA::<app>#DlmServe#<id>``).
+
+A client keeps a document on one replica with :data:`dlm_lsp.remote.SESSION_HEADER` (Ray Serve's session
+header, read by its proxy; a cluster started with ``RAY_SERVE_SESSION_ID_HEADER_KEY`` uses that name instead)."""
 REPLICA_HEADER = "X-DLM-Replica"
 """The response header naming the replica that answered."""
 

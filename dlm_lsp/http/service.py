@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from dlm_lsp.completion import CompletionService, Result, complete_text
 from dlm_lsp.context import OpenDocument, window
 from dlm_lsp.model_host import ModelHost
+from dlm_lsp.remote import SESSION_HEADER
 from dlm_lsp.settings import MAX_TOKENS, Settings
 from dlm_lsp.status import Metrics
 from dlm_lsp.syntax import EXTENSIONS
@@ -97,14 +98,24 @@ def budget_header(value: str | None) -> float | None:
     return budget
 
 
+def _session(request: Any, user: str | None) -> str | None:
+    """The caller's own name for its document: the ``user`` field, else an ``X-Session-Id`` header."""
+    if user:
+        return user
+    headers = getattr(request, "headers", None)
+    value = headers.get(SESSION_HEADER) if headers is not None else None
+    return value[:200] if value else None
+
+
 def document_key(route: str, who: str, request: Any, user: str | None = None) -> str:
     """Which requests replace each other (a newer one stops the older at its next step).
 
-    By the caller's own ``user`` field when it sends one (OpenAI's convention), else by
-    connection: never by address alone, or everyone behind one address (a shared host,
-    a proxy) would cancel everyone else. llama.vim opens a connection per request and
-    closes it when it moves on, which stops the old request anyway.
+    By the caller's own ``user`` field (OpenAI's convention) or ``X-Session-Id`` header when
+    it sends one, else by connection: never by address alone, or everyone behind one
+    address (a shared host, a proxy) would cancel everyone else. llama.vim opens a
+    connection per request and closes it when it moves on, which stops the old request anyway.
     """
+    user = _session(request, user)
     if user:
         return f"{route}:{who}:user:{user}"
     client = request.client
@@ -112,11 +123,12 @@ def document_key(route: str, who: str, request: Any, user: str | None = None) ->
 
 
 def reuse_key(route: str, who: str, request: Any, user: str | None = None) -> str:
-    """Whose previous context pass a request may reuse: the caller's (its ``user`` field, else its API key
-    and address), not its connection's: llama.vim opens a connection per request. A request of another
-    file of the same caller shares too little with it to reuse anything, and is encoded whole."""
+    """Whose previous context pass a request may reuse: the caller's document (its ``user`` field or
+    ``X-Session-Id``), else the caller (its API key and address), not its connection: llama.vim opens a
+    connection per request. A request of another file of the same caller shares too little with it
+    to reuse anything, and is encoded whole."""
     client = request.client
-    return f"{route}:{who}:{user or (client.host if client else '-')}"
+    return f"{route}:{who}:{_session(request, user) or (client.host if client else '-')}"
 
 
 def read_keys(key_file: Path | None) -> list[str]:

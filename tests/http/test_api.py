@@ -242,6 +242,6 @@ def test_a_warm_up_request_primes_the_next_one_of_that_client():
         metrics = httpx.get(server.url + "/metrics").text
         reused = _metric(metrics, 'dlm_context_tokens_total{kind="reused"}')
         computed = _metric(metrics, 'dlm_context_tokens_total{kind="computed"}')
-        assert reused > 100 and computed < reused / 2, (reused, computed)
+        assert reused > 100 and computed < reused, (reused, computed)  # the band recomputes 64 tokens each side
     finally:
         server.stop()

@@ -29,6 +29,7 @@ from ray.serve.context import _get_global_client  # noqa: E402
 from ray.serve.schema import ReplicaState, ServeDeploySchema  # noqa: E402
 
 from dlm_lsp.http import ray_app  # noqa: E402
+from dlm_lsp.remote import SESSION_HEADER  # noqa: E402
 
 CONFIG = ROOT / "dlm_lsp" / "http" / "ray_serve.yaml"
 KEY = "ray-test-key-" + "k" * 16
@@ -197,7 +198,7 @@ def test_two_replicas_answer_through_the_real_http_api(cluster: Cluster):
 def test_one_document_stays_on_one_replica(cluster: Cluster):
     def replica(document: str, n: int) -> str:
         reply = httpx.post(cluster.url + "/v1/fim/completions", timeout=REQUEST_S,
-                           headers={**cluster.headers, ray_app.SESSION_HEADER: document},
+                           headers={**cluster.headers, SESSION_HEADER: document},
                            json={"prompt": f"y{n} = ", "max_tokens": 4})
         assert reply.status_code == 200, reply.text
         return reply.headers[ray_app.REPLICA_HEADER]
@@ -227,7 +228,7 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_hangs_or_runs_tw
             request_id = uuid.uuid4().hex
             headers = {**cluster.headers, "X-Request-ID": request_id}
             if c % 2:
-                headers[ray_app.SESSION_HEADER] = f"file:///load/{c}.py"  # half the clients edit one document
+                headers[SESSION_HEADER] = f"file:///load/{c}.py"  # half the clients edit one document
             try:
                 reply = await http.post(cluster.url + "/v1/fim/completions", headers=headers,
                                         json={"prompt": f"z{c}_{n} = ", "max_tokens": 8})
