@@ -92,11 +92,11 @@ class Engine:
         """The last context pass of each document, for :meth:`complete`'s ``reuse`` (None: the graphs
         cannot take prior context, an engine folder of format 2)."""
 
-    def batch_requests(self, max_rows: int = MAX_ROWS, on_step: StepObserver | None = None) -> None:
+    def batch_requests(self, max_rows: int = MAX_ROWS, on_step: StepObserver | None = None, lanes: int = 1) -> None:
         """From now on, concurrent :meth:`complete` calls (from several threads) run their denoising
-        steps as one forward pass per round (:mod:`engine.scheduler`); for a server of many clients.
-        ``on_step(requests, rows)`` is told the size of each merged pass."""
-        self.scheduler = StepScheduler(self.denoiser, max_rows=max_rows, on_step=on_step)
+        steps as one forward pass per round (:mod:`engine.scheduler`; ``lanes`` scheduler threads);
+        for a server of many clients. ``on_step(requests, rows)`` is told the size of each merged pass."""
+        self.scheduler = StepScheduler(self.denoiser, max_rows=max_rows, on_step=on_step, lanes=lanes)
 
     @property
     def reuses_context(self) -> bool:

@@ -12,9 +12,9 @@ then serves ``n`` requests for little more than the price of one.
 
 One round:
 
-1. **join**: requests that arrived run their context pass, one forward pass each, in
-   arrival order (the requests in flight wait for it, as in any batcher without
-   chunked prefill);
+1. **join**: requests whose context pass is done join (each runs that pass on its own
+   thread before it joins, beside the rounds of the others: on a CPU another core works
+   on it, and the requests in flight do not wait for it);
 2. **decide**: every request in flight takes its own decisions, as the single-request
    loop does (early exit, budget pruning, its stop callback, its deadline); those
    finished or out of time **leave** with their result at once;
@@ -63,18 +63,37 @@ StepObserver = Callable[[int, int], None]
 """Called after each merged forward pass with its number of requests and of rows (metrics)."""
 
 
-class StepScheduler:
-    """Runs the denoising loops of concurrent requests in lockstep, one merged span step per round."""
+@dataclass
+class _Lane:
+    """One scheduler thread and the requests it runs."""
 
-    def __init__(self, denoiser: Denoiser, *, max_rows: int = MAX_ROWS, on_step: StepObserver | None = None) -> None:
+    arrived: deque[_Job] = field(default_factory=deque)
+    thread: threading.Thread | None = None
+    load: int = 0
+    """Requests given to this lane and not yet answered."""
+
+
+class StepScheduler:
+    """Runs the denoising loops of concurrent requests in lockstep, one merged span step per round.
+
+    ``lanes``: scheduler threads, each merging the steps of its own requests (a new request
+    goes to the least loaded). One lane for a model whose operations use every core; one per
+    core for a small model whose operations run on one thread each (merging two requests'
+    steps into one pass on one core is slower than running them side by side on two).
+    """
+
+    def __init__(
+        self, denoiser: Denoiser, *, max_rows: int = MAX_ROWS, on_step: StepObserver | None = None, lanes: int = 1
+    ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, got {lanes}")
         self.denoiser = denoiser
         self.max_rows = max_rows
         self.on_step = on_step
         self._lock = threading.Lock()
-        self._arrived: deque[_Job] = deque()
-        self._thread: threading.Thread | None = None
+        self._lanes = [_Lane() for _ in range(lanes)]
         self._closed = False
 
     def run(self, run: DenoisingRun) -> SamplerResult:
@@ -83,15 +102,24 @@ class StepScheduler:
         Raises what its forward passes raised (an error of a merged pass fails every
         request that took part in it), or :class:`EngineError` once the scheduler is closed.
         """
+        if self._closed:
+            raise EngineError("the engine was closed")
+        # the context pass runs here, on the request's own thread: beside the merged steps of the
+        # requests in flight (another core), not between them
+        run.encode_context()
         job = _Job(run)
         with self._lock:
             if self._closed:
                 raise EngineError("the engine was closed")
-            self._arrived.append(job)
-            if self._thread is None:  # the thread ends when nothing is left to run; the next request starts one
-                self._thread = threading.Thread(target=self._loop, name="dlm-step-scheduler", daemon=True)
-                self._thread.start()
+            lane = min(self._lanes, key=lambda candidate: candidate.load)
+            lane.load += 1
+            lane.arrived.append(job)
+            if lane.thread is None:  # the thread ends when nothing is left to run; the next request starts one
+                lane.thread = threading.Thread(target=self._loop, args=(lane,), name="dlm-step-scheduler", daemon=True)
+                lane.thread.start()
         job.done.wait()
+        with self._lock:
+            lane.load -= 1
         if job.error is not None:
             raise job.error
         assert job.result is not None
@@ -103,23 +131,17 @@ class StepScheduler:
             self._closed = True
 
     # -- the scheduler thread -----------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, lane: _Lane) -> None:
         flight: list[_Job] = []
         first = 0  # the round's first request: rotates when max_rows leaves some out
         while True:
             with self._lock:
-                joining = list(self._arrived)
-                self._arrived.clear()
+                joining = list(lane.arrived)
+                lane.arrived.clear()
                 if not joining and not flight:
-                    self._thread = None
+                    lane.thread = None
                     return
-            for job in joining:
-                try:
-                    job.run.encode_context()
-                except Exception as exc:  # noqa: BLE001 - the request that caused it gets the error
-                    _fail(job, exc)
-                else:
-                    flight.append(job)
+            flight.extend(joining)
             flight = self._round(flight, first)
             first += 1
 

@@ -60,7 +60,7 @@ async def level(url: str, clients: int, seconds: float) -> dict[str, float]:
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=clients)) as http:
-        await asyncio.gather(*(client(http, f"load-{i}") for i in range(clients)))
+        await asyncio.gather(*(client(http, f"load-client-key-{i:04d}") for i in range(clients)))
     elapsed = time.perf_counter() - started
     return {
         "clients": clients, "requests": len(latencies), "per_second": round(len(latencies) / elapsed, 2),
@@ -82,7 +82,7 @@ def main() -> int:
                    help="dlm-serve's --max-batch-rows, one server per value (0: no batching)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    keys = ",".join(f"load-{i}" for i in range(max(args.clients)))
+    keys = ",".join(f"load-client-key-{i:04d}" for i in range(max(args.clients)))
     servers: dict[int, Serve] = {}
     urls = {"url": args.url} if args.url else {}
     try:

@@ -32,6 +32,7 @@ from dlm_lsp.settings import MAX_TOKENS, Settings
 from dlm_lsp.status import Metrics
 from dlm_lsp.syntax import EXTENSIONS
 from engine import Engine
+from engine.backends.onnxruntime import default_threads
 from engine.reuse import ContextStore, ReusePolicy
 from engine.scheduler import MAX_ROWS
 
@@ -210,7 +211,11 @@ class Service:
             engine.contexts = ContextStore(ReusePolicy(capacity=CLIENT_CONTEXTS))
         if self.max_batch_rows <= 0:
             return
-        engine.batch_requests(self.max_batch_rows, on_step=self._observe_step)
+        # a model whose operations use every core: one scheduler thread; a small one, whose operations
+        # run on one thread each: one per core, so that merged passes also run side by side
+        one_thread = default_threads(engine.info.arch.hidden_size) == 1
+        engine.batch_requests(self.max_batch_rows, on_step=self._observe_step,
+                              lanes=default_threads() if one_thread else 1)
         if getattr(engine.denoiser, "merges_contexts", True) is False:
             log.warning("%s is an engine folder of format 2: concurrent requests take one forward pass each; "
                         "convert it again (dlm-convert, or dlm-lsp models pull NAME --force) for merged passes",

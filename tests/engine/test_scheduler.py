@@ -140,8 +140,10 @@ def _concurrently(engine: Engine, calls: list[dict]) -> list:
     return results
 
 
-def test_concurrent_requests_share_forward_passes_and_get_their_own_middles(tiny_engine: Path):
-    """Each request gets exactly the middle it gets alone (fp32 graphs), while the passes are shared."""
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_concurrent_requests_share_forward_passes_and_get_their_own_middles(tiny_engine: Path, lanes: int):
+    """Each request gets exactly the middle it gets alone (fp32 graphs), while the passes are shared
+    (by all of them, or by those of each of two lanes)."""
     engine = Engine.load(tiny_engine, backend="cpu")
     calls = [
         dict(prefix=p, suffix=s, params=SamplingParams(lengths=lengths, threshold=threshold, exact=exact),
@@ -152,7 +154,7 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_middles(tiny
     ]
     alone = [engine.complete(**call) for call in calls]
     sizes: list[tuple[int, int]] = []
-    engine.batch_requests(on_step=lambda requests, rows: sizes.append((requests, rows)))
+    engine.batch_requests(on_step=lambda requests, rows: sizes.append((requests, rows)), lanes=lanes)
     together = _concurrently(engine, calls)
     for a, b in zip(alone, together):
         assert not isinstance(b, Exception), b
