@@ -174,10 +174,11 @@ class ContextStore:
     def encode(
         self, denoiser: Denoiser, key: str, prefix: np.ndarray, suffix: np.ndarray, span: int, anchor: int, mask_id: int
     ) -> tuple[Any, StepOutput, dict[str, Any]]:
-        """The context pass of ``denoiser`` (one that ``reuses_context``) over a window ``prefix`` + ``span`` masks + ``suffix`` (what
-        :meth:`engine.sampler.DenoisingRun.encode_context` needs: the cache of every context token
-        in layout order and the span rows' first step), reusing ``key``'s last pass where the
-        policy allows; and stats saying how many context tokens it reused and computed."""
+        """The context pass of ``denoiser`` (one that ``reuses_context``) over the window ``prefix``
+        + ``span`` masks + ``suffix``: what :meth:`engine.sampler.DenoisingRun.encode_context` needs
+        (the cache of every context token in layout order, the span rows' first step), reusing
+        ``key``'s last pass where the policy allows; and stats saying how many context tokens it
+        reused and computed."""
         prefix, suffix = np.asarray(prefix, np.int64), np.asarray(suffix, np.int64)
         context = len(prefix) - anchor + len(suffix)
         with self._lock:
@@ -211,8 +212,8 @@ class ContextStore:
         return denoiser.encode_context(ids, np.arange(len(ids)), cache_index, np.arange(p - anchor, p + span))
 
     def _partial(
-        self, denoiser: Denoiser, old: _State, runs: tuple[Run, Run], prefix: np.ndarray, suffix: np.ndarray, span: int, anchor: int,
-        mask_id: int,
+        self, denoiser: Denoiser, old: _State, runs: tuple[Run, Run], prefix: np.ndarray, suffix: np.ndarray,
+        span: int, anchor: int, mask_id: int,
     ) -> tuple[Any, StepOutput]:
         """Compute what the runs do not cover (and the anchor and span) against the reused entries."""
         p, cp = len(prefix), len(prefix) - anchor

@@ -68,11 +68,11 @@ if TYPE_CHECKING:
 
 MULTI_LINE_LENGTHS = (8, 16, 32, 64)
 """Default candidate lengths (tokens) of a middle of unknown length (the server's ``lengthCandidates``)."""
+SINGLE_LINE_LENGTHS = (10,)
+"""Default candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates``)."""
 ContextEncoder = Callable[[], "tuple[Any, StepOutput, dict[str, Any]]"]
 """Runs a request's context pass its own way (:mod:`engine.reuse`): the cache of every context token in
 layout order, the longest span's first step, and stats."""
-SINGLE_LINE_LENGTHS = (10,)
-"""Default candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates``)."""
 
 
 def single_line(text: str) -> str:

@@ -106,8 +106,8 @@ def interface_mismatches(role: str, session: Any, manifest: Manifest) -> list[st
     for side, declared in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         expected = GRAPH_INTERFACE[role][side]
         if side == "inputs":  # format 2 graphs lack the last inputs
-            names_then = (span_inputs if role == "span_step" else context_inputs)(manifest.format_version)
-            expected = {name: expected[name] for name in names_then}
+            of_version = (span_inputs if role == "span_step" else context_inputs)(manifest.format_version)
+            expected = {name: expected[name] for name in of_version}
         names = [arg.name for arg in declared]
         if names != list(expected):
             problems.append(f"{name} {side} are {names}, expected {list(expected)}")
