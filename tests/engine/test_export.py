@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 
 from engine import export  # noqa: E402
 from engine.errors import ExportError, ManifestError  # noqa: E402
-from engine.manifest import SPAN_INPUTS, SPAN_OUTPUTS, read_manifest  # noqa: E402
+from engine.manifest import CONTEXT_INPUTS, SPAN_INPUTS, SPAN_OUTPUTS, read_manifest  # noqa: E402
 
 
 def test_fp32_engine_folder_contents_and_validation(tiny_engine):
@@ -33,7 +33,8 @@ def test_graph_interface(tiny_engine):
     assert [i.name for i in span.graph.input] == list(SPAN_INPUTS)
     assert [o.name for o in span.graph.output] == list(SPAN_OUTPUTS)
     context = onnx.load(str(tiny_engine / "context.onnx"))
-    assert [i.name for i in context.graph.input] == ["input_ids", "position_ids", "cache_index", "span_index"]
+    assert [i.name for i in context.graph.input] == list(CONTEXT_INPUTS) == [
+        "input_ids", "position_ids", "cache_index", "span_index", "prior_keys", "prior_values"]
     assert [o.name for o in context.graph.output] == ["cache_keys", "cache_values", *SPAN_OUTPUTS]
 
 
@@ -290,6 +291,9 @@ def test_consolidate_gathers_the_exporters_per_tensor_files(tiny_engine, tmp_pat
         feeds = {
             "input_ids": np.arange(16)[None] % arch.vocab_size, "position_ids": np.arange(16)[None],
             "cache_index": np.arange(10), "span_index": np.arange(9, 16),
+            # four entries of prior context (engine.reuse), so that its inputs are exercised too
+            "prior_keys": np.ones((arch.num_layers, 1, arch.num_kv_heads, 4, arch.head_dim), np.float32),
+            "prior_values": np.ones((arch.num_layers, 1, arch.num_kv_heads, 4, arch.head_dim), np.float32),
         }
         got = ort.InferenceSession(str(out / "context.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
         ref = ort.InferenceSession(str(tiny_engine / "context.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
