@@ -35,6 +35,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from http_client import Serve, free_port  # noqa: E402
+from _report import emit  # noqa: E402
 from serve_load import level  # noqa: E402
 
 CONFIG = ROOT / "dlm_lsp" / "http" / "ray_serve.yaml"
@@ -171,12 +172,7 @@ def main() -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from _report import emit  # noqa: E402
 from dlm_lsp.completion import complete_text  # noqa: E402
 from dlm_lsp.settings import parse_settings  # noqa: E402
 from engine import Engine, default_model_path  # noqa: E402
@@ -134,12 +135,7 @@ def main() -> int:
         if truth:
             report["policies"][name]["same_as_reference"] = round(
                 sum(a == r["first"] for a, r in zip(truth, got)) / len(truth), 4)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

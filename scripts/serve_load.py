@@ -30,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import httpx  # noqa: E402
 
+from _report import emit  # noqa: E402
 from http_client import Serve  # noqa: E402
 
 PROMPT = "def area(width, height):\n    # case {n}\n    return "
@@ -107,12 +108,7 @@ def main() -> int:
     finally:
         for server in servers.values():
             server.stop()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from raw_lsp import StdioServer  # noqa: E402 - after the path setup
+from _report import emit  # noqa: E402 - after the path setup
+from raw_lsp import StdioServer  # noqa: E402
 from storm import rss_kb, soak, storm  # noqa: E402
 
 SETTINGS = {"backend": "cpu", "debounceMs": 5, "minConfidence": 0, "latencyBudgetMs": 100}
@@ -104,12 +105,7 @@ def main() -> int:
     finally:
         code, _ = server.stop()
     report["exit_status"] = code
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

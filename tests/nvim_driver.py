@@ -24,14 +24,15 @@ def nvim_executable() -> str | None:
     return str(here) if here.is_file() else shutil.which("nvim")
 
 
-def poll(what: Callable[[], Any], timeout: float = 60.0, message: str = "") -> Any:
-    """Call ``what`` every 50 ms until it returns something truthy; that value (AssertionError at ``timeout``)."""
+def poll(what: Callable[[], Any], timeout: float = 60.0, message: str = "", interval: float = 0.05) -> Any:
+    """Call ``what`` every ``interval`` seconds until it returns something truthy; that value
+    (AssertionError at ``timeout``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = what()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message or what}")
 
 

@@ -103,8 +103,7 @@ def _session(request: Any, user: str | None) -> str | None:
     """The caller's own name for its document: the ``user`` field, else an ``X-Session-Id`` header."""
     if user:
         return user
-    headers = getattr(request, "headers", None)
-    value = headers.get(SESSION_HEADER) if headers is not None else None
+    value = request.headers.get(SESSION_HEADER)
     return value[:200] if value else None
 
 

@@ -10,7 +10,6 @@ import asyncio
 import re
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 from http_client import ROOT, MercuryClient, free_port
+from nvim_driver import poll
 
 ray = pytest.importorskip("ray")  # the `ray` extra (in `dev`: CI runs these)
 serve = pytest.importorskip("ray.serve")
@@ -80,13 +80,11 @@ def replica_names(app: str = "dlm") -> set[str]:
 
 
 def wait_for(what: str, check: Any, timeout: float = READY_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; serve status: {serve.status()}")
+    """:func:`nvim_driver.poll`, saying what Ray Serve reports when it times out."""
+    try:
+        return poll(check, timeout, what, interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; serve status: {serve.status()}") from None
 
 
 def running_replicas() -> int:
