@@ -265,13 +265,13 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_hangs_or_runs_tw
                            json={"prompt": f"after{n} = ", "max_tokens": 4})
         assert reply.status_code == 200, reply.text
 
-    # no request ran twice: each id is in at most one replica's access log, and a request that failed finished nowhere
+    # no request ran twice: each id is in at most one replica's access log. (A failed request may have finished
+    # on the killed replica, its answer lost with it: CI saw one. That is an error the client saw, not a repeat.)
     access = Counter(re.findall(r" ([0-9a-f]{32}) -- POST /v1/fim/completions (\d+)", "".join(
         p.read_text(errors="replace") for p in cluster.logs.rglob("*.log"))))
     per_id = Counter(rid for rid, _ in access.elements())
     assert [rid for rid in outcomes if per_id[rid] > 1] == []
     assert [rid for rid in ok if per_id[rid] != 1] == []
-    assert [rid for rid in failed if (rid, "200") in access] == []
 
 
 def test_the_language_server_and_dlm_serve_never_import_ray():
