@@ -241,7 +241,10 @@ def dispatch(protocol: DlmProtocol, message: Any) -> None:
         typed = structure(protocol, message)
     except Exception as exc:  # noqa: BLE001 - whatever the converter says, the sender hears it
         detail = describe_structure_error(exc)
-        if method is not None and has_id:
+        if method is not None and has_id and method != types.INITIALIZE and not protocol.initialize_seen:
+            # The session's state answers first (LSP): params are not looked at before initialize.
+            protocol.send_error(reply_id, SERVER_NOT_INITIALIZED, f"{method} before initialize")
+        elif method is not None and has_id:
             protocol.send_error(reply_id, INVALID_PARAMS, f"invalid params for {method}: {detail}")
         else:
             log.warning("dropped an invalid %s: %s", method or "response", detail)

@@ -142,6 +142,8 @@ def _send_v1(server: StdioServer) -> dict:  # type: ignore[type-arg]
 # -- the session's life ----------------------------------------------------------------------
 def test_a_request_before_initialize_is_server_not_initialized(server: StdioServer):
     assert error_code(server.request(20, "dlm/status", {})) == -32002
+    # the session's state is answered before the params are looked at
+    assert error_code(server.request(22, "textDocument/inlineCompletion", {"position": {"line": -1}})) == -32002
     server.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1, "text": "a"}})
     assert "result" in server.initialize(SETTINGS)
     assert server.document_state(URI) is None  # notifications before initialize are dropped (LSP)
