@@ -201,6 +201,7 @@ class CompletionService:
         self.executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlm-engine")
         self._inflight: dict[str, threading.Event] = {}
         self._generation: dict[str, int] = {}
+        self._priming: dict[str, asyncio.Future[Any]] = {}
 
     def close(self) -> None:
         """Stop every request in flight and the worker threads (the session ends)."""
@@ -248,6 +249,39 @@ class CompletionService:
             if self._generation.get(uri) == generation:  # the newest request for uri ended: forget the uri
                 del self._generation[uri]
 
+    def _prime(
+        self, engine: Engine, key: str, text: str, offset: int, language_id: str, settings: Settings,
+        others: Iterable[OpenDocument], document_start: bool,
+    ) -> asyncio.Future[Any] | None:
+        """Start this window's context pass while the debounce waits, kept for ``key``'s next request
+        (as llama.vim warms its cache while the user types). One per document at a time: while one
+        runs, a newer keystroke waits for it, and its request reuses what it computed."""
+        running = self._priming.get(key)
+        if running is not None and not running.done():
+            return running
+        settings = replace(settings, latency_budget_ms=60_000.0)  # a context pass is all it runs
+        others = list(others)
+
+        def work() -> None:
+            try:
+                stats = complete_text(engine, text, offset, language_id, settings, others, lambda: True,
+                                      document_start=document_start, reuse=key).engine_stats
+            except Exception as exc:  # noqa: BLE001 - the request itself runs the pass again and reports
+                log.warning("priming the context of %s failed: %s", key, exc)
+                return
+            if "context_computed" in stats:
+                self.metrics.count("context_reused", stats["context_reused"])
+                self.metrics.count("context_computed", stats["context_computed"])
+
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.executor, work)
+        except RuntimeError:  # the worker pool is gone: the request replaces it, unprimed
+            return None
+        self.metrics.count("primes")
+        self._priming[key] = future
+        future.add_done_callback(lambda done: self._priming.pop(key, None) if self._priming.get(key) is done else None)
+        return future
+
     async def _complete(
         self, engine: Engine | None, uri: str, text: str, offset: int, language_id: str, settings: Settings,
         version: int | None, current_version: Callable[[], int | None], automatic: bool,
@@ -261,10 +295,15 @@ class CompletionService:
             latency = (time.perf_counter() - started) * 1000
             return Result(Suggestion(cached.text, cached.replace_suffix), latency, "cache")
         if automatic and settings.debounce_ms > 0:
+            primed = None
+            if engine is not None and remote is None and settings.context_reuse and engine.reuses_context:
+                primed = self._prime(engine, reuse_key, text, offset, language_id, settings, others, document_start)
             await asyncio.sleep(settings.debounce_ms / 1000)
             if self._generation.get(uri) != generation:
                 self.metrics.count("cancelled")
                 return Result(None, (time.perf_counter() - started) * 1000, "cancelled")
+            if primed is not None:  # the request's own context pass then reuses it whole
+                await asyncio.wait([primed])
         stop = threading.Event()
         self._inflight[uri] = stop
         loop = asyncio.get_running_loop()

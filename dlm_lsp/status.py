@@ -31,6 +31,8 @@ class Metrics:
     """Context tokens whose keys and values came from the document's previous request (engine.reuse)."""
     context_computed: int = 0
     """Context tokens encoded (all of them without reuse)."""
+    primes: int = 0
+    """Context passes started while the debounce waited (their tokens are in the two counts above)."""
     prefetches: int = 0
     prefetch_errors: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=200))

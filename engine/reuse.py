@@ -195,7 +195,8 @@ class ContextStore:
             age, reused = 0, 0
         else:
             cache, first = self._partial(denoiser, old, runs, prefix, suffix, span, anchor, mask_id)
-            age, reused = old.age + 1, len(runs[0]) + len(runs[1])
+            reused = len(runs[0]) + len(runs[1])
+            age = old.age + (reused < context)  # nothing recomputed (the same window again): no staler
         with self._lock:
             self._states[key] = _State(prefix, suffix, cache, age)
             self._states.move_to_end(key)

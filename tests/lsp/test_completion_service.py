@@ -70,3 +70,62 @@ async def test_debounce_drops_superseded_automatic_requests(tiny_engine):
     assert (await first).source == "cancelled"  # never reached the model
     assert second.source in ("model", "empty", "gated")
     assert service.metrics.cancelled == 1 and service.metrics.requests == 2
+
+
+BODY = "".join(f"def helper_{i}(value):\n    return value * {i}\n\n" for i in range(20))
+
+
+@pytest.mark.asyncio
+async def test_the_context_pass_runs_while_the_debounce_waits(tiny_engine):
+    """An automatic request starts its window's context pass at once, not after the debounce; the
+    request then reuses all of it (nothing computed twice), and a request whose keystroke was
+    superseded leaves its pass to the next one."""
+    from engine import Engine
+
+    engine = Engine.load(tiny_engine, backend="cpu")
+    encodes: list[float] = []
+    original = engine.denoiser.encode_context
+
+    def observed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        encodes.append(time.perf_counter())
+        return original(*args, **kwargs)
+
+    engine.denoiser.encode_context = observed  # observe the real denoiser, do not replace it
+    settings = Settings(debounce_ms=400, length_candidates=(4,), min_confidence=0.0)
+    service = CompletionService(Metrics())
+    text = BODY + "def greet(name):\n    message = \n"
+    offset = len(text) - 1
+
+    def request(text: str, offset: int):  # type: ignore[no-untyped-def]
+        return service.complete(engine, "file:///x.py", text, offset, "python", settings,
+                                version=1, current_version=lambda: 1, automatic=True)
+
+    started = time.perf_counter()
+    result = await request(text, offset)
+    assert encodes and encodes[0] - started < 0.2  # during the debounce, which waited 0.4 s
+    assert result.source in ("model", "empty", "gated")
+    assert result.engine_stats["context_computed"] == 0 and result.engine_stats["context_reused"] > 150
+    assert service.metrics.primes == 1 and len(encodes) == 2  # the prime's full pass, the request's reuse
+    typed = text[:offset] + "f" + text[offset:]
+    first = asyncio.ensure_future(request(typed, offset + 1))
+    await asyncio.sleep(0.1)
+    retyped = typed[: offset + 1] + "o" + typed[offset + 1:]
+    second = await request(retyped, offset + 2)
+    assert (await first).source == "cancelled"
+    assert service.metrics.primes == 3  # each keystroke's window started encoding
+    # the second keystroke's pass reused the first's, which reused the first request's
+    assert second.engine_stats["context_computed"] == 0
+    assert service.metrics.context_computed < 2 * result.engine_stats["context_reused"]
+
+
+@pytest.mark.asyncio
+async def test_no_priming_without_context_reuse(tiny_engine):
+    from engine import Engine
+
+    engine = Engine.load(tiny_engine, backend="cpu")
+    settings = Settings(debounce_ms=50, length_candidates=(4,), context_reuse=False)
+    service = CompletionService(Metrics())
+    text = BODY + "def greet(name):\n    message = \n"
+    result = await service.complete(engine, "file:///x.py", text, len(text) - 1, "python", settings,
+                                    version=1, current_version=lambda: 1, automatic=True)
+    assert service.metrics.primes == 0 and "context_computed" not in result.engine_stats
