@@ -1,8 +1,8 @@
 """``dlm-lsp models``: list, pull, locate and remove the catalog's models (``engine.catalog``).
 
     dlm-lsp models list [--json]
-    dlm-lsp models pull NAME [--precision auto|int8|fp32] [--revision REV] [--force]
-    dlm-lsp models path NAME [--precision int8|fp32]
+    dlm-lsp models pull NAME [--precision auto|int8|int4|fp32] [--revision REV] [--force]
+    dlm-lsp models path NAME [--precision int8|int4|fp32]
     dlm-lsp models remove NAME [--download]
 
 Tables and paths go to stdout (``path`` prints only the folder, for scripts);
@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from engine import EngineError
+from engine import catalog
 from engine.catalog import size_text
 
 
@@ -28,13 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--probe", action="store_true", help="measure this CPU again for the expected latency")
     pull = sub.add_parser("pull", help="download (through huggingface_hub), convert and verify a model")
     pull.add_argument("name")
-    pull.add_argument("--precision", default="auto", choices=("auto", "int8", "fp32"),
-                      help="auto (default): int8 if it passes validation, else fp32")
+    pull.add_argument("--precision", default="auto", choices=("auto", *catalog.PRECISIONS),
+                      help="auto (default): int8 if it passes validation, else fp32; int4: 4-bit weights")
     pull.add_argument("--revision", default=None, help="a branch, tag or commit of the repository (default: main)")
     pull.add_argument("--force", action="store_true", help="convert again even if a converted folder is present")
     where = sub.add_parser("path", help="print the engine folder of a pulled model")
     where.add_argument("name")
-    where.add_argument("--precision", default=None, choices=("int8", "fp32"))
+    where.add_argument("--precision", default=None, choices=catalog.PRECISIONS)
     remove = sub.add_parser("remove", help="delete a model's converted folders")
     remove.add_argument("name")
     remove.add_argument("--download", action="store_true", help="also delete its files from the Hugging Face cache")
@@ -58,7 +59,7 @@ def _available_ram() -> int | None:
 
 
 def _rows(free: int | None, refresh_probe: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    from engine import catalog, probe
+    from engine import probe
 
     known = catalog.entries()  # a malformed team catalog is reported before the probe runs
     figures = probe.probe(catalog.cache_dir() / "probe.json", refresh=refresh_probe)
@@ -123,7 +124,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from engine import catalog
 
     folder = catalog.pull(
         args.name,
@@ -138,14 +138,12 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _path(args: argparse.Namespace) -> int:
-    from engine import catalog
 
     print(catalog.path(args.name, args.precision))
     return 0
 
 
 def _remove(args: argparse.Namespace) -> int:
-    from engine import catalog
 
     freed = catalog.remove(
         args.name, download=args.download, progress=lambda m: print(f"dlm-lsp models: {m}", file=sys.stderr)

@@ -13,7 +13,7 @@ safetensors weights. Converted engine folders live in the user cache directory
 (``platformdirs``; ``DLM_LSP_CACHE`` overrides it), one per model, revision and
 precision::
 
-    <cache>/models/<name>/<commit[:12]>/<int8|fp32>/manifest.json
+    <cache>/models/<name>/<commit[:12]>/<int8|int4|fp32>/manifest.json
 
 and each manifest records the source repository, the commit and the sha256 of
 every file conversion read. Teams add their own models (fine-tunes, a private
@@ -54,7 +54,11 @@ DOWNLOAD_PATTERNS = (
 )
 """The files conversion reads; nothing else of a repository is downloaded."""
 
-PRECISIONS = ("int8", "fp32")
+PRECISIONS = ("int8", "fp32", "int4")
+"""The precisions a pull can convert to (``int4``: 4-bit weights, see :mod:`engine.weights`)."""
+
+AUTO = ("int8", "fp32")
+"""What ``auto`` tries, in order: int8 when it passes validation, else fp32."""
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """Catalog names: they name folders of the model cache, so no path separators and no leading dot."""
@@ -93,13 +97,15 @@ class CatalogEntry:
         """Approximate size of the engine folder at ``precision`` (two graphs, each holding every weight).
 
         int8 quantises the MatMul weights (blocks and head, 1 byte each) and keeps
-        the embedding table in fp32 (4 bytes); fp32 is 4 bytes for everything, the
-        head's transposed copy of a tied embedding included. Measured for the 0.5B
-        shape: 2.08 GB int8 (formula: 2.08 GB).
+        the embedding table in fp32 (4 bytes); int4 stores them in 4.5 bits (codes
+        and a float scale per 32); fp32 is 4 bytes for everything, the head's
+        transposed copy of a tied embedding included. Measured for the 0.5B shape:
+        2.08 GB int8 (formula: 2.08 GB).
         """
         emb = self.vocab_size * self.hidden_size
         blocks = self.parameters - emb - (0 if self.tied else emb)
-        per_graph = 4 * emb + (blocks + emb) if precision == "int8" else 4 * (blocks + 2 * emb)
+        per_weight = {"int8": 1.0, "int4": 0.5 + 4 / 32}.get(precision)
+        per_graph = 4 * emb + int(per_weight * (blocks + emb)) if per_weight else 4 * (blocks + 2 * emb)
         return 2 * per_graph
 
     def ram_bytes(self, precision: str) -> int:
@@ -559,7 +565,7 @@ def conversion_space(entry: CatalogEntry, precision: str) -> int:
     fp32 = entry.graph_bytes("fp32")
     if precision == "fp32":
         return int(1.5 * fp32)  # the exporter's scratch copy of one graph beside both consolidated graphs
-    return int(max(1.5 * fp32, fp32 + entry.graph_bytes("int8")))
+    return int(max(1.5 * fp32, fp32 + entry.graph_bytes("int8" if precision == "auto" else precision)))
 
 
 CURRENT_FILE = "current.json"
@@ -635,7 +641,7 @@ def pull(
     from engine.manifest import MANIFEST_FILE, read_manifest, sha256_file
 
     if precision not in (*PRECISIONS, "auto"):
-        raise CatalogError(f"precision {precision!r}: choose int8, fp32 or auto")
+        raise CatalogError(f"precision {precision!r}: choose int8, int4, fp32 or auto")
     entry = find(name)
     if not entry.supported:
         raise CatalogError(f"{entry.name} cannot run here: {entry.reason}")
@@ -646,7 +652,7 @@ def pull(
         commit = snapshot.name
         base = cache_dir() / "models" / entry.name / commit[:12]
         try:
-            wanted = PRECISIONS if precision == "auto" else (precision,)
+            wanted = AUTO if precision == "auto" else (precision,)
             for done in wanted:
                 if (base / done / "manifest.json").is_file() and not force:
                     recorded = recorded_manifest_sha256(base / done)

@@ -1,10 +1,11 @@
-"""An exported graph's weights, rewritten one tensor at a time: consolidated, or quantised to int8.
+"""An exported graph's weights, rewritten one tensor at a time: consolidated, or quantised.
 
 :func:`consolidate` gathers the weights the ONNX exporter wrote (one file per
 tensor past 2 GB) into one ``<graph>.data`` file, or inline for a small graph.
-:func:`quantize_int8` quantises the matrices. Both read one tensor, write it and
-drop it before reading the next, so the memory they need is about the largest
-tensor, not the model: that is what lets a 2B model convert on a 24 GB machine.
+:func:`quantize` quantises the matrices to int8 or to 4 bits. Both read one
+tensor, write it and drop it before reading the next, so the memory they need is
+about the largest tensor, not the model: that is what lets a 2B model convert on
+a 24 GB machine.
 
 int8 quantisation
 -----------------
@@ -19,6 +20,20 @@ with ``W_q`` int8, symmetric, one scale per output channel (the names
 writes), one ``DynamicQuantizeLinear`` per activation shared by every matrix it
 feeds (q, k and v), and ONNX Runtime fuses the chain into its int8 matrix
 multiply when it loads the graph. Activations stay float.
+
+4-bit weights (int4)
+--------------------
+
+Every such ``MatMul`` becomes ONNX Runtime's ``com.microsoft.MatMulNBits``: the
+weight stored as (N, K / 32, 16) bytes, two 4-bit codes per byte packed low
+first along K, one float scale per block of 32 inputs of an output channel
+(``<W>_q4``, ``<W>_q4_scale``), the zero point left at its default 8, so that
+a weight is ``(code - 8) x scale``. The scale is the block's value of largest
+magnitude over -8 (its sign kept), so that value is exact and the other end of
+the range keeps 7 steps. ``accuracy_level`` 4 lets the kernel quantise the
+activations to int8 per block and use the CPU's int8 dot products. Half the
+bytes of int8 for the memory-bound span step; what it costs in agreement is
+measured by the conversion's validation and by ``scripts/precision_compare.py``.
 
 Why our own pass and not ``onnxruntime.quantization.quantize_dynamic``: that
 one holds the whole fp32 graph, a shape-inferred copy of it and the result in
@@ -43,12 +58,30 @@ ALIGN = 64
 """Offsets of external tensors are aligned (ONNX Runtime can map aligned data)."""
 
 
+INT4_BLOCK = 32
+"""Inputs per 4-bit scale (``MatMulNBits``' ``block_size``): llama.cpp's Q4_0 block, a power of two >= 16."""
+
+INT4_ACCURACY_LEVEL = 4
+"""``MatMulNBits``' ``accuracy_level``: 4 computes with int8 activations (the CPU's int8 dot products)."""
+
+QUANTIZED = ("int8", "int4")
+"""The precisions :func:`quantize` writes."""
+
+
 def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
+    """:func:`quantize` to int8."""
+    quantize(src, dst, inline_limit, "int8")
+
+
+def quantize(src: Path, dst: Path, inline_limit: int, precision: str) -> None:
     """Quantise ``src`` (an ONNX model, its weights inline or in external data) into ``dst``.
 
-    The result keeps its weights in ``<dst>.data`` when they pass ``inline_limit``
-    bytes, like :func:`engine.export._save_graph`.
+    ``precision`` is ``int8`` or ``int4`` (see the module's docstring). The result
+    keeps its weights in ``<dst>.data`` when they pass ``inline_limit`` bytes,
+    like :func:`engine.export._save_graph`.
     """
+    if precision not in QUANTIZED:
+        raise ValueError(f"precision {precision!r}: quantize writes {' or '.join(QUANTIZED)}")
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -71,8 +104,9 @@ def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
     targets = [nodes[i] for i in sorted(target_at)]
     quantized = {node.input[1] for node in targets}
     # bytes the result will hold: int8 matrices (+ scale, zero point) and every other initializer as is
+    per_weight = 1.0 if precision == "int8" else 0.5 + 4 / INT4_BLOCK  # codes and their scales
     out_bytes = sum(
-        int(np.prod(t.dims)) * (1 if t.name in quantized else np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
+        int(np.prod(t.dims)) * (per_weight if t.name in quantized else np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
         for t in graph.initializer
     )
     external = out_bytes > inline_limit
@@ -94,6 +128,11 @@ def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
                 new_nodes.append(node)
                 continue
             a, w = node.input
+            if precision == "int4":
+                weight = numpy_helper.to_array(init[w], base_dir=base_dir) if w not in done else None
+                new_nodes.append(_int4_node(node, w, weight, writer, new_init, init[w].dims))
+                done.add(w)
+                continue
             if a not in activations:
                 q = (f"{a}_quantized", f"{a}_scale", f"{a}_zero_point")
                 new_nodes.append(helper.make_node("DynamicQuantizeLinear", [a], list(q), name=f"{a}_QuantizeLinear"))
@@ -122,7 +161,139 @@ def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
     graph.initializer.extend(new_init)
     del graph.node[:]
     graph.node.extend(new_nodes)
+    if precision == "int4" and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save_model(model, str(dst))
+
+
+def _int4_node(node: Any, w: str, weight: np.ndarray | None, writer: _TensorWriter, new_init: list[Any], dims: Any) -> Any:
+    """The ``MatMulNBits`` node replacing ``node``; writes the weight's codes and scales unless already written."""
+    from onnx import helper
+
+    if weight is not None:
+        packed, scales = quantize_blocks_int4(weight)
+        new_init.append(writer.add(packed, f"{w}_q4"))
+        new_init.append(writer.add(scales, f"{w}_q4_scale"))
+    k, n = (int(d) for d in dims)
+    return helper.make_node(
+        "MatMulNBits", [node.input[0], f"{w}_q4", f"{w}_q4_scale"], list(node.output),
+        name=f"{node.name or node.output[0]}_q4", domain="com.microsoft",
+        K=k, N=n, bits=4, block_size=INT4_BLOCK, accuracy_level=INT4_ACCURACY_LEVEL,
+    )
+
+
+def quantize_blocks_int4(weight: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """4-bit codes of a (K, N) float matrix, packed as ``MatMulNBits`` reads them, and their scales.
+
+    Returns ``packed`` (N, ceil(K / block), block / 2) uint8, two codes per byte,
+    the lower K index in the low nibble, and ``scales`` (N * blocks,) float32;
+    ``(code - 8) * scale`` is the weight. K is padded with zeros to whole blocks.
+    """
+    k, n = weight.shape
+    blocks = -(-k // block)
+    packed = np.empty((n, blocks, block // 2), np.uint8)
+    scales = np.empty((n, blocks), np.float32)
+    for start in range(0, n, COLUMNS_PER_BLOCK):
+        cols = np.zeros((min(COLUMNS_PER_BLOCK, n - start), blocks * block), np.float32)
+        cols[:, :k] = weight[:, start : start + COLUMNS_PER_BLOCK].T
+        cols = cols.reshape(len(cols), blocks, block)
+        widest = np.take_along_axis(cols, np.abs(cols).argmax(axis=2)[..., None], axis=2)[..., 0]
+        step = np.where(widest != 0, widest / np.float32(-8.0), np.float32(1.0)).astype(np.float32)
+        codes = (np.clip(np.rint(cols / step[..., None]), -8, 7) + 8).astype(np.uint8)
+        packed[start : start + len(cols)] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scales[start : start + len(cols)] = step
+    return packed, scales.reshape(-1)
+
+
+def dequantize_blocks_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """The (K, N) float matrix that :func:`quantize_blocks_int4`'s codes stand for."""
+    n, blocks, half = packed.shape
+    codes = np.empty((n, blocks, 2 * half), np.float32)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    values = (codes - 8) * scales.reshape(n, blocks, 1)
+    return values.reshape(n, -1)[:, :k].T.copy()
+
+
+SHARED_DATA_FILE = "weights.data"
+"""One file beside the graphs holding the weights of both, each tensor once (:func:`share_weights`)."""
+
+PAGE = 4096
+"""Offsets in :data:`SHARED_DATA_FILE` are page-aligned: ONNX Runtime maps the file instead of reading it."""
+
+
+def share_weights(folder: Path, graphs: list[str]) -> None:
+    """Rewrite ``graphs`` (in ``folder``, weights in ``<graph>.data`` files) so that they keep every
+    tensor in one :data:`SHARED_DATA_FILE`, each tensor stored once.
+
+    The context and span-step graphs hold the same weights under names the exporter chose
+    independently: a tensor of identical type, shape and bytes is written once and given one
+    name, ``shared.<n>``, in every graph that uses it. ONNX Runtime maps external data
+    into memory, so both sessions (and a second server process) read the same pages of the
+    page cache instead of each holding its own copy; the folder is half the size on disk.
+    Tensors under 1 KB stay inline. Streams one tensor at a time, like :func:`quantize`.
+    """
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def size(t: Any) -> int:
+        return int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+    models = {name: onnx.load(str(folder / name), load_external_data=False) for name in graphs}
+    if any(e.value == SHARED_DATA_FILE for m in models.values() for t in m.graph.initializer for e in t.external_data):
+        raise ValueError(f"{folder}: the graphs already share {SHARED_DATA_FILE}")
+
+    # names a new name must not take (the large initializers' own names are all replaced)
+    taken = {n for m in models.values() for node in m.graph.node for n in node.output}
+    taken |= {v.name for m in models.values() for v in (*m.graph.input, *m.graph.output, *m.graph.value_info)}
+    taken |= {t.name for m in models.values() for t in m.graph.initializer if size(t) < 1024}
+    written: dict[tuple[int, tuple[int, ...], str], tuple[str, int, int]] = {}
+    offset = 0
+    with (folder / SHARED_DATA_FILE).open("wb") as out:
+        for graph, model in models.items():
+            if any(attr.g.node or attr.graphs for node in model.graph.node for attr in node.attribute):
+                raise ValueError(f"{graph}: subgraphs are not expected in an exported graph")
+            renames: dict[str, str] = {}
+            kept: list[Any] = []
+            for tensor in model.graph.initializer:
+                array = np.ascontiguousarray(numpy_helper.to_array(tensor, base_dir=str(folder)))
+                if array.nbytes < 1024:
+                    kept.append(numpy_helper.from_array(array, tensor.name))
+                    continue
+                data = array.tobytes()
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
+                if key not in written:
+                    name = f"shared.{len(written)}"
+                    while name in taken:
+                        name += "_"
+                    pad = -offset % PAGE
+                    out.write(b"\0" * pad)
+                    offset += pad
+                    out.write(data)
+                    written[key] = (name, offset, len(data))
+                    offset += len(data)
+                name, at, length = written[key]
+                renames[tensor.name] = name
+                if any(t.name == name for t in kept):
+                    continue  # the same bytes twice in one graph: one initializer serves both uses
+                shared = TensorProto(name=name, data_type=tensor.data_type, dims=tensor.dims)
+                shared.data_location = TensorProto.EXTERNAL
+                for k, v in (("location", SHARED_DATA_FILE), ("offset", str(at)), ("length", str(length))):
+                    entry = shared.external_data.add()
+                    entry.key, entry.value = k, v
+                kept.append(shared)
+                del array, data
+            for node in model.graph.node:
+                node.input[:] = [renames.get(i, i) for i in node.input]
+            for value in model.graph.input:  # initializers listed as inputs too (older exports)
+                value.name = renames.get(value.name, value.name)
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(kept)
+    for graph, model in models.items():
+        onnx.save_model(model, str(folder / graph))
+        (folder / (graph + EXTERNAL_DATA_SUFFIX)).unlink(missing_ok=True)
 
 
 COLUMNS_PER_BLOCK = 1024

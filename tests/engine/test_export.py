@@ -94,6 +94,70 @@ def test_int8_conversion(small_init_checkpoint, tmp_path):
     assert fp32.files["span_step.onnx"]["bytes"] > 2 * manifest.files["span_step.onnx"]["bytes"]
 
 
+def test_int4_conversion_serves_and_round_trips(small_init_checkpoint, tmp_path):
+    """--precision int4: MatMulNBits graphs, validated, loaded and completing; a checkpoint recovered from
+    them converts back to the very same 4-bit codes (4-bit values are exact in fp32)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from engine import Engine
+
+    manifest = export.convert(small_init_checkpoint, tmp_path / "int4", precision="int4")
+    assert manifest.precision == "int4" and manifest.validation["int4"]["passed"]
+    graph = onnx.load(str(tmp_path / "int4" / "span_step.onnx")).graph
+    arch = manifest.arch
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 7 * arch.num_layers + 1  # blocks + LM head
+    assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node)
+    engine = Engine.load(tmp_path / "int4", backend="cpu")
+    assert engine.info.precision == "int4"
+    done = engine.complete("def add(a, b):\n    return ", "\n")
+    assert not done.cut and len(done.middle_ids) > 0
+    again = tmp_path / "again"
+    export.convert(export.recover_checkpoint(tmp_path / "int4", tmp_path / "ckpt"), again, precision="int4")
+
+    def codes(folder):  # type: ignore[no-untyped-def]
+        g = onnx.load(str(folder / "span_step.onnx")).graph
+        return [numpy_helper.to_array(t) for t in g.initializer if t.name.endswith("_q4")]
+
+    assert all(np.array_equal(a, b) for a, b in zip(codes(tmp_path / "int4"), codes(again)))
+
+
+def test_int4_blocks_are_what_matmulnbits_computes(tmp_path):
+    """The packing (low nibble first along K, one scale per block of 32, zero point 8) is the one ONNX
+    Runtime's MatMulNBits reads: its product equals the dequantised matrix's (to the kernel's int8
+    activation rounding), and each weight is within one step of the original, the block's widest exact."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.weights import dequantize_blocks_int4, quantize, quantize_blocks_int4
+
+    rng = np.random.default_rng(0)
+    k, n = 80, 40  # K not a multiple of the block: padded
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    packed, scales = quantize_blocks_int4(weight)
+    assert packed.shape == (n, 3, 16) and scales.shape == (n * 3,)
+    restored = dequantize_blocks_int4(packed, scales, k)
+    step = np.repeat(np.abs(scales.reshape(n, 3)), 32, axis=1)[:, :k].T
+    assert (np.abs(restored - weight) <= step * 1.0001).all()
+    widest = np.abs(weight[:32]).argmax(axis=0)
+    assert np.allclose(restored[widest, np.arange(n)], weight[widest, np.arange(n)], rtol=1e-6)
+    node = helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", "t", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])], [numpy_helper.from_array(weight, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f.onnx"))
+    quantize(tmp_path / "f.onnx", tmp_path / "q.onnx", 1 << 30, "int4")
+    a = rng.standard_normal((2, 5, k)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"a": a})[0]
+    want = a @ restored
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+    swapped = (packed >> 4) | (packed << 4)  # the other nibble order is far off: the check has teeth
+    wrong = a @ dequantize_blocks_int4(swapped, scales, k)
+    assert np.linalg.norm(got - wrong) / np.linalg.norm(want) > 0.5
+
+
 def test_bad_options(tiny_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="precision"):
         export.convert(tiny_checkpoint, tmp_path / "x", precision="fp8")
@@ -158,33 +222,46 @@ def test_recovery_refuses_graphs_of_another_architecture(tiny_engine):
         export.engine_weights(tiny_engine, replace(arch, num_layers=arch.num_layers + 1))
 
 
-def test_graphs_past_the_inline_limit_keep_their_weights_in_one_data_file(small_init_checkpoint, tmp_path):
-    """A real 0.5B checkpoint's fp32 graphs pass protobuf's 2 GB: their weights go to ``<graph>.data``.
+def test_graphs_past_the_inline_limit_share_one_data_file(small_init_checkpoint, tmp_path):
+    """Past the inline limit (a 0.5B model's graphs) both graphs keep their weights in one
+    ``weights.data``, every tensor once, page-aligned, so that ONNX Runtime maps one copy for both.
 
-    The limit is lowered so that a tiny model takes the same path; both precisions
-    load, validate and are checksummed file by file, and no scratch files are left.
+    The limit is lowered so that a tiny model takes the same path; every precision loads,
+    validates and is checksummed file by file, answers as the self-contained folder does, and
+    no scratch files are left.
     """
     import onnx
+    from onnx import numpy_helper
 
-    for precision in ("fp32", "int8"):
-        out = tmp_path / precision
+    from engine import Engine
+    from engine.weights import PAGE, SHARED_DATA_FILE
+
+    prefix, suffix = "def add(a, b):\n    return ", "\n"
+    for precision in ("fp32", "int8", "int4"):
+        out, whole = tmp_path / precision, tmp_path / f"{precision}-inline"
         manifest = export.convert(small_init_checkpoint, out, precision=precision, inline_limit=0, progress=lambda _m: None)
+        export.convert(small_init_checkpoint, whole, precision=precision, progress=lambda _m: None)
         assert manifest.validation[precision]["passed"]
+        assert sorted(manifest.files) == sorted(["context.onnx", "span_step.onnx", SHARED_DATA_FILE,
+                                                 "source_config.json", "tokenizer.json", "tokenizer_config.json"])
+        entries: dict[str, set[tuple[str, str]]] = {}
         for graph in ("context.onnx", "span_step.onnx"):
-            data = export.external_data_file(graph)
-            assert {graph, data} <= set(manifest.files)
             model = onnx.load(str(out / graph), load_external_data=False)
-            locations = {
-                entry.value
-                for t in model.graph.initializer
-                for entry in t.external_data
-                if entry.key == "location"
-            }
-            assert locations == {data}  # one data file per graph, never the other graph's
-            assert manifest.files[data]["bytes"] > 3 * manifest.files[graph]["bytes"]
+            for t in model.graph.initializer:
+                if t.external_data:
+                    info = {e.key: e.value for e in t.external_data}
+                    assert info["location"] == SHARED_DATA_FILE and int(info["offset"]) % PAGE == 0
+                    entries.setdefault(graph, set()).add((t.name, info["offset"]))
+        assert entries["span_step.onnx"] <= entries["context.onnx"]  # the span step's weights: the context graph's
+        inline_bytes = sum(  # what one self-contained graph holds
+            numpy_helper.to_array(t).nbytes for t in onnx.load(str(whole / "context.onnx")).graph.initializer
+        )
+        assert inline_bytes * 0.9 < manifest.files[SHARED_DATA_FILE]["bytes"] < inline_bytes * 1.2  # once, not twice
         assert sorted(p.name for p in out.iterdir()) == sorted([*manifest.files, "manifest.json"])
         assert read_manifest(out).precision == precision
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "int8"]
+        got, want = (Engine.load(f, backend="cpu").complete(prefix, suffix) for f in (out, whole))
+        assert got.middle_ids == want.middle_ids
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("-inline")) == ["fp32", "int4", "int8"]
 
 
 def test_int8_that_misses_the_bar_offers_fp32_and_auto_keeps_fp32(tmp_path):
