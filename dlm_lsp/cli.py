@@ -133,7 +133,7 @@ def check(args: argparse.Namespace) -> int:
     language = args.language or language
     host = ModelHost()
     started = time.perf_counter()
-    engine = host.load_now(settings.model, settings.backend)
+    engine = host.load_now(settings.model, settings.backend, settings.threads)
     if engine is None:
         print(f"dlm-lsp check: error: {host.error}", file=sys.stderr)
         return 2

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     if args.budget_ms is not None:
         settings = replace(settings, latency_budget_ms=args.budget_ms)
     host = ModelHost()
-    engine = host.load_now(settings.model, settings.backend)
+    engine = host.load_now(settings.model, settings.backend, settings.threads)
     if engine is None:
         print(f"dlm-lsp evaluate: error: {host.error}", file=sys.stderr)
         return 2

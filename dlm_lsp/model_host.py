@@ -57,6 +57,8 @@ class ModelHost:
         """The model setting the current load is for."""
         self.path: Path | None = None
         self.backend: str | None = None
+        self.threads = 0
+        """The threads setting the current load is for (0: the engine's default)."""
         self.missing: CatalogEntry | None = None
         """The catalog model the setting names but that is not downloaded (the shipped one runs instead)."""
         self.load_ms: float | None = None
@@ -69,12 +71,14 @@ class ModelHost:
         self._generation = 0
         """Counts loads: a load that a newer one replaced must not touch the state."""
 
-    def wants_reload(self, model: str, backend: str, endpoint: str = "", key_env: str = "", key_file: str = "") -> bool:
-        """Whether these settings name another model, backend or endpoint (or its key) than the current
-        ones (with an endpoint, the model and backend settings do not matter)."""
+    def wants_reload(
+        self, model: str, backend: str, endpoint: str = "", key_env: str = "", key_file: str = "", threads: int = 0
+    ) -> bool:
+        """Whether these settings name another model, backend, thread count or endpoint (or its key)
+        than the current ones (with an endpoint, the model, backend and threads do not matter)."""
         if endpoint or self.endpoint:
             return (endpoint, key_env, key_file) != self._endpoint_key
-        return model != self.spec or backend != self.backend
+        return model != self.spec or backend != self.backend or threads != self.threads
 
     def connect(self, endpoint: str, key_env: str, key_file: str,
                 on_done: Callable[["ModelHost", bool], None] | None = None) -> threading.Thread:
@@ -119,6 +123,7 @@ class ModelHost:
         on_done: Callable[["ModelHost", bool], None] | None = None,
         *,
         fallback: bool = True,
+        threads: int = 0,
     ) -> threading.Thread:
         """Start loading on a thread; ``on_done(host, superseded)`` runs on that thread when it ends.
 
@@ -126,9 +131,11 @@ class ModelHost:
 
         ``fallback``: a catalog model that is not downloaded loads the shipped model
         instead (the server, which offers the download); without it that is an error.
+        ``threads``: per op (0: the engine's default for the model's size).
         """
         with self._lock:
             self.state, self.error, self.spec, self.backend, self.missing = "loading", None, model, backend, None
+            self.threads = threads
             self.path, self.remote, self.endpoint, self._endpoint_key = None, None, "", ("", "", "")
             self._generation += 1
             generation = self._generation
@@ -157,7 +164,7 @@ class ModelHost:
                 with self._lock:
                     if current():
                         self.path = path
-                engine = Engine.load(path, backend=backend)
+                engine = Engine.load(path, backend=backend, threads=threads or None)
                 if self.prepare is not None:
                     self.prepare(engine)
                 # one tiny run so the first real request does not pay for lazy initialisation
@@ -204,9 +211,9 @@ class ModelHost:
         """Block until the current load finishes; True if it did within ``timeout``."""
         return self._loaded.wait(timeout)
 
-    def load_now(self, model: str, backend: str) -> Engine | None:
+    def load_now(self, model: str, backend: str, threads: int = 0) -> Engine | None:
         """Load and wait (the command-line tools); None when it failed, with the reason in :attr:`error`."""
-        self.load(model, backend, fallback=False)
+        self.load(model, backend, fallback=False, threads=threads)
         self.wait()
         return self.engine if self.state == "ready" else None
 

@@ -116,7 +116,8 @@ class DlmLanguageServer(LanguageServer):
         self.settings = settings
         if self.model.state == "error" or (
             self.model.state != "idle" and self.model.wants_reload(
-                settings.model, settings.backend, settings.endpoint, settings.endpoint_key_env, settings.endpoint_key_file
+                settings.model, settings.backend, settings.endpoint, settings.endpoint_key_env, settings.endpoint_key_file,
+                settings.threads,
             )
         ):
             self.start_model_load()  # a failed load is retried on any settings change: the cause may be fixed
@@ -214,7 +215,7 @@ class DlmLanguageServer(LanguageServer):
             self.model.connect(self.settings.endpoint, self.settings.endpoint_key_env, self.settings.endpoint_key_file,
                                on_done=done)
         else:
-            self.model.load(self.settings.model, self.settings.backend, on_done=done)
+            self.model.load(self.settings.model, self.settings.backend, on_done=done, threads=self.settings.threads)
         self.send_status()
 
     async def offer_download(self, entry: CatalogEntry) -> None:

@@ -101,6 +101,9 @@ class Settings:
     """A catalog name (``dlm-lsp models list``) or an engine folder; empty = the demo model that ships with dlm-lsp."""
     backend: str = _setting("auto", Rule("choice", choices=SERVING_BACKENDS))
     """Runtime: auto | tensorrt | cuda | cpu."""
+    threads: int = _setting(0, Rule("integer", 0, 256))
+    """Threads each model op runs on; 0 = automatic (1 for a small model, every core for a larger one).
+    Fewer than the cores leaves the rest to the editor."""
     latency_budget_ms: float = _setting(150.0, Rule("number", 1, 60_000))
     """Hard deadline of one completion; at the deadline the committed part is returned."""
     max_middle_tokens: int = _setting(64, Rule("integer", 1, MAX_TOKENS))

@@ -226,7 +226,7 @@ class Service:
 
     def load(self) -> None:
         """Start loading the model (``/health`` says ``loading`` until it is ready)."""
-        self.host.load(self.settings.model, self.settings.backend, fallback=False)
+        self.host.load(self.settings.model, self.settings.backend, fallback=False, threads=self.settings.threads)
 
     def engine(self) -> Any:
         """The ready engine, or :class:`ApiError` 503 saying why there is none."""

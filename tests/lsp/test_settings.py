@@ -109,3 +109,22 @@ def test_range_messages_say_what_is_expected():
     _, problems = parse_settings({"debounceMs": -1, "confidenceThreshold": 0})
     assert "expected a whole number from 0 to 5000" in problems[0]
     assert "expected a number above 0 to 1" in problems[1]
+
+
+def test_the_threads_setting_reaches_the_runtime_and_reloads_the_model(tiny_engine):
+    """``threads``: 0 keeps the engine's default (one thread for a small model); a number is what ONNX
+    Runtime runs each op on; changing it is a reason to load the model again."""
+    from dlm_lsp.model_host import ModelHost
+
+    settings, problems = parse_settings({"threads": 2})
+    assert problems == [] and settings.threads == 2
+    assert parse_settings({"threads": -1})[1]  # refused, with a message
+    host = ModelHost()
+
+    def intra_op(engine):  # type: ignore[no-untyped-def]
+        return engine.denoiser.sessions["context"].get_session_options().intra_op_num_threads
+
+    assert intra_op(host.load_now(str(tiny_engine), "cpu", settings.threads)) == 2
+    assert not host.wants_reload(str(tiny_engine), "cpu", threads=2)
+    assert host.wants_reload(str(tiny_engine), "cpu", threads=0)
+    assert intra_op(host.load_now(str(tiny_engine), "cpu")) == 1
