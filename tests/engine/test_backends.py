@@ -50,6 +50,35 @@ def test_cpu_sessions_run_a_small_model_on_one_sleeping_thread(tiny_engine):
     assert all(s.get_session_options().intra_op_num_threads == 2 for s in two.denoiser.sessions.values())
 
 
+def test_a_real_size_int8_model_keeps_one_prepacked_copy_of_its_weights(tiny_engine, monkeypatch):
+    """The context session of a large int8 model runs on the stored weights (no private prepacked
+    copy); its span step, and every session of a small or a float model, prepack as usual."""
+    from dataclasses import replace
+
+    from engine.backends.onnxruntime import unpacked_context
+    from engine.manifest import read_manifest
+
+    manifest = read_manifest(tiny_engine)
+    large = replace(manifest, arch=replace(manifest.arch, hidden_size=896))
+    assert unpacked_context(replace(large, precision="int8"), "cpu")
+    assert not unpacked_context(replace(large, precision="int4"), "cpu")  # MatMulNBits needs its packing (10x)
+    assert not unpacked_context(replace(large, precision="fp32"), "cpu")
+    assert not unpacked_context(replace(large, precision="int8"), "cuda")
+    assert not unpacked_context(replace(manifest, precision="int8"), "cpu")  # the small model's pass is short
+
+    def entry(session):  # type: ignore[no-untyped-def]
+        try:
+            return session.get_session_options().get_session_config_entry("session.disable_prepacking")
+        except RuntimeError:  # not set
+            return None
+
+    engine = Engine.load(tiny_engine, backend="cpu")
+    assert [entry(s) for s in engine.denoiser.sessions.values()] == [None, None]
+    monkeypatch.setattr("engine.backends.onnxruntime.unpacked_context", lambda manifest, backend: True)
+    sessions = Engine.load(tiny_engine, backend="cpu").denoiser.sessions  # as a large int8 model loads
+    assert entry(sessions["context"]) == "1" and entry(sessions["span_step"]) is None
+
+
 def test_unknown_backend(tiny_engine):
     with pytest.raises(InputError, match="unknown backend 'metal'"):
         Engine.load(tiny_engine, backend="metal")
