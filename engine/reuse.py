@@ -43,6 +43,8 @@ ALIGN_TOKENS = 8
 """The new prefix's first tokens searched for in the old one (where the window now starts)."""
 MAX_ALIGNMENTS = 16
 """Places in the old prefix tried when those tokens occur several times."""
+ALIGN_SKIP = 16
+"""New prefix tokens skipped at most (tokenized differently where the window was cut) before giving up."""
 
 
 @dataclass(frozen=True)
@@ -104,17 +106,21 @@ def _find(old: np.ndarray, window: np.ndarray) -> np.ndarray:
 
 
 def prefix_run(old: np.ndarray, new: np.ndarray) -> Run:
-    """The run the new prefix shares with the old one from its start: the window's start may have
-    moved on (the old prefix is searched for the new one's first tokens), and it ends at the first
-    token that differs."""
+    """The run the new prefix shares with the old one from (near) its start: the window's start may
+    have moved on (the old prefix is searched for the new one's first tokens), and it ends at the
+    first token that differs. Where the window is cut, the text is tokenized afresh and the first
+    tokens can come out differently (a cut inside a run of spaces, say): the search then starts a
+    few tokens in, and those first tokens are computed."""
     if len(new) == 0 or len(old) == 0:
         return Run(0, 0, 0)
-    hits = _find(old, new[: min(ALIGN_TOKENS, len(new))])
-    if not len(hits):
-        return Run(0, 0, 0)
-    # repeated code can match in several places: the one that keeps the most
-    shift = max((int(h) for h in hits[:MAX_ALIGNMENTS]), key=lambda h: _common_start(old[h:], new))
-    return Run(0, _common_start(old[shift:], new), shift)
+    w = min(ALIGN_TOKENS, len(new))
+    for v in range(0, min(ALIGN_SKIP, len(new) - w) + 1):
+        hits = _find(old, new[v : v + w])
+        if len(hits):
+            # repeated code can match in several places: the one that keeps the most
+            shift = max((int(h) for h in hits[:MAX_ALIGNMENTS]), key=lambda h: _common_start(old[h:], new[v:]))
+            return Run(v, v + _common_start(old[shift:], new[v:]), shift)
+    return Run(0, 0, 0)
 
 
 def suffix_run(old: np.ndarray, new: np.ndarray) -> Run:
@@ -142,11 +148,11 @@ def banded(prefix: Run, suffix: Run, old: "_State", new_prefix: np.ndarray, new_
     window changed there (the entries next to a change are the stalest), the prefix's without a
     shifted model's anchor (always computed)."""
     cached = len(new_prefix) - anchor
-    prefix_same = prefix.end == len(new_prefix) == len(old.prefix) - prefix.old_start
+    prefix_same = prefix.start == 0 and prefix.end == len(new_prefix) == len(old.prefix) - prefix.old_start
     suffix_same = suffix.start == 0 and suffix.end == min(len(new_suffix), len(old.suffix))
     cut = 0 if prefix_same and suffix_same else band
-    in_old_cache = len(old.prefix) - anchor - prefix.old_start  # the old anchor is not in the old cache
-    pre = Run(0, max(0, min(prefix.end, cached, in_old_cache) - cut), prefix.old_start)
+    in_old_cache = len(old.prefix) - anchor - prefix.old_start + prefix.start  # the old anchor is not cached
+    pre = Run(prefix.start, max(prefix.start, min(prefix.end, cached, in_old_cache) - cut), prefix.old_start)
     start = min(suffix.end, suffix.start + cut)
     return pre, Run(start, suffix.end, suffix.old_start + (start - suffix.start))
 

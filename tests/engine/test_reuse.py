@@ -28,6 +28,37 @@ def test_the_prefix_run_follows_a_window_that_slid_and_ends_at_the_first_change(
     assert prefix_run(old, ids(1, 2, 3, 4, 5, 6, 7, 8, 9)) == Run(0, 0, 0)  # nothing in common
 
 
+def test_a_window_whose_first_tokens_came_out_differently_still_aligns():
+    """Where the window is cut the text is tokenized afresh (inside a run of spaces, say): the search
+    starts a few tokens in, those are computed, the rest is reused, and the bands keep that start."""
+    old = np.arange(100, 160)
+    new = np.concatenate([ids(7), np.arange(106, 150), ids(7, 8)])  # slid by 5, first token different
+    assert prefix_run(old, new) == Run(1, 45, 6)
+    state = _State(prefix=old, suffix=np.arange(300, 320), cache=None, age=0)
+    pre, _ = banded(prefix_run(old, new), suffix_run(state.suffix, state.suffix), state, new, state.suffix, 1, band=4)
+    assert pre == Run(1, 41, 6)
+    assert prefix_run(old, np.concatenate([np.arange(1, 30), np.arange(110, 150)])) == Run(0, 0, 0)  # too far in
+
+
+def test_a_retokenized_window_start_computes_what_the_reference_computes(tiny_engine: Path, tiny_checkpoint: Path):
+    """A partial pass whose reused prefix run starts past the window's first token: the ONNX graphs and
+    the PyTorch reference agree on the first step, and only the changed tokens and the bands are computed."""
+    pytest.importorskip("torch")
+    policy = ReusePolicy(band=8, max_age=6, min_reused=8)
+    out = []
+    for engine in (Engine.load(tiny_engine, backend="cpu"), Engine.load(tiny_checkpoint, backend="torch")):
+        store, mask = ContextStore(policy), engine.info.token_ids.mask
+        prefix = np.asarray(engine.tokenizer.encode(TEXT[:1500])[-120:], np.int64)
+        suffix = np.asarray(engine.tokenizer.encode(TEXT[1600:2200])[:60], np.int64)
+        store.encode(engine.denoiser, "doc", prefix, suffix, 8, 0, mask)
+        typed = np.concatenate([[prefix[3] + 1], prefix[4:], prefix[-2:]])  # slid by 3, first token other, typed 2
+        _, first, stats = store.encode(engine.denoiser, "doc", typed, suffix, 8, 0, mask)
+        out.append((first, stats))
+    (a, stats), (b, other) = out
+    assert stats == other and stats["context_reused"] > 120 and stats["context_computed"] < 2 + 2 * 8 + 2 + 1
+    assert np.array_equal(a.ids[..., 0], b.ids[..., 0]) and np.allclose(a.probs, b.probs, atol=1e-4)
+
+
 def test_repeated_code_aligns_where_the_most_is_kept():
     block = np.arange(10, 20)
     old = np.concatenate([block, ids(1, 1, 1), block, np.arange(50, 70)])
