@@ -47,7 +47,7 @@ def convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", choices=family_names(), help="model family (default: detect from config.json)")
     parser.add_argument(
         "--precision", choices=(*PRECISIONS, "auto"), default="int8",
-        help="weight precision (default: int8; auto: int8 if it passes validation, else fp32)",
+        help="weight precision (default: int8; int4: 4-bit weights, smaller, slower on CPUs; auto: int8 if it passes validation, else fp32)",
     )
     parser.add_argument("--top-k", type=int, default=2, help="candidates per position the graphs return (>= 2)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")

@@ -702,15 +702,18 @@ def engine_weights(folder: Path, arch: Any) -> dict[str, np.ndarray]:
         if name.startswith("model.model.")
     }
     matrices = []
+    producer = {out: node for node in graph.node for out in node.output}
+    consumer = {name: node for node in graph.node for name in node.input}
     for node in graph.node:
         weight = node.input[1] if len(node.input) > 1 else ""
         if node.op_type == "MatMul" and weight in init:
             matrices.append(numpy_helper.to_array(init[weight]).astype(np.float32))
-        elif node.op_type == "MatMulInteger" and weight.endswith("_quantized") and weight in init:
-            base = weight[: -len("_quantized")]
+        elif node.op_type == "MatMulInteger" and weight in init:
+            # MatMulInteger(a_q, W_q, a_zero, W_zero) -> Cast -> Mul(., Mul(a_scale, W_scale)): see engine.weights
+            scales = producer[consumer[consumer[node.output[0]].output[0]].input[1]]
             q = numpy_helper.to_array(init[weight]).astype(np.float32)
-            zero = numpy_helper.to_array(init[base + "_zero_point"]).astype(np.float32)
-            matrices.append((q - zero) * numpy_helper.to_array(init[base + "_scale"]))
+            zero = numpy_helper.to_array(init[node.input[3]]).astype(np.float32)
+            matrices.append((q - zero) * numpy_helper.to_array(init[scales.input[1]]))
         elif node.op_type == "MatMulNBits" and weight in init and node.input[2] in init:
             k = next(a.i for a in node.attribute if a.name == "K")
             packed, scales = (numpy_helper.to_array(init[name]) for name in (weight, node.input[2]))

@@ -228,7 +228,7 @@ def share_weights(folder: Path, graphs: list[str]) -> None:
 
     The context and span-step graphs hold the same weights under names the exporter chose
     independently: a tensor of identical type, shape and bytes is written once and given one
-    name, ``shared.<n>``, in every graph that uses it. ONNX Runtime maps external data
+    name in every graph that uses it (a model parameter's own, ``model.…``, else ``shared.<n>``). ONNX Runtime maps external data
     into memory, so both sessions (and a second server process) read the same pages of the
     page cache instead of each holding its own copy; the folder is half the size on disk.
     Tensors under 1 KB stay inline. Streams one tensor at a time, like :func:`quantize`.
@@ -250,6 +250,7 @@ def share_weights(folder: Path, graphs: list[str]) -> None:
     taken |= {v.name for m in models.values() for v in (*m.graph.input, *m.graph.output, *m.graph.value_info)}
     taken |= {t.name for m in models.values() for t in m.graph.initializer if size(t) < 1024}
     written: dict[tuple[int, tuple[int, ...], str], tuple[str, int, int]] = {}
+    names: set[str] = set()
     offset = 0
     with (folder / SHARED_DATA_FILE).open("wb") as out:
         for graph, model in models.items():
@@ -265,9 +266,12 @@ def share_weights(folder: Path, graphs: list[str]) -> None:
                 data = array.tobytes()
                 key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
                 if key not in written:
-                    name = f"shared.{len(written)}"
-                    while name in taken:
-                        name += "_"
+                    name = tensor.name  # a parameter keeps its name (recovering a checkpoint reads it)
+                    if not name.startswith("model.") or name in names or name in taken:
+                        name = f"shared.{len(written)}"
+                        while name in taken or name in names:
+                            name += "_"
+                    names.add(name)
                     pad = -offset % PAGE
                     out.write(b"\0" * pad)
                     offset += pad

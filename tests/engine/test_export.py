@@ -261,6 +261,8 @@ def test_graphs_past_the_inline_limit_share_one_data_file(small_init_checkpoint,
         assert read_manifest(out).precision == precision
         got, want = (Engine.load(f, backend="cpu").complete(prefix, suffix) for f in (out, whole))
         assert got.middle_ids == want.middle_ids
+        shared_weights, own = (export.engine_weights(f, manifest.arch) for f in (out, whole))  # recoverable alike
+        assert all(np.array_equal(shared_weights[name], own[name]) for name in own)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("-inline")) == ["fp32", "int4", "int8"]
 
 

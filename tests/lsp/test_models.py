@@ -64,8 +64,9 @@ def test_list_shows_the_catalog_and_the_teams_models(hub, tmp_path):
     assert rows["llada-8b"]["family"] == "llada" and rows["llada-8b"]["parameters"] == 8_015_581_184
     assert rows["tiny-dream"]["origin"] == str(hub / "catalog.json") and rows["tiny-dream"]["present"] == []
     assert not rows["llada-moe-7b"]["supported"] and "mixture-of-experts" in rows["llada-moe-7b"]["reason"]
-    # the int8 folder at this shape was measured at 2.08 GB (docs/models.md): the estimate agrees within 1 %
-    assert abs(rows["open-dcoder-0.5b"]["disk_int8"] - 2.08e9) / 2.08e9 < 0.01
+    # the folders at this shape were measured at 1.044 GB int8 and 0.856 GB int4 (docs/models.md): within 1 %
+    assert abs(rows["open-dcoder-0.5b"]["disk_int8"] - 1.044e9) / 1.044e9 < 0.01
+    assert abs(rows["open-dcoder-0.5b"]["disk_int4"] - 0.856e9) / 0.856e9 < 0.01
     table = models(hub, tmp_path, "list").stdout
     assert "open-dcoder-0.5b" in table and "not supported: block-causal attention" in table
 
