@@ -572,11 +572,14 @@ def _os_error(exc: OSError, doing: str, entry: CatalogEntry) -> CatalogError:
 
 
 def conversion_space(entry: CatalogEntry, precision: str) -> int:
-    """Disk space a conversion needs while it runs (fp32 graphs, their scratch copies, the int8 result)."""
+    """Disk space a conversion needs while it runs: three copies of the fp32 weights at its peak (the
+    exporter's scratch copy of one graph beside both graphs' data, then both graphs' data beside the
+    shared file being written), and for a quantised result the shared fp32 file beside three copies
+    of the quantised weights (the same steps)."""
     fp32 = entry.graph_bytes("fp32")
     if precision == "fp32":
-        return int(1.5 * fp32)  # the exporter's scratch copy of one graph beside both consolidated graphs
-    return int(max(1.5 * fp32, fp32 + entry.graph_bytes("int8" if precision == "auto" else precision)))
+        return 3 * fp32
+    return max(3 * fp32, fp32 + 3 * entry.graph_bytes("int8" if precision == "auto" else precision))
 
 
 CURRENT_FILE = "current.json"
