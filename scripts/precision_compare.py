@@ -26,7 +26,6 @@ distributions are flat, so agreement is noise; use ``--items 0`` for them.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,18 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from _report import emit  # noqa: E402
+from _report import emit, measuring_settings  # noqa: E402
 from dlm_lsp.completion import complete_text  # noqa: E402
-from dlm_lsp.settings import parse_settings  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.eval.harness import Problem, load_problems  # noqa: E402
+from reuse_replay import first_line  # noqa: E402
 
 DEFAULT_PROBLEMS = ROOT.parent / "shared/eval/humaneval-infilling/HumanEval-SingleLineInfilling.jsonl.gz"
-
-
-def first_line(text: str | None) -> str:
-    """The first line of a middle (what a single-line suggestion shows)."""
-    return (text or "").split("\n", 1)[0]
 
 
 def masked_window(engine: Engine, problem: Problem) -> tuple[np.ndarray, np.ndarray]:
@@ -111,9 +105,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    settings, problems = parse_settings({"minConfidence": 0, "latencyBudgetMs": 60000, **json.loads(args.settings)})
-    if problems:
-        p.error("; ".join(problems))
+    settings = measuring_settings(p, args.settings)
     engines = {"reference": Engine.load(args.reference, backend="cpu")}
     for path in args.models:
         engines[str(path)] = Engine.load(path, backend="cpu")

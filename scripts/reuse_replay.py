@@ -22,7 +22,6 @@ judged by whether it moves the int8 model away from what its weights compute.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import replace
@@ -33,9 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from _report import emit  # noqa: E402
+from _report import emit, measuring_settings  # noqa: E402
 from dlm_lsp.completion import complete_text  # noqa: E402
-from dlm_lsp.settings import parse_settings  # noqa: E402
 from engine import Engine, default_model_path  # noqa: E402
 from engine.reuse import ContextStore, ReusePolicy  # noqa: E402
 from engine.train.corpus import read_jsonl  # noqa: E402
@@ -85,9 +83,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    settings, problems = parse_settings({"minConfidence": 0, "latencyBudgetMs": 60000, **json.loads(args.settings)})
-    if problems:
-        p.error("; ".join(problems))
+    settings = measuring_settings(p, args.settings)
     engine = Engine.load(args.model or default_model_path(), backend="cpu")
     if engine.contexts is None:
         p.error(f"{engine.path} cannot reuse context (an engine folder of format 2): convert it again")
