@@ -160,7 +160,7 @@ shared by both graphs (:func:`engine.weights.share_weights`).
 Protobuf cannot serialise a message over 2 GiB, so an fp32 graph of a 0.5B model
 (2 GB of weights) must keep its initializers outside; and weights outside are mapped
 into memory by ONNX Runtime, so the two graphs (and two server processes) share one
-copy of them. Small models (the shipped one: 10 MB a graph) stay self-contained files.
+copy of them. Small models (the shipped one: 16 MB a graph) stay self-contained files.
 """
 
 

@@ -31,9 +31,10 @@ first along K, one float scale per block of 32 inputs of an output channel
 a weight is ``(code - 8) x scale``. The scale is the block's value of largest
 magnitude over -8 (its sign kept), so that value is exact and the other end of
 the range keeps 7 steps. ``accuracy_level`` 4 lets the kernel quantise the
-activations to int8 per block and use the CPU's int8 dot products. Half the
-bytes of int8 for the memory-bound span step; what it costs in agreement is
-measured by the conversion's validation and by ``scripts/precision_compare.py``.
+activations to int8 per block and use the CPU's int8 dot products. Nearly half
+the bytes of int8; on a CPU without VNNI it is faster only one row at a time, and
+what it costs in agreement is measured by the conversion's validation and by
+``scripts/precision_compare.py`` (docs/engine.md, "Precision").
 
 Why our own pass and not ``onnxruntime.quantization.quantize_dynamic``: that
 one holds the whole fp32 graph, a shape-inferred copy of it and the result in
@@ -78,7 +79,7 @@ def quantize(src: Path, dst: Path, inline_limit: int, precision: str) -> None:
 
     ``precision`` is ``int8`` or ``int4`` (see the module's docstring). The result
     keeps its weights in ``<dst>.data`` when they pass ``inline_limit`` bytes,
-    like :func:`engine.export._save_graph`.
+    like :func:`consolidate`.
     """
     if precision not in QUANTIZED:
         raise ValueError(f"precision {precision!r}: quantize writes {' or '.join(QUANTIZED)}")
