@@ -16,8 +16,7 @@ import json
 import sys
 from typing import Any
 
-from engine import EngineError
-from engine import catalog
+from engine import EngineError, catalog
 from engine.catalog import size_text
 
 
@@ -126,7 +125,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-
     folder = catalog.pull(
         args.name,
         precision=args.precision,
@@ -140,13 +138,11 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _path(args: argparse.Namespace) -> int:
-
     print(catalog.path(args.name, args.precision))
     return 0
 
 
 def _remove(args: argparse.Namespace) -> int:
-
     freed = catalog.remove(
         args.name, download=args.download, progress=lambda m: print(f"dlm-lsp models: {m}", file=sys.stderr)
     )

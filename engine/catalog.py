@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 from engine.errors import CatalogError, EngineError, ModelNotPresentError
 from engine.families import family_names
+from engine.weights import BYTES_PER_WEIGHT
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,7 @@ class CatalogEntry:
         """Bytes of the MatMul weights (every block's matrices and the LM head) at ``precision``."""
         # every parameter but the embedding table; a tied head is a transposed copy of that table
         matrices = self.parameters if self.tied else self.parameters - self.vocab_size * self.hidden_size
-        per_weight = {"int8": 1.0, "int4": 0.5 + 4 / 32}.get(precision, 4.0)
-        return per_weight * matrices
+        return BYTES_PER_WEIGHT[precision] * matrices
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``models list --json``)."""

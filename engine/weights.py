@@ -68,6 +68,9 @@ INT4_ACCURACY_LEVEL = 4
 QUANTIZED = ("int8", "int4")
 """The precisions :func:`quantize` writes."""
 
+BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_BLOCK}
+"""Bytes a matrix weight takes at each precision (int4: its code and its share of a float scale)."""
+
 
 def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
     """:func:`quantize` to int8."""
@@ -105,7 +108,7 @@ def quantize(src: Path, dst: Path, inline_limit: int, precision: str) -> None:
     targets = [nodes[i] for i in sorted(target_at)]
     quantized = {node.input[1] for node in targets}
     # bytes the result will hold: int8 matrices (+ scale, zero point) and every other initializer as is
-    per_weight = 1.0 if precision == "int8" else 0.5 + 4 / INT4_BLOCK  # codes and their scales
+    per_weight = BYTES_PER_WEIGHT[precision]
     out_bytes = sum(
         int(np.prod(t.dims)) * (per_weight if t.name in quantized else np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
         for t in graph.initializer

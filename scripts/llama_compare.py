@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -48,12 +47,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
 
 from _report import emit  # noqa: E402
+from engine.bench import peak_rss_mb, percentile  # noqa: E402
 from reuse_replay import sequences  # noqa: E402
+from storm import rss_kb  # noqa: E402
 
 KINDS = {"single": 10, "multi32": 32, "multi64": 64}
 """Middle kinds and the tokens each generates."""
@@ -64,11 +65,7 @@ FIM = {"pre": 3, "suf": 4, "mid": 5}
 
 def rss_mb() -> tuple[float, float]:
     """Current and peak resident memory of this process, MB."""
-    current = 0.0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            current = int(line.split()[1]) / 1024
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rss_kb(os.getpid()) / 1024, peak_rss_mb()
 
 
 def write_gguf(path: Path, arch: Any, quant: str, seed: int = 0) -> None:
@@ -210,7 +207,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             follow = sorted(r["ms"] for r in group if not r["cold"])
             cold = [r["ms"] for r in group if r["cold"]]
-            p95 = follow[min(len(follow) - 1, math.ceil(0.95 * len(follow)) - 1)] if follow else None
+            p95 = percentile(follow, 95) if follow else None
             p50 = statistics.median(follow) if follow else None
             extra = {}
             for key in ("steps", "context_ms", "context_computed"):
@@ -271,8 +268,6 @@ def main() -> int:
         result = run_dlm(cfg) if cfg["system"] == "dlm" else run_llama(cfg)
         print(json.dumps(result))
         return 0
-    import os
-
     from engine.manifest import read_manifest
 
     arch = read_manifest(args.model).arch
