@@ -11,7 +11,7 @@ budget, a hard deadline, at most 60 s; ``-1`` or ``0``: the server's budget),
 flattened to ``"a/b"`` keys, as llama.cpp does), ``model``. Sampling fields (``top_k``, ``top_p``, ``samplers``,
 ``temperature``), ``cache_prompt`` and ``id_slot`` are accepted and do not apply. Reply:
 ``content``, ``stop``, ``stop_type``, ``tokens_predicted``, ``tokens_evaluated``,
-``tokens_cached`` (0: no prompt cache yet), ``truncated``, ``timings``, ``model``.
+``tokens_cached`` (context tokens reused from the client's previous request), ``truncated``, ``timings``, ``model``.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ async def infill(request: Request) -> JSONResponse:
         "stop_type": "word" if stopped else "limit" if result.cut or full else "eos",
         "tokens_predicted": int(stats.get("middle_tokens", 0)),
         "tokens_evaluated": int(stats.get("context_tokens", 0)),
-        "tokens_cached": 0,
+        "tokens_cached": int(stats.get("context_reused", 0)),  # kept from the client's previous request
         "truncated": bool(stats.get("window_cut", False)),
         "timings": timings(result),
         "model": service.model_name,

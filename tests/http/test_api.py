@@ -237,11 +237,12 @@ def test_a_warm_up_request_primes_the_next_one_of_that_client():
         warm = httpx.post(server.url + "/infill", json={"input_prefix": body, "prompt": "def gre",
                                                          "input_suffix": "\n\nprint(1)\n", "n_predict": 0}).json()
         assert warm["content"] == "" and warm["tokens_cached"] > 100
-        httpx.post(server.url + "/infill", json={"input_prefix": body, "prompt": "def gree",
-                                                 "input_suffix": "\n\nprint(1)\n", "n_predict": 16}).raise_for_status()
+        after = httpx.post(server.url + "/infill", json={"input_prefix": body, "prompt": "def gree",
+                                                         "input_suffix": "\n\nprint(1)\n", "n_predict": 16}).json()
         metrics = httpx.get(server.url + "/metrics").text
         reused = _metric(metrics, 'dlm_context_tokens_total{kind="reused"}')
         computed = _metric(metrics, 'dlm_context_tokens_total{kind="computed"}')
         assert reused > 100 and computed < reused, (reused, computed)  # the band recomputes 64 tokens each side
+        assert after["tokens_cached"] == reused  # what llama.cpp calls the tokens its cache gave back
     finally:
         server.stop()
