@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from engine import EngineError, catalog
+from engine import EngineError, catalog, probe
 from engine.catalog import size_text
 
 
@@ -45,21 +45,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def _available_ram() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), in bytes."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def _rows(free: int | None, refresh_probe: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    from engine import probe
-
     known = catalog.entries()  # a malformed team catalog is reported before the probe runs
     figures = probe.probe(catalog.cache_dir() / "probe.json", refresh=refresh_probe)
     rows = []
@@ -88,7 +74,7 @@ def _rows(free: int | None, refresh_probe: bool = False) -> tuple[list[dict[str,
 
 
 def _list(args: argparse.Namespace) -> int:
-    free = _available_ram()
+    free = probe.available_memory()
     rows, figures = _rows(free, args.probe)
     if args.json:
         print(json.dumps({"models": rows, "available_ram": free, "cpu_probe": figures}, indent=2))

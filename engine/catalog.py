@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 from engine.errors import CatalogError, EngineError, ModelNotPresentError
 from engine.families import family_names
+from engine.probe import available_memory
 from engine.weights import BYTES_PER_WEIGHT
 
 log = logging.getLogger(__name__)
@@ -571,15 +572,21 @@ def _os_error(exc: OSError, doing: str, entry: CatalogEntry) -> CatalogError:
     return CatalogError(f"{doing} {entry.name} failed: {exc}")
 
 
-def conversion_space(entry: CatalogEntry, precision: str) -> int:
-    """Disk space a conversion needs while it runs: three copies of the fp32 weights at its peak (the
-    exporter's scratch copy of one graph beside both graphs' data, then both graphs' data beside the
-    shared file being written), and for a quantised result the shared fp32 file beside three copies
-    of the quantised weights (the same steps)."""
-    fp32 = entry.graph_bytes("fp32")
+def conversion_space(entry: CatalogEntry, precision: str, memory: int | None = None) -> int:
+    """Disk space a conversion needs while it runs, with ``memory`` bytes of RAM available (None: unknown).
+
+    The float32 graphs (one shared weights file) are written first, when the machine
+    has the memory to validate them, then the quantised ones beside them; a model
+    too large for that writes only the quantised graphs (:func:`engine.export.streams`).
+    The finished folder is moved into place, not copied.
+    """
+    from engine.export import streams
+
+    streamed = streams(4 * entry.parameters, memory)
     if precision == "fp32":
-        return 3 * fp32
-    return max(3 * fp32, fp32 + 3 * entry.graph_bytes("int8" if precision == "auto" else precision))
+        return entry.graph_bytes("fp32")
+    quantized = entry.graph_bytes("int8" if precision == "auto" else precision)
+    return quantized if streamed else entry.graph_bytes("fp32") + quantized
 
 
 CURRENT_FILE = "current.json"
@@ -685,7 +692,7 @@ def pull(
                             return base / done
             progress("checking the downloaded files against their hub checksums")
             hashes = verify_download(snapshot)
-            need = conversion_space(entry, precision)
+            need = conversion_space(entry, precision, available_memory())
             free = shutil.disk_usage(_existing_parent(base)).free
             if free < need:
                 raise CatalogError(

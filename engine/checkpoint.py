@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,31 +84,79 @@ class Checkpoint:
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
 
-    def load_state(self, framework: str = "pt") -> dict[str, Any]:
-        """The tensors our model needs, keyed by :mod:`engine.modeling` parameter names.
+    @cached_property
+    def weight_index(self) -> dict[str, tuple[Path, str]]:
+        """Where each tensor our model needs is: :mod:`engine.modeling` name -> (file, the checkpoint's name).
 
-        Raises ``CheckpointError`` naming every missing tensor and every shape mismatch.
+        Read from the safetensors headers alone (no tensor is loaded), so a real-size
+        checkpoint is checked in a moment. Raises ``CheckpointError`` naming every
+        missing tensor and every shape that disagrees with ``config.json``.
         """
+        from safetensors import SafetensorError, safe_open
+
         wanted = self.family.weight_names(self.arch)
         by_source = {src: ours for ours, src in wanted.items()}
-        state: dict[str, Any] = {}
-        for name, tensor in self.iter_tensors(framework):
-            if name in by_source:
-                state[by_source[name]] = tensor
-        missing = sorted(src for ours, src in wanted.items() if ours not in state)
+        index: dict[str, tuple[Path, str]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in self.weight_files:
+            try:
+                with safe_open(str(file), framework="np") as handle:  # headers only: no torch needed
+                    for name in handle.keys():
+                        if name in by_source:
+                            index[by_source[name]] = (file, name)
+                            shapes[by_source[name]] = tuple(handle.get_slice(name).get_shape())
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+        missing = sorted(src for ours, src in wanted.items() if ours not in index)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CheckpointError(
                 f"{self.path}: {len(missing)} weight tensor(s) missing from the safetensors files: {shown}. "
                 "The download is incomplete or the folder belongs to another family (see --family)."
             )
-        problems = []
-        for ours, expected in expected_shapes(self.arch).items():
-            got = tuple(state[ours].shape)
-            if got != expected:
-                problems.append(f"{wanted[ours]}: {got}, config.json implies {expected}")
+        problems = [
+            f"{wanted[ours]}: {shapes[ours]}, config.json implies {expected}"
+            for ours, expected in expected_shapes(self.arch).items()
+            if shapes[ours] != expected
+        ]
         if problems:
             raise CheckpointError(f"{self.path}: weight shapes disagree with config.json: " + "; ".join(problems[:5]))
+        return index
+
+    def read_tensor(self, name: str) -> Any:
+        """One tensor our model needs, by :mod:`engine.modeling` name, as a float32 torch tensor.
+
+        Reads that tensor alone (bfloat16 checkpoints are widened here): conversion of a
+        model larger than memory goes one tensor at a time.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        file, source = self.weight_index[name]
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(source).float()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+
+    def load_state(self, framework: str = "pt") -> dict[str, Any]:
+        """The tensors our model needs, keyed by :mod:`engine.modeling` parameter names.
+
+        Raises ``CheckpointError`` naming every missing tensor and every shape mismatch
+        (:attr:`weight_index`) before any tensor is loaded.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        by_file: dict[Path, dict[str, str]] = {}
+        for ours, (file, source) in self.weight_index.items():
+            by_file.setdefault(file, {})[source] = ours
+        state: dict[str, Any] = {}
+        for file, names in by_file.items():
+            try:
+                with safe_open(str(file), framework=framework) as handle:
+                    for source, ours in names.items():
+                        state[ours] = handle.get_tensor(source)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
         return state
 
 

@@ -22,7 +22,6 @@ import gc
 import logging
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,13 +31,24 @@ import numpy as np
 
 from engine.checkpoint import Checkpoint
 from engine.errors import BackendUnavailableError, ExportError
-from engine.weights import EXTERNAL_DATA_SUFFIX, consolidate, dequantize_blocks_int4, quantize, share_weights
-from engine.manifest import CONTEXT_INPUTS, CONTEXT_OUTPUTS, SPAN_INPUTS, SPAN_OUTPUTS, Manifest, sha256_file
+from engine.binding import INLINE_LIMIT, OPSET, bind, trace_skeletons
+from engine.checkpoint import expected_shapes
+from engine.weights import dequantize_blocks_int4
+from engine.manifest import Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "int4")
-OPSET = 17
+
+REFERENCE_MEMORY = 1.5
+"""Memory the float32 path needs, per byte of float32 weights: the loaded PyTorch reference (a bfloat16
+checkpoint is read, then widened) and, later, one float32 graph's session."""
+
+
+def streams(fp32_bytes: int, memory: int | None) -> bool:
+    """Whether a model of ``fp32_bytes`` float32 weights converts one weight at a time, given ``memory``
+    bytes available (None: unknown, assumed enough): then no float32 graph or model is ever held."""
+    return memory is not None and fp32_bytes * REFERENCE_MEMORY > memory
 
 
 @dataclass(frozen=True)
@@ -119,146 +129,6 @@ def require_export_deps() -> Any:
             f"dlm-convert needs PyTorch and onnx ({exc.name} is missing): pip install -e '.[export]' in your dlm-lsp clone"
         ) from exc
     return torch
-
-
-def _graph_modules(model: Any, suppress: Any, top_k: int) -> tuple[Any, Any]:
-    torch = require_export_deps()
-
-    class ContextGraph(torch.nn.Module):  # type: ignore[name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.register_buffer("suppress", suppress, persistent=False)
-
-        def forward(
-            self, input_ids: Any, position_ids: Any, cache_index: Any, span_index: Any, prior_keys: Any, prior_values: Any
-        ) -> Any:
-            return self.model.encode_context(
-                input_ids, position_ids, cache_index, span_index, self.suppress, top_k, prior_keys, prior_values
-            )
-
-    class SpanStepGraph(torch.nn.Module):  # type: ignore[name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-            self.register_buffer("suppress", suppress, persistent=False)
-
-        def forward(
-            self, span_ids: Any, span_pos: Any, span_valid: Any, cache_keys: Any, cache_values: Any, cache_valid: Any
-        ) -> Any:
-            return self.model.span_step(
-                span_ids, span_pos, span_valid, cache_keys, cache_values, self.suppress, top_k, cache_valid
-            )
-
-    return ContextGraph().eval(), SpanStepGraph().eval()
-
-
-INLINE_LIMIT = 64 << 20
-"""Graphs whose weights exceed this many bytes keep them outside ``.onnx``, in one file
-shared by both graphs (:func:`engine.weights.share_weights`).
-
-Protobuf cannot serialise a message over 2 GiB, so an fp32 graph of a 0.5B model
-(2 GB of weights) must keep its initializers outside; and weights outside are mapped
-into memory by ONNX Runtime, so the two graphs (and two server processes) share one
-copy of them. Small models (the shipped one: 16 MB a graph) stay self-contained files.
-"""
-
-
-def external_data_file(graph: str) -> str:
-    """Name of the file beside ``graph`` that holds its weights while a conversion builds it."""
-    return graph + EXTERNAL_DATA_SUFFIX
-
-
-def _share_if_external(folder: Path, graphs: list[str]) -> None:
-    """Both graphs' weights into one shared file, when they are kept outside the graphs at all."""
-    if any((folder / external_data_file(g)).is_file() for g in graphs):
-        share_weights(folder, graphs)
-
-
-def _export_graphs(model: Any, suppress: Any, top_k: int, out: Path, inline_limit: int = INLINE_LIMIT) -> None:
-    """Trace the context and span-step graphs into ``out`` (``context.onnx``, ``span_step.onnx``).
-
-    Each graph is traced into a scratch folder of its own (past 2 GB the exporter
-    writes one file per weight, named after the tensor, and the two graphs' names
-    collide), then rewritten tensor by tensor with its weights inline or, past
-    ``inline_limit``, in one data file both graphs share (:data:`INLINE_LIMIT`).
-    """
-    torch = require_export_deps()
-
-    arch = model.arch
-    context, span = _graph_modules(model, suppress, top_k)
-    t, tc, b, s = 12, 9, 2, 4
-    context_args = (
-        torch.zeros(1, t, dtype=torch.long),
-        torch.arange(t)[None],
-        torch.arange(tc),
-        torch.arange(tc - 1, t),
-        torch.zeros(arch.num_layers, 1, arch.num_kv_heads, 3, arch.head_dim),
-        torch.zeros(arch.num_layers, 1, arch.num_kv_heads, 3, arch.head_dim),
-    )
-    span_args = (
-        torch.zeros(b, s, dtype=torch.long),
-        torch.arange(s)[None].repeat(b, 1),
-        torch.ones(b, s, dtype=torch.bool),
-        torch.zeros(arch.num_layers, b, arch.num_kv_heads, tc, arch.head_dim),
-        torch.zeros(arch.num_layers, 1, arch.num_kv_heads, tc, arch.head_dim),
-        torch.ones(b, tc, dtype=torch.bool),
-    )
-    outputs = {"top_ids": {0: "batch", 1: "span"}, "top_probs": {0: "batch", 1: "span"}, "entropy": {0: "batch", 1: "span"}}
-    graphs = {
-        "context.onnx": dict(
-            module=context,
-            args=context_args,
-            input_names=list(CONTEXT_INPUTS),
-            output_names=list(CONTEXT_OUTPUTS),
-            dynamic_axes={
-                "input_ids": {1: "window"},
-                "position_ids": {1: "window"},
-                "cache_index": {0: "cached"},
-                "span_index": {0: "span"},
-                "prior_keys": {3: "prior"},
-                "prior_values": {3: "prior"},
-                "cache_keys": {3: "cached"},
-                "cache_values": {3: "cached"},
-                **{name: {1: "span"} for name in outputs},
-            },
-        ),
-        "span_step.onnx": dict(
-            module=span,
-            args=span_args,
-            input_names=list(SPAN_INPUTS),
-            output_names=list(SPAN_OUTPUTS),
-            dynamic_axes={
-                "span_ids": {0: "batch", 1: "span"},
-                "span_pos": {0: "batch", 1: "span"},
-                "span_valid": {0: "batch", 1: "span"},
-                "cache_keys": {1: "batch", 3: "cached"},
-                "cache_values": {1: "value_rows", 3: "cached"},  # 1 (shared) or batch (one context per row)
-                "cache_valid": {0: "batch", 1: "cached"},
-                **outputs,
-            },
-        ),
-    }
-    for name, spec in graphs.items():
-        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    spec["module"],
-                    spec["args"],
-                    str(scratch / name),
-                    input_names=spec["input_names"],
-                    output_names=spec["output_names"],
-                    dynamic_axes=spec["dynamic_axes"],
-                    opset_version=OPSET,
-                    dynamo=False,
-                )
-            consolidate(scratch / name, out / name, inline_limit)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        release_memory()
-    _share_if_external(out, list(graphs))
 
 
 def validation_cases(
@@ -517,13 +387,21 @@ def convert(
     progress: Callable[[str], None] = log.info,
     inline_limit: int = INLINE_LIMIT,
     source: dict[str, Any] | None = None,
+    memory: int | None = None,
 ) -> Manifest:
     """Convert checkpoint folder ``src`` into engine folder ``dst``; returns the written manifest.
 
-    ``precision``: ``int8``, ``fp32``, or ``auto`` (int8 when it passes validation,
-    else fp32, saying so). ``source`` adds to the manifest's record of where the
-    checkpoint came from (the model catalog records the hub repository, revision
-    and file hashes).
+    ``precision``: ``int8``, ``int4``, ``fp32``, or ``auto`` (int8 when it passes
+    validation, else fp32, saying so). ``source`` adds to the manifest's record of
+    where the checkpoint came from (the model catalog records the hub repository,
+    revision and file hashes).
+
+    The graphs are traced without weights and bound to the checkpoint one tensor
+    at a time (:mod:`engine.binding`), quantised as they are read. A model whose
+    float32 weights need more than ``memory`` bytes (default: what this machine has
+    available now) is converted without ever holding them: the PyTorch reference
+    reads each weight as it uses it, and the float32 graphs are not built, so only
+    the quantised graphs are validated (``fp32`` and ``auto`` are refused then).
 
     The destination is built in a temporary folder beside it and moved into place
     only after validation passed, so a failed conversion leaves nothing behind.
@@ -538,48 +416,75 @@ def convert(
     _check_destination(dst, force)
     require_export_deps()
     from engine.backends.torch_ref import TorchDenoiser
+    from engine.probe import available_memory
 
     checkpoint = Checkpoint.open(src, family)
-    progress(f"loaded {checkpoint.path} ({checkpoint.family.name} family, {checkpoint.arch.num_layers} layers)")
-    reference = TorchDenoiser(checkpoint, top_k=top_k)
+    arch = checkpoint.arch
+    shapes = expected_shapes(arch)
+    checkpoint.weight_index  # every tensor present and of the right shape, before any work
+    fp32_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+    memory = available_memory() if memory is None else memory
+    streamed = streams(fp32_bytes, memory)
+    progress(f"loaded {checkpoint.path} ({checkpoint.family.name} family, {arch.num_layers} layers)")
+    need = f"{fp32_bytes * REFERENCE_MEMORY / 1e9:.1f} GB"
+    if streamed:
+        assert memory is not None
+        if precision == "fp32":
+            raise ExportError(
+                f"this model's float32 weights need about {need} of memory to validate and {fp32_bytes / 1e9:.1f} GB to "
+                f"serve, and this machine has {memory / 1e9:.1f} GB available: convert with --precision int8 (about a "
+                "quarter of that) or int4, or on a machine with more memory"
+            )
+        progress(
+            f"float32 weights ({fp32_bytes / 1e9:.1f} GB) exceed this machine's available memory ({memory / 1e9:.1f} GB "
+            f"for about {need}): converting one weight at a time; the float32 graphs are not built"
+            + (", so auto means int8" if precision == "auto" else "")
+        )
+        if precision == "auto":
+            precision = "int8"
+    reference = TorchDenoiser(checkpoint, top_k=top_k, streamed=streamed)
     text_ids = _code_tokens(checkpoint)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work(dst)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        fp32_dir = work / "fp32"
-        fp32_dir.mkdir()
         progress("exporting ONNX graphs (context, span_step)")
-        _export_graphs(reference.model, reference.suppress, top_k, fp32_dir, inline_limit)
+        skeletons = trace_skeletons(arch, reference.suppress, top_k, work)
         manifest = Manifest(
-            family=checkpoint.family.name,
-            arch=checkpoint.arch,
-            token_ids=checkpoint.token_ids,
-            precision="fp32",
-            top_k=top_k,
+            family=checkpoint.family.name, arch=arch, token_ids=checkpoint.token_ids, precision="fp32", top_k=top_k
         )
         mask_id = checkpoint.token_ids.mask
+        if streamed:
+            progress("running the PyTorch reference (each pass reads the checkpoint)")
         recorded = RecordedReference(
-            reference, [validation_cases(checkpoint.arch, 0, None, mask_id), validation_cases(checkpoint.arch, 0, text_ids, mask_id)]
+            reference, [validation_cases(arch, 0, None, mask_id), validation_cases(arch, 0, text_ids, mask_id)]
         )
-        del reference  # the fp32 PyTorch model: the ONNX sessions and the quantiser need the memory now
+        del reference  # the fp32 PyTorch model: the ONNX sessions need the memory now
         release_memory()
-        progress("validating fp32 graphs against PyTorch")
-        fp32_cases = validation_cases(checkpoint.arch, 0, None, mask_id)
-        reports = [validate(recorded, OneGraphAtATime(fp32_dir, manifest, fp32_cases), "fp32", text_ids=text_ids)]
-        release_memory()  # the fp32 sessions hold a copy of every weight: gone before quantising
-        final_dir = fp32_dir
+
+        def bound(folder_precision: str, message: str) -> Path:
+            folder = work / folder_precision
+            folder.mkdir()
+            step = max(1, len(shapes) // 10)
+            bind(skeletons, arch, checkpoint.read_tensor, shapes, folder, folder_precision, inline_limit,
+                 lambda done, total: progress(f"{message}: {done}/{total} weights") if done % step == 0 else None)
+            release_memory()
+            return folder
+
+        reports: list[ValidationReport] = []
+        final_dir: Path | None = None
+        if not streamed:
+            final_dir = bound("fp32", "writing fp32 graphs")
+            progress("validating fp32 graphs against PyTorch")
+            fp32_cases = validation_cases(arch, 0, None, mask_id)
+            reports.append(validate(recorded, OneGraphAtATime(final_dir, manifest, fp32_cases), "fp32", text_ids=text_ids))
+            release_memory()  # the fp32 sessions hold a copy of every weight: gone before quantising
         quantized = "int8" if precision == "auto" else precision
-        if quantized != "fp32" and not reports[0].failures:
-            q_dir = work / quantized
-            q_dir.mkdir()
-            progress(f"quantising to {quantized} and validating")
-            for name in manifest.graphs.values():
-                quantize(fp32_dir / name, q_dir / name, inline_limit, quantized)
-                release_memory()
-            _share_if_external(q_dir, list(manifest.graphs.values()))
+        if quantized != "fp32" and not any(r.failures for r in reports):
+            q_dir = bound(quantized, f"quantising to {quantized}")
+            progress(f"validating {quantized} graphs against PyTorch")
             manifest.precision = quantized
-            q_cases = validation_cases(checkpoint.arch, 0, text_ids, mask_id)
+            q_cases = validation_cases(arch, 0, text_ids, mask_id)
             q_report = validate(recorded, OneGraphAtATime(q_dir, manifest, q_cases), quantized, text_ids=text_ids)
             release_memory()
             if q_report.failures and precision == "auto":
@@ -594,7 +499,12 @@ def convert(
         failures = [f"[{r.precision}] {f}" for r in reports for f in r.failures]
         if failures:
             hint = ""
-            if reports[0].failures == [] and manifest.precision != "fp32":
+            if streamed:
+                hint = (
+                    "\nThe float32 graphs were not built (too large for this machine), so whether the export or the "
+                    f"quantisation is at fault is not known: convert on a machine with {need} of memory to tell."
+                )
+            elif reports[0].failures == [] and manifest.precision != "fp32":
                 hint = (
                     f"\nThe fp32 graphs passed: {manifest.precision} quantisation changes this model's predictions "
                     "too much. Convert with --precision int8 (int4 misses more often), --precision fp32 (about 4 "
@@ -605,9 +515,12 @@ def convert(
                 + "\n  ".join(failures)
                 + hint
             )
+        assert final_dir is not None
         _copy_tokenizer(checkpoint.path, final_dir)
         shutil.copy2(checkpoint.path / "config.json", final_dir / "source_config.json")
         manifest.validation.update({r.precision: r.summary() for r in reports})
+        if streamed:
+            manifest.validation["fp32_graphs"] = f"not built: {fp32_bytes / 1e9:.1f} GB of float32 weights"
         manifest.source = {**_source_info(checkpoint), **(source or {})}
         progress("checksumming the engine folder")
         manifest.write(final_dir)

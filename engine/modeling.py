@@ -27,7 +27,7 @@ torch is needed only here and in export/training; the server never imports this.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +202,10 @@ class Transformer(nn.Module):
         """The LM head matrix (the embedding when tied)."""
         return self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of final hidden states (..., C)."""
+        return F.linear(hidden, self.head_weight())
+
     def hidden_states(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -220,7 +224,7 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Unshifted logits (B, T, V): row i is the output at position i."""
-        return F.linear(self.hidden_states(input_ids, position_ids, valid), self.head_weight())
+        return self.head(self.hidden_states(input_ids, position_ids, valid))
 
     # -- the two exported computations -------------------------------------------------
     def encode_context(
@@ -268,7 +272,7 @@ class Transformer(nn.Module):
             if prior_keys is not None and prior_values is not None:
                 k, v = torch.cat((prior_keys[i], k), dim=2), torch.cat((prior_values[i], v), dim=2)
             x = layer.finish(x, attend(apply_rope(q, q_cos, q_sin), k, v, None))
-        top_ids, top_probs, entropy = summarize(F.linear(self.model.norm(x), self.head_weight()), suppress, top_k)
+        top_ids, top_probs, entropy = summarize(self.head(self.model.norm(x)), suppress, top_k)
         return torch.stack(keys), torch.stack(values), top_ids, top_probs, entropy
 
     def span_hidden(
@@ -326,7 +330,7 @@ class Transformer(nn.Module):
         ``cache_keys`` are rotated per row (:meth:`rotate_cache_keys`); see :meth:`span_hidden`.
         """
         hidden = self.span_hidden(span_ids, span_pos, span_valid, cache_keys, cache_values, cache_valid)
-        return summarize(F.linear(hidden, self.head_weight()), suppress, top_k)
+        return summarize(self.head(hidden), suppress, top_k)
 
 
 def summarize(logits: torch.Tensor, suppress: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -344,14 +348,54 @@ def suppress_vector(vocab_size: int, token_ids: list[int]) -> torch.Tensor:
     return bias
 
 
-def load_transformer(checkpoint: "object") -> Transformer:
+class StreamedTransformer(Transformer):
+    """A :class:`Transformer` that holds no weights: each module reads its own from the checkpoint
+    as it runs and drops them when it is done.
+
+    The PyTorch reference of a model larger than memory (a 7-8B model's float32
+    weights are 30 GB): conversion validates the graphs against it. Every pass
+    reads the whole checkpoint once, so it is slow, and it answers exactly as the
+    loaded model does (``tests/engine/test_binding.py``).
+    """
+
+    def __init__(self, arch: ArchConfig, read: Callable[[str], torch.Tensor]) -> None:
+        with torch.device("meta"):
+            super().__init__(arch)
+        self.rotary = Rotary(arch.head_dim, arch.rope_theta)  # a buffer, not a checkpoint tensor
+        self._read = read
+        names = {module: prefix for prefix, module in self.named_modules()}
+        for module in self.modules():
+            if module._parameters:
+                module.register_forward_pre_hook(lambda m, _args, prefix=names[module]: self._fill(m, prefix))
+                module.register_forward_hook(lambda m, _args, _out: self._drop(m))
+
+    def _fill(self, module: nn.Module, prefix: str) -> None:
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = nn.Parameter(self._read(f"{prefix}.{name}"), requires_grad=False)
+
+    @staticmethod
+    def _drop(module: nn.Module) -> None:
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = nn.Parameter(torch.empty(param.shape, device="meta"), requires_grad=False)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head matrix, read for this use (the embedding when tied)."""
+        return self._read("model.embed_tokens.weight" if self.arch.tie_word_embeddings else "lm_head.weight")
+
+
+def load_transformer(checkpoint: "object", streamed: bool = False) -> Transformer:
     """Build a float32 :class:`Transformer` from an :class:`engine.checkpoint.Checkpoint`.
 
     The module is built on the ``meta`` device and takes the checkpoint's tensors
     as its parameters (``assign=True``): no second copy of the weights, which at a
-    real size is gigabytes of peak memory.
+    real size is gigabytes of peak memory. ``streamed``: a
+    :class:`StreamedTransformer`, for a model larger than memory.
     """
     arch = checkpoint.arch  # type: ignore[attr-defined]
+    if streamed:
+        return StreamedTransformer(arch, checkpoint.read_tensor).eval()  # type: ignore[attr-defined]
     with torch.device("meta"):
         model = Transformer(arch)
     state = {name: tensor.float() for name, tensor in checkpoint.load_state("pt").items()}  # type: ignore[attr-defined]

@@ -45,6 +45,18 @@ SINGLE_LINE_STEPS = 3
 """Span steps of a single-line middle at 3 tokens per step (10 tokens; the first step comes with the context pass)."""
 
 
+def available_memory() -> int | None:
+    """Memory this machine can give a new job now (``MemAvailable`` of /proc/meminfo), in bytes; None off Linux."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -85,6 +85,11 @@ SHAPES: dict[str, dict[str, Any]] = {
         embedding_rows=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
         num_kv_heads=2, tie_word_embeddings=True, rope_theta=1_000_000.0, max_positions=32768,
     ),
+    # Dream-Coder-7B / DiffuCoder-7B (Qwen2.5-Coder-7B based, untied head): 7.62B parameters.
+    "qwen2-7b": dict(
+        embedding_rows=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, tie_word_embeddings=False, rope_theta=1_000_000.0, max_positions=32768,
+    ),
     # Qwen2.5-1.5B (the base of 1.5B diffusion code models): 1.54B parameters.
     "qwen2-1.5b": dict(
         embedding_rows=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
@@ -113,6 +118,7 @@ def write_random_checkpoint(
     shards: int = 1,
     seed: int = 0,
     texts: Iterable[str] | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Write a random-weight checkpoint of ``family`` to ``folder`` and return its path.
 
@@ -125,8 +131,20 @@ def write_random_checkpoint(
     ``shards > 1`` splits the weights and writes ``model.safetensors.index.json``.
     ``vocab_size`` is the tokenizer's size; ``embedding_rows`` (default: the same)
     pads the embedding and head past it, as published checkpoints do.
+    ``dtype`` ``bfloat16`` stores the weights as published 7-8B checkpoints do
+    (half the bytes; needs torch to write them).
     """
-    from safetensors.numpy import save_file
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: float32 or bfloat16")
+    from safetensors.numpy import save_file as save_numpy
+
+    def save_file(tensors: dict[str, np.ndarray], path: str) -> None:
+        if dtype == "float32":
+            return save_numpy(tensors, path)
+        import torch
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
     from engine.checkpoint import expected_shapes
     from engine.families import ArchConfig, TokenIds, get_family
@@ -165,7 +183,7 @@ def write_random_checkpoint(
     rng = np.random.default_rng(seed)
     names = fam.weight_names(arch)  # ours -> the checkpoint's
     shapes = expected_shapes(arch)
-    total = 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+    total = (4 if dtype == "float32" else 2) * sum(int(np.prod(shape)) for shape in shapes.values())
     if shards <= 1 and total > SHARD_BYTES:
         shards = -(-total // SHARD_BYTES)  # a real-size model: written shard by shard, never whole in memory
 
@@ -208,11 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--init-std", type=float, default=0.02, help="weight scale (0.02, like a real initialisation, quantises cleanly)"
     )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="how the weights are stored (published 7-8B checkpoints: bfloat16; writing it needs torch)",
+    )
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape] or dict(
         family=args.family, num_layers=args.layers, hidden_size=args.hidden, intermediate_size=2 * args.hidden
     )
-    write_random_checkpoint(args.out, vocab_size=args.vocab, seed=args.seed, init_std=args.init_std, **shape)
+    write_random_checkpoint(
+        args.out, vocab_size=args.vocab, seed=args.seed, init_std=args.init_std, dtype=args.dtype, **shape
+    )
     print(args.out)
     return 0
 

@@ -47,8 +47,9 @@ written out before the next is read: the peak is about the largest matrix
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
@@ -72,6 +73,18 @@ BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / INT4_BLOCK}
 """Bytes a matrix weight takes at each precision (int4: its code and its share of a float scale)."""
 
 
+Reader = Callable[[Any], np.ndarray]
+"""Reads an initializer's values (an ``onnx.TensorProto`` in, its array out): from the graph's own
+external data (:func:`file_reader`), or straight from a checkpoint (:mod:`engine.binding`)."""
+
+
+def file_reader(graph: Path) -> Reader:
+    """A :data:`Reader` of the initializers of the model file ``graph``, inline or in external data beside it."""
+    from onnx import numpy_helper
+
+    return lambda tensor: numpy_helper.to_array(tensor, base_dir=str(graph.parent))
+
+
 def quantize_int8(src: Path, dst: Path, inline_limit: int) -> None:
     """:func:`quantize` to int8."""
     quantize(src, dst, inline_limit, "int8")
@@ -81,109 +94,126 @@ def quantize(src: Path, dst: Path, inline_limit: int, precision: str) -> None:
     """Quantise ``src`` (an ONNX model, its weights inline or in external data) into ``dst``.
 
     ``precision`` is ``int8`` or ``int4`` (see the module's docstring). The result
-    keeps its weights in ``<dst>.data`` when they pass ``inline_limit`` bytes,
-    like :func:`consolidate`.
+    keeps its weights in ``<dst>.data`` when they pass ``inline_limit`` bytes.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    quantized = {node.input[1] for node in _targets(model.graph)}
+    out_bytes = sum(
+        int(np.prod(t.dims))
+        * (BYTES_PER_WEIGHT[precision] if t.name in quantized else np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
+        for t in model.graph.initializer
+    )
+    writer = TensorWriter(dst.parent, dst.name + EXTERNAL_DATA_SUFFIX if out_bytes > inline_limit else None)
+    try:
+        quantize_model(model, file_reader(src), writer, precision)
+    finally:
+        writer.close()
+    onnx.save_model(model, str(dst))
+
+
+def _targets(graph: Any) -> list[Any]:
+    """The ``MatMul`` nodes whose weight is a constant float matrix: what quantisation replaces."""
+    from onnx import TensorProto
+
+    init = {t.name: t for t in graph.initializer}
+    return [
+        node for node in graph.node
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in init
+        and init[node.input[1]].data_type == TensorProto.FLOAT and len(init[node.input[1]].dims) == 2
+    ]
+
+
+def quantize_model(model: Any, read: Reader, writer: TensorWriter, precision: str) -> None:
+    """Quantise ``model`` (an ``onnx.ModelProto``) in place to ``precision`` (``int8`` or ``int4``).
+
+    Its initializers are read one at a time through ``read`` and written through
+    ``writer``; a weight ``writer`` already holds (the other graph's copy of it) is
+    neither read nor quantised again.
     """
     if precision not in QUANTIZED:
         raise ValueError(f"precision {precision!r}: quantize writes {' or '.join(QUANTIZED)}")
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     init = {t.name: t for t in graph.initializer}
+    nodes = list(graph.node)
+    targets = _targets(graph)
+    target_ids = {id(node) for node in targets}
     uses: dict[str, int] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-
-    def quantizable(node: Any) -> bool:
-        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in init:
-            return False
-        weight = init[node.input[1]]
-        return weight.data_type == TensorProto.FLOAT and len(weight.dims) == 2
-
-    nodes = list(graph.node)
-    target_at = {i for i, node in enumerate(nodes) if quantizable(node)}
-    targets = [nodes[i] for i in sorted(target_at)]
-    quantized = {node.input[1] for node in targets}
-    # bytes the result will hold: int8 matrices (+ scale, zero point) and every other initializer as is
-    per_weight = BYTES_PER_WEIGHT[precision]
-    out_bytes = sum(
-        int(np.prod(t.dims)) * (per_weight if t.name in quantized else np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
-        for t in graph.initializer
-    )
-    external = out_bytes > inline_limit
-    writer = _TensorWriter(dst, external)
-    base_dir = str(src.parent)
+    replaced = {
+        w for w in {node.input[1] for node in targets}
+        if uses.get(w, 0) == sum(1 for node in targets if node.input[1] == w)
+    }
     new_init: list[Any] = []
-    try:
-        for tensor in graph.initializer:
-            if tensor.name in quantized and uses.get(tensor.name, 0) == sum(
-                1 for node in targets if node.input[1] == tensor.name
-            ):
-                continue  # replaced by its int8 form below
-            new_init.append(writer.add(numpy_helper.to_array(tensor, base_dir=base_dir), tensor.name))
-        new_nodes: list[Any] = []
-        activations: dict[str, tuple[str, str, str]] = {}
-        done: set[str] = set()
-        for i, node in enumerate(nodes):
-            if i not in target_at:
-                new_nodes.append(node)
-                continue
-            a, w = node.input
-            if precision == "int4":
-                weight = numpy_helper.to_array(init[w], base_dir=base_dir) if w not in done else None
-                new_nodes.append(_int4_node(node, w, weight, writer, new_init, init[w].dims))
-                done.add(w)
-                continue
-            if a not in activations:
-                q = (f"{a}_quantized", f"{a}_scale", f"{a}_zero_point")
-                new_nodes.append(helper.make_node("DynamicQuantizeLinear", [a], list(q), name=f"{a}_QuantizeLinear"))
-                activations[a] = q
-            a_q, a_scale, a_zero = activations[a]
-            if w not in done:
-                codes, scale = quantize_columns(numpy_helper.to_array(init[w], base_dir=base_dir))
-                new_init.append(writer.add(codes, f"{w}_quantized"))
-                new_init.append(writer.add(scale, f"{w}_scale"))
-                new_init.append(writer.add(np.zeros(scale.shape, np.int8), f"{w}_zero_point"))
-                done.add(w)
-            out = node.output[0]
-            stem = node.name or out
-            new_nodes += [
-                helper.make_node(
-                    "MatMulInteger", [a_q, f"{w}_quantized", a_zero, f"{w}_zero_point"], [f"{out}_int32"],
-                    name=f"{stem}_quant",
-                ),
-                helper.make_node("Cast", [f"{out}_int32"], [f"{out}_float"], to=TensorProto.FLOAT, name=f"{stem}_cast"),
-                helper.make_node("Mul", [a_scale, f"{w}_scale"], [f"{out}_scales"], name=f"{stem}_scales_mul"),
-                helper.make_node("Mul", [f"{out}_float", f"{out}_scales"], [out], name=f"{stem}_output_mul"),
-            ]
-    finally:
-        writer.close()
+    emitted: set[str] = set()
+
+    def emit(name: str, produce: Callable[[], np.ndarray]) -> None:
+        if name not in emitted:
+            emitted.add(name)
+            new_init.append(writer.tensor(name, produce))
+
+    memo: dict[str, tuple[np.ndarray, ...]] = {}
+
+    def once(w: str, compute: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        if w not in memo:  # one weight at a time: the previous one's codes are dropped
+            memo.clear()
+            memo[w] = compute(read(init[w]))
+        return memo[w]
+
+    def part(w: str, compute: Callable[[np.ndarray], tuple[np.ndarray, ...]], index: int) -> np.ndarray:
+        return once(w, compute)[index]
+
+    for tensor in graph.initializer:
+        if tensor.name not in replaced:
+            emit(tensor.name, partial(read, tensor))
+    new_nodes: list[Any] = []
+    activations: dict[str, tuple[str, str, str]] = {}
+    for node in nodes:
+        if id(node) not in target_ids:
+            new_nodes.append(node)
+            continue
+        a, w = node.input
+        if precision == "int4":
+            emit(f"{w}_q4", partial(part, w, quantize_blocks_int4, 0))
+            emit(f"{w}_q4_scale", partial(part, w, quantize_blocks_int4, 1))
+            k, n = (int(d) for d in init[w].dims)
+            new_nodes.append(helper.make_node(
+                "MatMulNBits", [a, f"{w}_q4", f"{w}_q4_scale"], list(node.output),
+                name=f"{node.name or node.output[0]}_q4", domain="com.microsoft",
+                K=k, N=n, bits=4, block_size=INT4_BLOCK, accuracy_level=INT4_ACCURACY_LEVEL,
+            ))
+            continue
+        if a not in activations:
+            q = (f"{a}_quantized", f"{a}_scale", f"{a}_zero_point")
+            new_nodes.append(helper.make_node("DynamicQuantizeLinear", [a], list(q), name=f"{a}_QuantizeLinear"))
+            activations[a] = q
+        a_q, a_scale, a_zero = activations[a]
+        emit(f"{w}_quantized", partial(part, w, quantize_columns, 0))
+        emit(f"{w}_scale", partial(part, w, quantize_columns, 1))
+        emit(f"{w}_zero_point", partial(np.zeros, int(init[w].dims[1]), np.int8))
+        out = node.output[0]
+        stem = node.name or out
+        new_nodes += [
+            helper.make_node(
+                "MatMulInteger", [a_q, f"{w}_quantized", a_zero, f"{w}_zero_point"], [f"{out}_int32"],
+                name=f"{stem}_quant",
+            ),
+            helper.make_node("Cast", [f"{out}_int32"], [f"{out}_float"], to=TensorProto.FLOAT, name=f"{stem}_cast"),
+            helper.make_node("Mul", [a_scale, f"{w}_scale"], [f"{out}_scales"], name=f"{stem}_scales_mul"),
+            helper.make_node("Mul", [f"{out}_float", f"{out}_scales"], [out], name=f"{stem}_output_mul"),
+        ]
     del graph.initializer[:]
     graph.initializer.extend(new_init)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if precision == "int4" and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save_model(model, str(dst))
-
-
-def _int4_node(node: Any, w: str, weight: np.ndarray | None, writer: _TensorWriter, new_init: list[Any], dims: Any) -> Any:
-    """The ``MatMulNBits`` node replacing ``node``; writes the weight's codes and scales unless already written."""
-    from onnx import helper
-
-    if weight is not None:
-        packed, scales = quantize_blocks_int4(weight)
-        new_init.append(writer.add(packed, f"{w}_q4"))
-        new_init.append(writer.add(scales, f"{w}_q4_scale"))
-    k, n = (int(d) for d in dims)
-    return helper.make_node(
-        "MatMulNBits", [node.input[0], f"{w}_q4", f"{w}_q4_scale"], list(node.output),
-        name=f"{node.name or node.output[0]}_q4", domain="com.microsoft",
-        K=k, N=n, bits=4, block_size=INT4_BLOCK, accuracy_level=INT4_ACCURACY_LEVEL,
-    )
 
 
 def quantize_blocks_int4(weight: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -226,84 +256,6 @@ PAGE = 4096
 """Offsets in :data:`SHARED_DATA_FILE` are page-aligned: ONNX Runtime maps the file instead of reading it."""
 
 
-def share_weights(folder: Path, graphs: list[str]) -> None:
-    """Rewrite ``graphs`` (in ``folder``, weights in ``<graph>.data`` files) so that they keep every
-    tensor in one :data:`SHARED_DATA_FILE`, each tensor stored once.
-
-    The context and span-step graphs hold the same weights under names the exporter chose
-    independently: a tensor of identical type, shape and bytes is written once and given one
-    name in every graph that uses it (a model parameter's own, ``model.…``, else ``shared.<n>``). ONNX Runtime maps external data
-    into memory, so both sessions (and a second server process) read the same pages of the
-    page cache instead of each holding its own copy; the folder is half the size on disk.
-    Tensors under 1 KB stay inline. Streams one tensor at a time, like :func:`quantize`.
-    """
-    import hashlib
-
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    def size(t: Any) -> int:
-        return int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-
-    models = {name: onnx.load(str(folder / name), load_external_data=False) for name in graphs}
-    if any(e.value == SHARED_DATA_FILE for m in models.values() for t in m.graph.initializer for e in t.external_data):
-        raise ValueError(f"{folder}: the graphs already share {SHARED_DATA_FILE}")
-
-    # names a new name must not take (the large initializers' own names are all replaced)
-    taken = {n for m in models.values() for node in m.graph.node for n in node.output}
-    taken |= {v.name for m in models.values() for v in (*m.graph.input, *m.graph.output, *m.graph.value_info)}
-    taken |= {t.name for m in models.values() for t in m.graph.initializer if size(t) < 1024}
-    written: dict[tuple[int, tuple[int, ...], str], tuple[str, int, int]] = {}
-    names: set[str] = set()
-    offset = 0
-    with (folder / SHARED_DATA_FILE).open("wb") as out:
-        for graph, model in models.items():
-            if any(attr.g.node or attr.graphs for node in model.graph.node for attr in node.attribute):
-                raise ValueError(f"{graph}: subgraphs are not expected in an exported graph")
-            renames: dict[str, str] = {}
-            kept: list[Any] = []
-            for tensor in model.graph.initializer:
-                array = np.ascontiguousarray(numpy_helper.to_array(tensor, base_dir=str(folder)))
-                if array.nbytes < 1024:
-                    kept.append(numpy_helper.from_array(array, tensor.name))
-                    continue
-                data = array.tobytes()
-                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
-                if key not in written:
-                    name = tensor.name  # a parameter keeps its name (recovering a checkpoint reads it)
-                    if not name.startswith("model.") or name in names or name in taken:
-                        name = f"shared.{len(written)}"
-                        while name in taken or name in names:
-                            name += "_"
-                    names.add(name)
-                    pad = -offset % PAGE
-                    out.write(b"\0" * pad)
-                    offset += pad
-                    out.write(data)
-                    written[key] = (name, offset, len(data))
-                    offset += len(data)
-                name, at, length = written[key]
-                renames[tensor.name] = name
-                if any(t.name == name for t in kept):
-                    continue  # the same bytes twice in one graph: one initializer serves both uses
-                shared = TensorProto(name=name, data_type=tensor.data_type, dims=tensor.dims)
-                shared.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", SHARED_DATA_FILE), ("offset", str(at)), ("length", str(length))):
-                    entry = shared.external_data.add()
-                    entry.key, entry.value = k, v
-                kept.append(shared)
-                del array, data
-            for node in model.graph.node:
-                node.input[:] = [renames.get(i, i) for i in node.input]
-            for value in model.graph.input:  # initializers listed as inputs too (older exports)
-                value.name = renames.get(value.name, value.name)
-            del model.graph.initializer[:]
-            model.graph.initializer.extend(kept)
-    for graph, model in models.items():
-        onnx.save_model(model, str(folder / graph))
-        (folder / (graph + EXTERNAL_DATA_SUFFIX)).unlink(missing_ok=True)
-
-
 COLUMNS_PER_BLOCK = 1024
 """Columns quantised at a time: temporaries stay a slice of the matrix, not copies of it."""
 
@@ -321,42 +273,33 @@ def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale
 
 
-def consolidate(src: Path, dst: Path, inline_limit: int) -> None:
-    """Copy the model ``src`` to ``dst`` with every weight inline, or (past ``inline_limit`` bytes) in ``<dst>.data``."""
-    import onnx
-    from onnx import helper, numpy_helper
+class TensorWriter:
+    """Turns arrays into initializers: inline, or appended to one external data file in ``folder``.
 
-    model = onnx.load(str(src), load_external_data=False)
-    graph = model.graph
-    total = sum(
-        int(np.prod(t.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize for t in graph.initializer
-    )
-    writer = _TensorWriter(dst, total > inline_limit)
-    base_dir = str(src.parent)
-    try:
-        tensors = [writer.add(numpy_helper.to_array(t, base_dir=base_dir), t.name) for t in graph.initializer]
-    finally:
-        writer.close()
-    for node in graph.node:  # the exporter also writes Constant nodes' tensors outside: they come back inline
-        for attribute in node.attribute:
-            for tensor in (attribute.t, *attribute.tensors):
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor, base_dir=base_dir), tensor.name))
-    del graph.initializer[:]
-    graph.initializer.extend(tensors)
-    onnx.save_model(model, str(dst))
+    ``location`` (a file name in ``folder``, or None for all inline) may be shared by
+    several graphs: a name is written once, and asking for it again (:meth:`tensor`)
+    returns the same initializer without producing its values. Offsets are aligned to
+    ``align`` bytes (:data:`PAGE` lets ONNX Runtime map the file). Tensors under 1 KB
+    stay inline.
+    """
 
-
-class _TensorWriter:
-    """Turns arrays into initializers: inline, or appended to one external data file."""
-
-    def __init__(self, graph: Path, external: bool) -> None:
-        self.graph = graph
-        self.location = graph.name + EXTERNAL_DATA_SUFFIX
-        self.handle: BinaryIO | None = (graph.parent / self.location).open("wb") if external else None
+    def __init__(self, folder: Path, location: str | None, align: int = ALIGN) -> None:
+        self.location = location
+        self.align = align
+        self.handle: BinaryIO | None = (folder / location).open("wb") if location else None
         self.offset = 0
+        self.written: dict[str, Any] = {}
+
+    def tensor(self, name: str, produce: Callable[[], np.ndarray]) -> Any:
+        """The initializer ``name``: written from ``produce()`` the first time, the same one after."""
+        if name not in self.written:
+            self.written[name] = self.add(produce(), name)
+        out = type(self.written[name])()
+        out.CopyFrom(self.written[name])
+        return out
 
     def add(self, array: np.ndarray, name: str) -> Any:
+        """Write ``array`` as initializer ``name`` and return it."""
         from onnx import TensorProto, helper, numpy_helper
 
         array = np.ascontiguousarray(array)
@@ -366,7 +309,7 @@ class _TensorWriter:
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
         tensor.dims.extend(array.shape)
-        pad = -self.offset % ALIGN
+        pad = -self.offset % self.align
         self.handle.write(b"\0" * pad)
         self.offset += pad
         self.handle.write(array.tobytes())
@@ -378,5 +321,6 @@ class _TensorWriter:
         return tensor
 
     def close(self) -> None:
+        """Close the data file."""
         if self.handle is not None:
             self.handle.close()

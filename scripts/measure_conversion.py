@@ -14,25 +14,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 
 CONVERT = "import sys; from engine.cli import convert_main; sys.exit(convert_main(sys.argv[1:]))"
 
 
-def _rss_kib(pid: int) -> int:
+def _rss_kib(pid: int) -> tuple[int, int]:
+    """Resident memory of ``pid`` in KiB: all of it (VmRSS), and the anonymous part (RssAnon).
+
+    The rest is mapped files (the checkpoint, the engine folder's weights) whose pages
+    the kernel drops under memory pressure; the anonymous part is what must fit.
+    """
+    found = {"VmRSS:": 0, "RssAnon:": 0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+            key = line.split(maxsplit=1)[0] if line else ""
+            if key in found:
+                found[key] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return found["VmRSS:"], found["RssAnon:"]
+
+
+COUNTER = re.compile(r": \d+/\d+ weights$")
+"""Progress lines that count weights within a phase (``quantising to int8: 29/291 weights``): not phases of their own."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen2-0.5b")
     parser.add_argument("--precision", default="int8")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="of the checkpoint written")
     parser.add_argument("--out", type=Path, required=True, help="working folder (checkpoint, engine folder, report)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt, engine = args.out / "checkpoint", args.out / f"engine-{args.precision}"
     if not (ckpt / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "engine.tiny", str(ckpt), "--shape", args.shape], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "engine.tiny", str(ckpt), "--shape", args.shape, "--dtype", args.dtype], check=True
+        )
     started = time.monotonic()
     child = subprocess.Popen(
         [sys.executable, "-c", CONVERT, str(ckpt), str(engine), "--precision", args.precision, "--force"],
@@ -54,45 +70,46 @@ def main(argv: list[str] | None = None) -> int:
         text=True,
     )
     phases: list[dict[str, object]] = []
-    current = {"phase": "start", "t0": started, "peak_kib": 0}
+    current: dict[str, Any] = {"phase": "start", "t0": started, "rss": 0, "anon": 0}
     lock = threading.Lock()
 
     def sample() -> None:
         while child.poll() is None:
-            rss = _rss_kib(child.pid)
+            rss, anon = _rss_kib(child.pid)
             with lock:
-                current["peak_kib"] = max(int(current["peak_kib"]), rss)  # type: ignore[call-overload]
+                current["rss"], current["anon"] = max(current["rss"], rss), max(current["anon"], anon)
             time.sleep(0.2)
+
+    def close_phase(now: float) -> None:
+        phases.append({
+            "phase": current["phase"], "seconds": round(now - current["t0"], 1),
+            "peak_rss_gb": round(current["rss"] / 2**20, 2), "peak_anon_gb": round(current["anon"] / 2**20, 2),
+        })
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     assert child.stderr is not None
     for line in child.stderr:
         sys.stderr.write(line)
-        if not line.startswith("dlm-convert: "):
+        if not line.startswith("dlm-convert: ") or COUNTER.search(line.strip()):
             continue
         now = time.monotonic()
         with lock:
-            phases.append(
-                {"phase": current["phase"], "seconds": round(now - float(current["t0"]), 1),  # type: ignore[arg-type]
-                 "peak_rss_gb": round(int(current["peak_kib"]) / 2**20, 2)}  # type: ignore[call-overload]
-            )
-            current.update(phase=line.removeprefix("dlm-convert: ").strip(), t0=now, peak_kib=0)
+            close_phase(now)
+            current.update(phase=line.removeprefix("dlm-convert: ").strip(), t0=now, rss=0, anon=0)
     code = child.wait()
     sampler.join()
-    phases.append(
-        {"phase": current["phase"], "seconds": round(time.monotonic() - float(current["t0"]), 1),  # type: ignore[arg-type]
-         "peak_rss_gb": round(int(current["peak_kib"]) / 2**20, 2)}  # type: ignore[call-overload]
-    )
+    close_phase(time.monotonic())
     total = time.monotonic() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     size = sum(p.stat().st_size for p in engine.rglob("*") if p.is_file()) if engine.is_dir() else 0
     report = {
         "shape": args.shape,
+        "checkpoint_dtype": args.dtype,
         "precision": args.precision,
         "exit_code": code,
         "seconds": round(total, 1),
-        "peak_rss_gb": round(peak, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
+        "peak_anon_gb": max(float(p["peak_anon_gb"]) for p in phases),  # type: ignore[arg-type]
         "engine_folder_gb": round(size / 1e9, 2),
         "phases": phases[1:],
     }

@@ -43,12 +43,14 @@ class TorchContextCache:
 class TorchDenoiser:
     """The :class:`~engine.backends.base.Denoiser` of a checkpoint, in eager PyTorch."""
 
-    def __init__(self, checkpoint: Checkpoint, top_k: int = 2) -> None:
+    def __init__(self, checkpoint: Checkpoint, top_k: int = 2, streamed: bool = False) -> None:
+        """``streamed``: hold no weights, read each from the checkpoint as it is used
+        (:class:`engine.modeling.StreamedTransformer`; for a model larger than memory)."""
         torch = _torch()
         from engine.modeling import load_transformer, suppress_vector
 
         self.torch = torch
-        self.model = load_transformer(checkpoint)
+        self.model = load_transformer(checkpoint, streamed=streamed)
         arch, token_ids = checkpoint.arch, checkpoint.token_ids
         self.suppress = suppress_vector(arch.vocab_size, [token_ids.mask, *checkpoint.tokenizer.unassigned_ids(arch.vocab_size)])
         self.top_k = top_k

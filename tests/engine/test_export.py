@@ -345,40 +345,6 @@ def test_streaming_int8_quantisation_matches_onnxruntimes_quantiser(tiny_engine,
     assert np.abs(a[1] - b[1]).max() < 1e-4 and np.abs(a[2] - b[2]).max() < 1e-3
 
 
-def test_consolidate_gathers_the_exporters_per_tensor_files(tiny_engine, tmp_path):
-    """Past 2 GB the exporter writes one file per tensor, Constant nodes' tensors included: consolidate
-    reads them back into one data file (or inline) and the graph computes the same."""
-    import onnx
-    import onnxruntime as ort
-
-    from engine.weights import consolidate
-
-    split = tmp_path / "split"
-    split.mkdir()
-    model = onnx.load(str(tiny_engine / "context.onnx"))
-    onnx.save_model(
-        model, str(split / "context.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
-        size_threshold=0, convert_attribute=True,
-    )
-    assert len(list(split.iterdir())) > 20  # one file per tensor, as the exporter writes them
-    for limit, files in ((0, {"context.onnx", "context.onnx.data"}), (1 << 30, {"context.onnx"})):
-        out = tmp_path / f"out{limit}"
-        out.mkdir()
-        consolidate(split / "context.onnx", out / "context.onnx", limit)
-        assert {p.name for p in out.iterdir()} == files
-        arch = read_manifest(tiny_engine).arch
-        feeds = {
-            "input_ids": np.arange(16)[None] % arch.vocab_size, "position_ids": np.arange(16)[None],
-            "cache_index": np.arange(10), "span_index": np.arange(9, 16),
-            # four entries of prior context (engine.reuse), so that its inputs are exercised too
-            "prior_keys": np.ones((arch.num_layers, 1, arch.num_kv_heads, 4, arch.head_dim), np.float32),
-            "prior_values": np.ones((arch.num_layers, 1, arch.num_kv_heads, 4, arch.head_dim), np.float32),
-        }
-        got = ort.InferenceSession(str(out / "context.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
-        ref = ort.InferenceSession(str(tiny_engine / "context.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
-        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
-
-
 def test_large_files_are_hashed_once_per_version(tiny_engine, tmp_path, monkeypatch):
     """Verification remembers the sha256 of large files by (path, size, mtime, inode): a reload does not
     hash them again, and a rewritten file is hashed afresh (and caught if it does not match)."""
