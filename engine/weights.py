@@ -1,11 +1,13 @@
-"""An exported graph's weights, rewritten one tensor at a time: consolidated, or quantised.
+"""A graph's weights, written and quantised one tensor at a time.
 
-:func:`consolidate` gathers the weights the ONNX exporter wrote (one file per
-tensor past 2 GB) into one ``<graph>.data`` file, or inline for a small graph.
-:func:`quantize` quantises the matrices to int8 or to 4 bits. Both read one
-tensor, write it and drop it before reading the next, so the memory they need is
-about the largest tensor, not the model: that is what lets a 2B model convert on
-a 24 GB machine.
+:func:`quantize_model` quantises the matrices of a graph to int8 or to 4 bits,
+reading each weight through a :data:`Reader` (a graph file's own data, or the
+checkpoint itself: :mod:`engine.binding`) and writing it through a
+:class:`TensorWriter` (inline, or into one external data file, each tensor once
+even when two graphs use it). A weight is read, quantised, written and dropped
+before the next is read, so the memory conversion needs is about the largest
+tensor, not the model: that is what lets a 7-8B model convert on a 24 GB machine.
+:func:`quantize` does the same for a graph file.
 
 int8 quantisation
 -----------------
@@ -39,10 +41,9 @@ what it costs in agreement is measured by the conversion's validation and by
 Why our own pass and not ``onnxruntime.quantization.quantize_dynamic``: that
 one holds the whole fp32 graph, a shape-inferred copy of it and the result in
 memory at once (8 GB for a 0.5B model's two graphs, 16 bytes per parameter,
-measured), which puts a 2B model beyond a 24 GB machine. Here a weight is read
-from the fp32 graph's external data, quantised a block of columns at a time and
-written out before the next is read: the peak is about the largest matrix
-(its fp32 values plus its int8 codes).
+measured), which puts a 2B model beyond a 24 GB machine. Here a weight is read,
+quantised a block of columns at a time and written out before the next is read:
+the peak is about the largest matrix (its fp32 values plus its codes).
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def dequantize_blocks_int4(packed: np.ndarray, scales: np.ndarray, k: int) -> np
 
 
 SHARED_DATA_FILE = "weights.data"
-"""One file beside the graphs holding the weights of both, each tensor once (:func:`share_weights`)."""
+"""One file beside the graphs holding the weights of both, each tensor once (:func:`engine.binding.bind`)."""
 
 PAGE = 4096
 """Offsets in :data:`SHARED_DATA_FILE` are page-aligned: ONNX Runtime maps the file instead of reading it."""

@@ -5,9 +5,10 @@
 Writes a random-weight checkpoint at the shape (``python -m engine.tiny --shape``),
 runs ``dlm-convert`` on it as a child process, samples the child's resident
 memory (``/proc/PID/status``) every 0.2 s, and reports, for each progress line
-the converter prints, how long the phase took and its peak RSS; then the whole
-run's peak (``ru_maxrss``) and the engine folder's size. Linux only. A JSON
-report goes to ``OUT/report.json``.
+the converter prints, how long the phase took and its peak RSS (all of it, and
+the anonymous part: the rest is mapped files whose pages the kernel can drop);
+then the converter's own peak (``ru_maxrss``) and the engine folder's size. Linux
+only. A JSON report goes to ``OUT/report.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
+import os
 import subprocess
 import sys
 import threading
@@ -45,7 +46,7 @@ def _rss_kib(pid: int) -> tuple[int, int]:
 
 
 COUNTER = re.compile(r": \d+/\d+ weights$")
-"""Progress lines that count weights within a phase (``quantising to int8: 29/291 weights``): not phases of their own."""
+"""The count ending a progress line within a phase (``quantising to int8: 29/291 weights``): its first starts the phase."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, engine = args.out / "checkpoint", args.out / f"engine-{args.precision}"
     if not (ckpt / "config.json").is_file():
         subprocess.run(
-            [sys.executable, "-m", "engine.tiny", str(ckpt), "--shape", args.shape, "--dtype", args.dtype], check=True
+            [sys.executable, "-m", "engine.tiny", str(ckpt), "--shape", args.shape, "--dtype", args.dtype],
+            check=True, stdout=subprocess.DEVNULL,  # stdout is the report's
         )
     started = time.monotonic()
     child = subprocess.Popen(
@@ -91,13 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     assert child.stderr is not None
     for line in child.stderr:
         sys.stderr.write(line)
-        if not line.startswith("dlm-convert: ") or COUNTER.search(line.strip()):
+        if not line.startswith("dlm-convert: "):
             continue
+        phase = COUNTER.sub("", line.removeprefix("dlm-convert: ").strip())
+        if phase == current["phase"]:
+            continue  # a count within the phase
         now = time.monotonic()
         with lock:
             close_phase(now)
-            current.update(phase=line.removeprefix("dlm-convert: ").strip(), t0=now, rss=0, anon=0)
-    code = child.wait()
+            current.update(phase=phase, t0=now, rss=0, anon=0)
+    _, status, usage = os.wait4(child.pid, 0)  # the converter's own peak, not the checkpoint writer's
+    code = child.returncode = os.waitstatus_to_exitcode(status)
     sampler.join()
     close_phase(time.monotonic())
     total = time.monotonic() - started
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
         "exit_code": code,
         "seconds": round(total, 1),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
+        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
         "peak_anon_gb": max(float(p["peak_anon_gb"]) for p in phases),  # type: ignore[arg-type]
         "engine_folder_gb": round(size / 1e9, 2),
         "phases": phases[1:],

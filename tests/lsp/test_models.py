@@ -133,6 +133,28 @@ def test_no_network_says_how_to_download_by_hand(hub, tmp_path):
     assert cached.returncode == 0, cached.stderr
 
 
+def test_an_interrupted_download_says_how_to_finish_it(hub, tmp_path):
+    """A download cut off leaves huggingface_hub's partial ``.incomplete`` blob and no link to it; offline,
+    the hub hands back the rest of the snapshot. The pull says what is missing and how to finish, and keeps
+    the partial file for huggingface_hub to resume from."""
+    src = write_random_checkpoint(tmp_path / "src", init_std=0.02, hidden_size=128, intermediate_size=256, seed=4)
+    cache = tmp_path / "hub"
+    snapshot = publish(cache, "dlm-test/tiny-dream", src, COMMIT)
+    blob = (snapshot / "model.safetensors").resolve()
+    data = blob.read_bytes()
+    (snapshot / "model.safetensors").unlink()
+    blob.unlink()
+    partial = blob.with_name(blob.name + ".incomplete")
+    partial.write_bytes(data[: len(data) // 2])
+    proc = models(hub, tmp_path, "pull", "tiny-dream", HF_HUB_CACHE=str(cache))
+    assert proc.returncode == 2
+    assert "the download of dlm-test/tiny-dream is incomplete" in proc.stderr
+    assert "model.safetensors missing" in proc.stderr and "the next download resumes from there" in proc.stderr
+    assert "dlm-lsp models pull tiny-dream again where the hub is reachable" in proc.stderr
+    assert partial.read_bytes() == data[: len(data) // 2]  # kept for the resume
+    assert not (tmp_path / "dlm-cache" / "models" / "tiny-dream" / COMMIT[:12]).exists()
+
+
 def test_a_corrupt_download_is_detected_and_removed(hub, tmp_path):
     src = write_random_checkpoint(tmp_path / "src", init_std=0.02, hidden_size=128, intermediate_size=256, seed=4)
     cache = tmp_path / "hub"
