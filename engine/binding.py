@@ -8,26 +8,27 @@ two steps, neither of which holds more than one weight at a time:
 1. **Trace** (:func:`trace_skeletons`). :mod:`engine.modeling`'s transformer is
    built with *phantom* parameters: one number broadcast to the parameter's
    shape (stride 0, a few bytes whatever the shape), a different number for
-   each parameter so that the exporter merges none of them. It is traced with
-   ``export_params=False``: every parameter becomes a graph input named as in
-   the model (``model.model.layers.3.mlp.up_proj.weight``, the graph wrapper's
-   ``model.`` first), and the two graphs are a few hundred kilobytes. Constant
-   folding is off, because it would fold ``Transpose(W)`` (how ``F.linear``
-   exports) into an anonymous constant and lose which parameter it holds; ONNX
-   Runtime folds the remaining constant shape arithmetic when it loads a graph.
+   each parameter so that the exporter merges none of them. Every ``nn.Linear``
+   multiplies by its weight stored transposed, (in, out), which is the
+   ``MatMul`` the exporter's constant folding makes of a real model's
+   ``F.linear``; folded from a parameter, that constant would be anonymous. It
+   is traced with ``export_params=False``: every parameter becomes a graph input
+   named as in the model (``model.model.layers.3.mlp.up_proj.weight_t``, the
+   graph wrapper's ``model.`` first), and the two graphs are a few hundred
+   kilobytes.
 
 2. **Bind** (:func:`bind`). Every parameter input becomes an initializer whose
    values are read from the checkpoint when it is written
-   (:meth:`engine.checkpoint.Checkpoint.read_tensor`): ``Transpose(W)`` becomes
-   the (in, out) matrix ``matmul.<parameter>``, and anything else uses ``W`` as
-   is under its own name. At ``int8`` or ``int4`` each matrix is quantised as it
-   is read (:func:`engine.weights.quantize_model`), so the float32 graphs of a
-   large model never exist. Both graphs' weights go into one page-aligned
+   (:meth:`engine.checkpoint.Checkpoint.read_tensor`): a transposed matrix is
+   named ``matmul.<parameter>``, anything else keeps its input's name. At
+   ``int8`` or ``int4`` each matrix is quantised as it is read
+   (:func:`engine.weights.quantize_model`), so the float32 graphs of a large
+   model never exist. Both graphs' weights go into one page-aligned
    ``weights.data`` (each tensor once, both graphs and every server process
    mapping the same pages), or inline for a small model.
 
-The result is the graph the exporter writes with its weights, bit for bit in every
-weight: ``tests/engine/test_binding.py`` checks both against each other.
+The result computes exactly what the exporter's graph of the loaded model computes:
+``tests/engine/test_binding.py`` runs both on ONNX Runtime and compares them bit for bit.
 """
 
 from __future__ import annotations

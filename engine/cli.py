@@ -50,6 +50,11 @@ def convert_parser() -> argparse.ArgumentParser:
         help="weight precision (default: int8; int4: 4-bit weights, smaller, slower on CPUs; auto: int8 if it passes validation, else fp32)",
     )
     parser.add_argument("--top-k", type=int, default=2, help="candidates per position the graphs return (>= 2)")
+    parser.add_argument(
+        "--memory-gb", type=float, default=None,
+        help="memory the conversion may plan on (default: what the machine has available now); a model whose "
+        "float32 weights need more converts one weight at a time, without float32 graphs",
+    )
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument(
         "--to-checkpoint",
@@ -76,6 +81,7 @@ def _convert(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         force=args.force,
         progress=lambda msg: print(f"dlm-convert: {msg}", file=sys.stderr),
+        memory=None if args.memory_gb is None else int(args.memory_gb * 1e9),
     )
     print(json.dumps({"engine": str(args.dst), "validation": manifest.validation}, indent=2))
     return 0

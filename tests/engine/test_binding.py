@@ -143,3 +143,16 @@ def test_a_bfloat16_checkpoint_converts_one_weight_at_a_time(tmp_path):
     assert all(torch.equal(ckpt.read_tensor(name), tensor.float()) for name, tensor in stored.items())
     manifest = export.convert(folder, tmp_path / "engine", precision="int8", memory=1 << 20, progress=lambda _m: None)
     assert manifest.validation["int8"]["passed"] and "fp32_graphs" in manifest.validation
+
+
+def test_dlm_convert_plans_on_the_memory_it_is_given(small_init_checkpoint, tmp_path, capsys):
+    """``dlm-convert --memory-gb``: what a user sets to leave the rest of the machine alone."""
+    import json
+
+    from engine.cli import convert_main
+
+    assert convert_main([str(small_init_checkpoint), str(tmp_path / "out"), "--precision", "auto", "--memory-gb", "0.001"]) == 0
+    captured = capsys.readouterr()
+    assert "converting one weight at a time" in captured.err and "so auto means int8" in captured.err
+    validation = json.loads(captured.out)["validation"]
+    assert validation["int8"]["passed"] and validation["fp32_graphs"].startswith("not built")
