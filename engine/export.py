@@ -29,12 +29,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine.checkpoint import Checkpoint
-from engine.errors import BackendUnavailableError, ExportError
 from engine.binding import INLINE_LIMIT, OPSET, bind, trace_skeletons
-from engine.checkpoint import expected_shapes
-from engine.weights import dequantize_blocks_int4
+from engine.checkpoint import Checkpoint, expected_shapes
+from engine.errors import BackendUnavailableError, ExportError
 from engine.manifest import Manifest, sha256_file
+from engine.weights import dequantize_blocks_int4
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +400,8 @@ def convert(
     float32 weights need more than ``memory`` bytes (default: what this machine has
     available now) is converted without ever holding them: the PyTorch reference
     reads each weight as it uses it, and the float32 graphs are not built, so only
-    the quantised graphs are validated (``fp32`` and ``auto`` are refused then).
+    the quantised graphs are validated (``fp32`` is refused then, and ``auto``
+    means ``int8``).
 
     The destination is built in a temporary folder beside it and moved into place
     only after validation passed, so a failed conversion leaves nothing behind.
