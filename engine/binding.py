@@ -3,7 +3,8 @@
 A 7-8B model's float32 weights (30 GB) do not fit in a 24 GB machine, and the
 ONNX exporter wants the whole model in memory as float32 and writes its weights
 out as float32 before anything can quantise them. Conversion therefore runs in
-two steps, neither of which holds more than one weight at a time:
+two steps, neither of which holds the model's weights (binding holds one weight
+at a time, with its transpose and codes):
 
 1. **Trace** (:func:`trace_skeletons`). :mod:`engine.modeling`'s transformer is
    built with *phantom* parameters: one number broadcast to the parameter's
@@ -231,6 +232,8 @@ def _weights_of(model: Any, interface: tuple[str, ...], arch: Any) -> dict[str, 
     ``matmul.<parameter>``; any other parameter keeps its input's name.
     """
     graph = model.graph
+    if any(attr.g.node or attr.graphs for node in graph.node for attr in node.attribute):
+        raise ValueError("traced graph has subgraphs: their inputs would not be bound")
     recipes: dict[str, tuple[str, bool]] = {}
     renames: dict[str, str] = {}
     for value in graph.input:

@@ -587,7 +587,7 @@ def _os_error(exc: OSError, doing: str, entry: CatalogEntry) -> CatalogError:
     if exc.errno == errno.ENOSPC:
         return CatalogError(
             f"no space left on the device while {doing} {entry.name} ({exc.filename or ''}); it needs about "
-            f"{size_text(entry.download_bytes)} for the download and {size_text(conversion_space(entry, 'auto'))} "
+            f"{size_text(entry.download_bytes)} for the download and {size_text(conversion_space(entry, 'auto', available_memory()))} "
             "while converting. No converted folder was left half-written (huggingface_hub keeps a partial download "
             "to resume it); free space or set DLM_LSP_CACHE / HF_HOME to a larger disk"
         )
@@ -719,7 +719,8 @@ def pull(
                             return base / done
             progress("checking the downloaded files against their hub checksums")
             hashes = verify_download(snapshot)
-            need = conversion_space(entry, precision, available_memory())
+            memory = available_memory()  # measured once: the space check and the conversion plan alike
+            need = conversion_space(entry, precision, memory)
             free = shutil.disk_usage(_existing_parent(base)).free
             if free < need:
                 raise CatalogError(
@@ -733,7 +734,7 @@ def pull(
             try:
                 manifest = convert(
                     snapshot, staging, family=entry.family, precision=precision, progress=progress, force=True,
-                    source=source,
+                    source=source, memory=memory,
                 )
             finally:
                 with contextlib.suppress(OSError):

@@ -47,13 +47,14 @@ def convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", choices=family_names(), help="model family (default: detect from config.json)")
     parser.add_argument(
         "--precision", choices=(*PRECISIONS, "auto"), default="int8",
-        help="weight precision (default: int8; int4: 4-bit weights, smaller, slower on CPUs; auto: int8 if it passes validation, else fp32)",
+        help="weight precision (default: int8; int4: 4-bit weights, smaller, slower on CPUs; auto: int8 if it passes "
+        "validation, else fp32, and int8 alone for a model larger than memory)",
     )
     parser.add_argument("--top-k", type=int, default=2, help="candidates per position the graphs return (>= 2)")
     parser.add_argument(
-        "--memory-gb", type=float, default=None,
-        help="memory the conversion may plan on (default: what the machine has available now); a model whose "
-        "float32 weights need more converts one weight at a time, without float32 graphs",
+        "--memory-gb", type=_positive_gb, default=None,
+        help="memory the conversion plans on (default: what the machine has available now); a model whose "
+        "float32 path needs more converts one weight at a time, without float32 graphs",
     )
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument(
@@ -64,6 +65,16 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
+
+
+def _positive_gb(value: str) -> float:
+    try:
+        gb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {value!r}") from None
+    if not gb > 0:
+        raise argparse.ArgumentTypeError(f"memory must be more than 0 GB, got {value}")
+    return gb
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -397,8 +397,9 @@ def convert(
 
     The graphs are traced without weights and bound to the checkpoint one tensor
     at a time (:mod:`engine.binding`), quantised as they are read. A model whose
-    float32 weights need more than ``memory`` bytes (default: what this machine has
-    available now) is converted without ever holding them: the PyTorch reference
+    float32 path needs more than ``memory`` bytes (:data:`REFERENCE_MEMORY` per byte
+    of float32 weights; ``memory`` defaults to what this machine has available now)
+    is converted without ever holding its weights: the PyTorch reference
     reads each weight as it uses it, and the float32 graphs are not built, so only
     the quantised graphs are validated (``fp32`` is refused then, and ``auto``
     means ``int8``).
@@ -431,9 +432,10 @@ def convert(
         assert memory is not None
         if precision == "fp32":
             raise ExportError(
-                f"this model's float32 weights need about {need} of memory to validate and {fp32_bytes / 1e9:.1f} GB to "
-                f"serve, and this machine has {memory / 1e9:.1f} GB available: convert with --precision int8 (about a "
-                "quarter of that) or int4, or on a machine with more memory"
+                f"this model's float32 graphs need about {need} of memory to validate and {fp32_bytes / 1e9:.1f} GB of "
+                f"weights to serve, and {memory / 1e9:.1f} GB is available: convert with --precision int8 or int4 "
+                "(a quarter and an eighth of those weights), on a machine with more memory, or pass --memory-gb N "
+                "if this one has more to give"
             )
         progress(
             f"float32 weights of {fp32_bytes / 1e9:.1f} GB need about {need} of memory to convert whole and "
@@ -467,6 +469,7 @@ def convert(
         def bound(folder_precision: str, message: str) -> Path:
             folder = work / folder_precision
             folder.mkdir()
+            progress(message)
             step = max(1, len(shapes) // 10)
             bind(skeletons, arch, checkpoint.read_tensor, shapes, folder, folder_precision, inline_limit,
                  lambda done, total: progress(f"{message}: {done}/{total} weights") if done % step == 0 else None)
@@ -606,8 +609,6 @@ def engine_weights(folder: Path, arch: Any) -> dict[str, np.ndarray]:
     """
     import onnx
     from onnx import numpy_helper
-
-    from engine.checkpoint import expected_shapes
 
     graph = onnx.load(str(folder / "span_step.onnx")).graph
     init = {i.name: i for i in graph.initializer}

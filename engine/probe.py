@@ -46,15 +46,19 @@ SINGLE_LINE_STEPS = 3
 
 
 def available_memory() -> int | None:
-    """Memory this machine can give a new job now (``MemAvailable`` of /proc/meminfo), in bytes; None off Linux."""
+    """Memory this machine can give a new job now, in bytes: ``MemAvailable`` of /proc/meminfo on Linux,
+    elsewhere the physical memory (``sysconf``), None when neither can be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
         return None
-    return None
 
 
 def _cpu_name() -> str:

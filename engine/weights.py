@@ -5,8 +5,9 @@ reading each weight through a :data:`Reader` (a graph file's own data, or the
 checkpoint itself: :mod:`engine.binding`) and writing it through a
 :class:`TensorWriter` (inline, or into one external data file, each tensor once
 even when two graphs use it). A weight is read, quantised, written and dropped
-before the next is read, so the memory conversion needs is about the largest
-tensor, not the model: that is what lets a 7-8B model convert on a 24 GB machine.
+before the next is read, so the memory conversion needs is a few copies of the
+largest tensor (its float32 values, their transpose, its codes), never the model's
+weights: that is what lets a 7-8B model convert on a 24 GB machine.
 :func:`quantize` does the same for a graph file.
 
 int8 quantisation
@@ -159,13 +160,13 @@ def quantize_model(model: Any, read: Reader, writer: TensorWriter, precision: st
             emitted.add(name)
             new_init.append(writer.tensor(name, produce))
 
-    memo: dict[str, tuple[np.ndarray, ...]] = {}
+    memo: dict[tuple[str, Callable[..., Any]], tuple[np.ndarray, ...]] = {}
 
     def once(w: str, compute: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
-        if w not in memo:  # one weight at a time: the previous one's codes are dropped
+        if (w, compute) not in memo:  # one weight at a time: the previous one's codes are dropped
             memo.clear()
-            memo[w] = compute(read(init[w]))
-        return memo[w]
+            memo[(w, compute)] = compute(read(init[w]))
+        return memo[(w, compute)]
 
     def part(w: str, compute: Callable[[np.ndarray], tuple[np.ndarray, ...]], index: int) -> np.ndarray:
         return once(w, compute)[index]
@@ -313,7 +314,7 @@ class TensorWriter:
         pad = -self.offset % self.align
         self.handle.write(b"\0" * pad)
         self.offset += pad
-        self.handle.write(array.tobytes())
+        self.handle.write(array.data.cast("B"))  # the array's own bytes, not a copy of them
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(array.nbytes))):
             entry = tensor.external_data.add()

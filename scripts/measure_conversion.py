@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     phases: list[dict[str, object]] = []
     current: dict[str, Any] = {"phase": "start", "t0": started, "rss": 0, "anon": 0}
     lock = threading.Lock()
+    reaped = threading.Event()  # the main thread alone reaps the child (os.wait4), then stops the sampler
 
     def sample() -> None:
-        while child.poll() is None:
+        while not reaped.wait(0.2):
             rss, anon = _rss_kib(child.pid)
             with lock:
                 current["rss"], current["anon"] = max(current["rss"], rss), max(current["anon"], anon)
-            time.sleep(0.2)
 
     def close_phase(now: float) -> None:
         phases.append({
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             current.update(phase=phase, t0=now, rss=0, anon=0)
     _, status, usage = os.wait4(child.pid, 0)  # the converter's own peak, not the checkpoint writer's
     code = child.returncode = os.waitstatus_to_exitcode(status)
+    reaped.set()
     sampler.join()
     close_phase(time.monotonic())
     total = time.monotonic() - started
