@@ -505,6 +505,8 @@ def download(
     except OSError as exc:
         raise _os_error(exc, "downloading", entry) from exc
     snapshot = Path(str(folder))
+    from engine.checkpoint import missing_files
+
     missing = missing_files(snapshot)
     if missing:  # offline, the hub hands back whatever part of a snapshot the cache holds
         partial = sorted(snapshot.parent.parent.glob("blobs/*.incomplete"))
@@ -515,23 +517,6 @@ def download(
             f"pull {entry.name} again where the hub is reachable (HF_HUB_OFFLINE unset) to finish it. {_by_hand(entry)}"
         )
     return snapshot
-
-
-def missing_files(snapshot: Path) -> list[str]:
-    """What a snapshot folder lacks of the files conversion reads (config, tokenizer, every weight shard)."""
-    from engine.checkpoint import INDEX_FILE
-
-    missing = [name for name in ("config.json", "tokenizer.json") if not (snapshot / name).is_file()]
-    index = snapshot / INDEX_FILE
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return [*missing, INDEX_FILE + " (unreadable)"]
-        missing += [name for name in shards if not (snapshot / name).is_file()]
-    elif not any(f.is_file() for f in snapshot.glob("*.safetensors")):
-        missing.append("model.safetensors")
-    return missing
 
 
 def verify_download(snapshot: Path) -> dict[str, str]:

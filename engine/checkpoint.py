@@ -11,6 +11,7 @@ what is missing and what to do.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -74,15 +75,10 @@ class Checkpoint:
 
     def iter_tensors(self, framework: str = "pt") -> Iterator[tuple[str, Any]]:
         """Yield ``(name, tensor)`` for every tensor in the weight files (``framework``: "pt" or "np")."""
-        from safetensors import SafetensorError, safe_open
-
         for file in self.weight_files:
-            try:
-                with safe_open(str(file), framework=framework) as handle:
-                    for name in handle.keys():
-                        yield name, handle.get_tensor(name)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+            with _safetensors(file, framework) as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
 
     @cached_property
     def weight_index(self) -> dict[str, tuple[Path, str]]:
@@ -92,21 +88,16 @@ class Checkpoint:
         checkpoint is checked in a moment. Raises ``CheckpointError`` naming every
         missing tensor and every shape that disagrees with ``config.json``.
         """
-        from safetensors import SafetensorError, safe_open
-
         wanted = self.family.weight_names(self.arch)
         by_source = {src: ours for ours, src in wanted.items()}
         index: dict[str, tuple[Path, str]] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         for file in self.weight_files:
-            try:
-                with safe_open(str(file), framework="np") as handle:  # headers only: no torch needed
-                    for name in handle.keys():
-                        if name in by_source:
-                            index[by_source[name]] = (file, name)
-                            shapes[by_source[name]] = tuple(handle.get_slice(name).get_shape())
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+            with _safetensors(file, "np") as handle:  # headers only: no torch needed
+                for name in handle.keys():
+                    if name in by_source:
+                        index[by_source[name]] = (file, name)
+                        shapes[by_source[name]] = tuple(handle.get_slice(name).get_shape())
         missing = sorted(src for ours, src in wanted.items() if ours not in index)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -129,14 +120,9 @@ class Checkpoint:
         Reads that tensor alone (bfloat16 checkpoints are widened here): conversion of a
         model larger than memory goes one tensor at a time.
         """
-        from safetensors import SafetensorError, safe_open
-
         file, source = self.weight_index[name]
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                return handle.get_tensor(source).float()
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+        with _safetensors(file, "pt") as handle:
+            return handle.get_tensor(source).float()
 
     def load_state(self, framework: str = "pt") -> dict[str, Any]:
         """The tensors our model needs, keyed by :mod:`engine.modeling` parameter names.
@@ -144,19 +130,14 @@ class Checkpoint:
         Raises ``CheckpointError`` naming every missing tensor and every shape mismatch
         (:attr:`weight_index`) before any tensor is loaded.
         """
-        from safetensors import SafetensorError, safe_open
-
         by_file: dict[Path, dict[str, str]] = {}
         for ours, (file, source) in self.weight_index.items():
             by_file.setdefault(file, {})[source] = ours
         state: dict[str, Any] = {}
         for file, names in by_file.items():
-            try:
-                with safe_open(str(file), framework=framework) as handle:
-                    for source, ours in names.items():
-                        state[ours] = handle.get_tensor(source)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+            with _safetensors(file, framework) as handle:
+                for source, ours in names.items():
+                    state[ours] = handle.get_tensor(source)
         return state
 
 
@@ -191,20 +172,52 @@ def expected_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _weight_files(folder: Path) -> tuple[Path, ...]:
+@contextmanager
+def _safetensors(file: Path, framework: str) -> Iterator[Any]:
+    """``file`` opened with safetensors (lazily: tensors are read when asked for); any failure a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework=framework) as handle:
+            yield handle
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); re-download it") from exc
+
+
+def _indexed_shards(folder: Path) -> list[str] | None:
+    """The shard names ``model.safetensors.index.json`` lists, or None when the folder has no index."""
     index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
-        files = tuple(folder / name for name in sorted(set(weight_map.values())))
-        missing = [f.name for f in files if not f.is_file()]
+    if not index.is_file():
+        return None
+    try:
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+
+
+def missing_files(folder: Path) -> list[str]:
+    """What ``folder`` lacks of the files a conversion reads: config, tokenizer, every weight shard."""
+    missing = [name for name in ("config.json", "tokenizer.json") if not (folder / name).is_file()]
+    try:
+        shards = _indexed_shards(folder)
+    except CheckpointError:
+        return [*missing, INDEX_FILE + " (unreadable)"]
+    if shards is not None:
+        return missing + [name for name in shards if not (folder / name).is_file()]
+    if not any(f.is_file() for f in folder.glob("*.safetensors")):
+        missing.append("model.safetensors")
+    return missing
+
+
+def _weight_files(folder: Path) -> tuple[Path, ...]:
+    shards = _indexed_shards(folder)
+    if shards is not None:
+        missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
             raise CheckpointError(
                 f"{folder}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}; finish the download"
             )
-        return files
+        return tuple(folder / name for name in shards)
     files = tuple(sorted(folder.glob("*.safetensors")))
     if not files:
         extra = " (PyTorch .bin weights are not supported: convert them to safetensors)" if any(

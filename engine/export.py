@@ -423,7 +423,7 @@ def convert(
     arch = checkpoint.arch
     shapes = expected_shapes(arch)
     checkpoint.weight_index  # every tensor present and of the right shape, before any work
-    fp32_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+    fp32_bytes = 4 * arch.parameters  # as the catalog reckons it (conversion_space)
     memory = available_memory() if memory is None else memory
     streamed = streams(fp32_bytes, memory)
     progress(f"loaded {checkpoint.path} ({checkpoint.family.name} family, {arch.num_layers} layers)")

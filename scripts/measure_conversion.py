@@ -25,24 +25,24 @@ from pathlib import Path
 from typing import Any
 
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from storm import rss_kb  # noqa: E402
+
 CONVERT = "import sys; from engine.cli import convert_main; sys.exit(convert_main(sys.argv[1:]))"
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
-    """Resident memory of ``pid`` in KiB: all of it (VmRSS), and the anonymous part (RssAnon).
+    """Resident memory of ``pid`` in KiB: all of it (VmRSS), and the anonymous part (RssAnon); zeros once it is gone.
 
     The rest is mapped files (the checkpoint, the engine folder's weights) whose pages
     the kernel drops under memory pressure; the anonymous part is what must fit.
     """
-    found = {"VmRSS:": 0, "RssAnon:": 0}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key = line.split(maxsplit=1)[0] if line else ""
-            if key in found:
-                found[key] = int(line.split()[1])
+        return rss_kb(pid), rss_kb(pid, "RssAnon")
     except OSError:
-        pass
-    return found["VmRSS:"], found["RssAnon:"]
+        return 0, 0
 
 
 COUNTER = re.compile(r": \d+/\d+ weights$")

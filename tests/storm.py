@@ -26,10 +26,11 @@ SNIPPETS = ["x", " ", "\n", "    ", "return ", "def f(a):\n", "(", ")", "é", "\
 BASE = "import os\n\n\ndef area(width, height):\n    return \n\n\nclass Shape:\n    def __init__(self):\n        self.sides = \n"
 
 
-def rss_kb(pid: int) -> int:
-    """Resident memory of process ``pid`` in KiB (Linux)."""
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of process ``pid`` in KiB (Linux): ``field`` of /proc/PID/status (``RssAnon``: its
+    anonymous part, what is not mapped files)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
