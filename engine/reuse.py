@@ -20,12 +20,16 @@ the masked span go through the context pass with every reused entry as prior con
 positions, so moved text is placed right). Since attention is bidirectional, a reused
 entry is stale: it was computed next to the old text. This is the DualCache
 approximation of Fast-dLLM carried across requests; the band recomputes the entries
-nearest to the change, which the change moves the most, and after ``max_age`` partial
-passes in a row (or when more than ``max_fresh`` tokens changed, or too little is left to
-reuse) the whole window is encoded again. How often the suggestion's first line then
-differs from a full pass's is measured by ``scripts/reuse_replay.py`` (docs/engine.md,
-"Context reuse"), which chose the defaults: the cheapest policy measured that keeps 98 %
-of first lines identical where only the approximation can change them (fp32 graphs).
+nearest to the change, which the change moves the most. Each entry counts the partial
+passes it has been reused in since it was computed, and none is reused in more than
+``max_age`` in a row: each partial pass also recomputes the stalest ``1/max_age`` of the
+window (nearest the cursor first among equals), so the whole window is refreshed a share
+at a time and no keystroke pays for all of it. The whole window is encoded again only
+when more than ``max_fresh`` tokens changed, too little is left to reuse, or the prefix
+no longer aligns. How often the suggestion's first line then differs from a full pass's
+is measured by ``scripts/reuse_replay.py`` (docs/engine.md, "Context reuse"), which chose
+the defaults: the cheapest policy measured that keeps 98 % of first lines identical where
+only the approximation can change them (fp32 graphs).
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ class ReusePolicy:
 
     band: int = 64
     """Tokens recomputed on each side of what changed."""
-    max_age: int = 4
-    """Partial passes in a row before the whole window is encoded again."""
+    max_age: int = 32
+    """Partial passes in a row an entry may be reused in; each partial pass recomputes the stalest
+    ``1/max_age`` of the window, so that none goes past it."""
     max_fresh: int = 256
     """More tokens to compute than this (the change and its bands): encode the whole window."""
     min_reused: int = 32
@@ -66,6 +71,8 @@ class ReusePolicy:
         for name in ("band", "max_age", "max_fresh", "min_reused", "capacity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_age < 1:
+            raise ValueError(f"max_age must be at least 1, got {self.max_age}")
 
 
 @dataclass
@@ -75,8 +82,8 @@ class _State:
     suffix: np.ndarray
     cache: Any
     """Keys and values of ``prefix`` then ``suffix``, in that order (the layout span steps use)."""
-    age: int
-    """Partial passes since the last full one."""
+    stale: np.ndarray
+    """Per entry of ``cache``: the partial passes it has been reused in since it was computed."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,34 @@ def banded(prefix: Run, suffix: Run, old: "_State", new_prefix: np.ndarray, new_
     return pre, Run(start, suffix.end, suffix.old_start + (start - suffix.start))
 
 
+def layout(runs: tuple[Run, Run], cached_prefix: int, suffix: int, old_cached_prefix: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reused runs over the new cache's layout (``cached_prefix`` prefix entries, then ``suffix``):
+    which entries are kept, and where each kept one is in the old cache (-1 elsewhere)."""
+    kept = np.zeros(cached_prefix + suffix, bool)
+    old_index = np.full(cached_prefix + suffix, -1, np.int64)
+    for run, offset, old_offset in ((runs[0], 0, 0), (runs[1], cached_prefix, old_cached_prefix)):
+        kept[offset + run.start : offset + run.end] = True
+        old_index[offset + run.start : offset + run.end] = old_offset + run.old_start + np.arange(len(run))
+    return kept, old_index
+
+
+def refreshed(kept: np.ndarray, ages: np.ndarray, cursor: int, max_age: int) -> np.ndarray:
+    """``kept`` less the entries to compute again: every entry that would be reused past ``max_age``
+    partial passes, and at least ``ceil(len(kept) / max_age)`` of the stalest (``ages``: the passes each
+    would have been reused in, with this one), nearest the ``cursor`` (an index of the layout) first among
+    equals. At that rate every entry is refreshed within ``max_age`` passes while the window is typed in."""
+    candidates = np.flatnonzero(kept)
+    if len(candidates) == 0:
+        return kept
+    share = -(-len(kept) // max_age)
+    due = int((ages[candidates] > max_age).sum())
+    distance = np.abs(candidates - cursor + 0.5)
+    order = candidates[np.lexsort((distance, -ages[candidates]))]
+    out = kept.copy()
+    out[order[: max(share, due)]] = False
+    return out
+
+
 class ContextStore:
     """The last context pass of each document, and context passes that reuse it (see the module docstring).
 
@@ -189,22 +224,28 @@ class ContextStore:
         context = len(prefix) - anchor + len(suffix)
         with self._lock:
             old = self._states.get(key)
-        runs = None
-        if old is not None and old.age < self.policy.max_age:
+        plan = None
+        if old is not None:
             runs = banded(prefix_run(old.prefix, prefix), suffix_run(old.suffix, suffix), old, prefix, suffix, anchor,
                           self.policy.band)
-            reused = len(runs[0]) + len(runs[1])
-            if context - reused > self.policy.max_fresh or reused < self.policy.min_reused:
-                runs = None
-        if runs is None or old is None:
+            kept, old_index = layout(runs, len(prefix) - anchor, len(suffix), len(old.prefix) - anchor)
+            fresh = context - int(kept.sum())
+            if fresh <= self.policy.max_fresh and context - fresh >= self.policy.min_reused:
+                # the passes each entry will have been reused in; the same window again (nothing
+                # changed, as after a prime) makes nothing staler and refreshes nothing
+                ages = np.where(kept, old.stale[old_index] + (fresh > 0), 0).astype(np.int32)
+                if fresh:
+                    kept = refreshed(kept, ages, len(prefix) - anchor, self.policy.max_age)
+                plan = kept, old_index, np.where(kept, ages, 0).astype(np.int32)
+        if plan is None or old is None:
             cache, first = self._full(denoiser, prefix, suffix, span, anchor, mask_id)
-            age, reused = 0, 0
+            reused, stale = 0, np.zeros(context, np.int32)
         else:
-            cache, first = self._partial(denoiser, old, runs, prefix, suffix, span, anchor, mask_id)
-            reused = len(runs[0]) + len(runs[1])
-            age = old.age + (reused < context)  # nothing recomputed (the same window again): no staler
+            kept, old_index, stale = plan
+            cache, first = self._partial(denoiser, old, kept, old_index, prefix, suffix, span, anchor, mask_id)
+            reused = int(kept.sum())
         with self._lock:
-            self._states[key] = _State(prefix, suffix, cache, age)
+            self._states[key] = _State(prefix, suffix, cache, stale)
             self._states.move_to_end(key)
             while len(self._states) > self.policy.capacity:
                 self._states.popitem(last=False)
@@ -219,18 +260,12 @@ class ContextStore:
         return denoiser.encode_context(ids, np.arange(len(ids)), cache_index, np.arange(p - anchor, p + span))
 
     def _partial(
-        self, denoiser: Denoiser, old: _State, runs: tuple[Run, Run], prefix: np.ndarray, suffix: np.ndarray,
-        span: int, anchor: int, mask_id: int,
+        self, denoiser: Denoiser, old: _State, kept: np.ndarray, old_index: np.ndarray, prefix: np.ndarray,
+        suffix: np.ndarray, span: int, anchor: int, mask_id: int,
     ) -> tuple[Any, StepOutput]:
-        """Compute what the runs do not cover (and the anchor and span) against the reused entries."""
+        """Compute the context entries not ``kept`` (and the anchor and span) against the reused ones."""
         p, cp = len(prefix), len(prefix) - anchor
-        n_old_prefix = len(old.prefix) - anchor  # the old cache holds its prefix without the anchor
         where = np.concatenate([np.arange(cp), p + span + np.arange(len(suffix))])  # each context token's position
-        kept = np.zeros(cp + len(suffix), bool)
-        old_index = np.full(cp + len(suffix), -1, np.int64)
-        for run, offset, old_offset in ((runs[0], 0, 0), (runs[1], cp, n_old_prefix)):
-            kept[offset + run.start : offset + run.end] = True
-            old_index[offset + run.start : offset + run.end] = old_offset + run.old_start + np.arange(len(run))
         tokens = np.concatenate([prefix[:cp], suffix])
         fresh_pre = np.flatnonzero(~kept[:cp])
         fresh_suf = cp + np.flatnonzero(~kept[cp:])
