@@ -80,18 +80,19 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps({"models": rows, "available_ram": free, "cpu_probe": figures}, indent=2))
         return 0
     print(f"{'NAME':<18} {'FAMILY':<6} {'PARAMS':>7} {'DOWNLOAD':>9} {'INT8 DISK/RAM':>14} {'FP32 DISK/RAM':>14}  "
-          f"{'HERE':<10} {'FITS':<4} {'CPU MS':>7}  LICENCE")
+          f"{'HERE':<10} {'FITS':<4} {'CPU MS':>13}  LICENCE")
     for row in rows:
         if not row["supported"]:
             print(f"{row['name']:<18} {'-':<6} {row['parameters'] / 1e9:>6.1f}B {'':>9} {'not supported: ' + row['reason']}")
             continue
         here = ",".join(p["precision"] for p in row["present"]) or "-"
         fits = "-" if row["fits_ram"] is None else ("yes" if row["fits_ram"] else "no")
-        expect = f"{row['expected_cpu_ms']['single_line_ms']:.0f}" if row["expected_cpu_ms"] else "-"
+        ms = row["expected_cpu_ms"]
+        expect = f"{ms['single_line_ms']:.0f}/{ms['follow_up_ms']:.0f}" if ms else "-"
         print(
             f"{row['name']:<18} {row['family']:<6} {row['parameters'] / 1e9:>6.1f}B {_gb(row['download_bytes']):>9} "
             f"{_gb(row['disk_int8']) + '/' + _gb(row['ram_int8']).split()[0]:>14} "
-            f"{_gb(row['disk_fp32']) + '/' + _gb(row['ram_fp32']).split()[0]:>14}  {here:<10} {fits:<4} {expect:>7}  "
+            f"{_gb(row['disk_fp32']) + '/' + _gb(row['ram_fp32']).split()[0]:>14}  {here:<10} {fits:<4} {expect:>13}  "
             f"{row['licence']}"
         )
     print()
@@ -102,8 +103,9 @@ def _list(args: argparse.Namespace) -> int:
         print(f"\nFITS: int8 RAM needed <= the {size_text(free)} this machine has free now.")
     if figures:
         print(f"CPU MS: expected single-line completion at int8 on this CPU ({figures['cpu']}, {figures['threads']} "
-              f"threads; 1,024-token window, 10 tokens at 3 per step), from a probe measured {figures['measured']} "
-              "(--probe measures again). An estimate to choose by, not a benchmark.")
+              f"threads; 1,024-token window, 10 tokens at 3 per step): a file's first request / a keystroke after it "
+              f"(the context pass reused), from a probe measured {figures['measured']} (--probe measures again). "
+              "An estimate to choose by, not a benchmark.")
     else:
         print("CPU MS: needs the export extra (pip install -e '.[export]') to probe this CPU.")
     print("Pull one with: dlm-lsp models pull NAME")

@@ -43,6 +43,8 @@ WINDOW = 1024
 """Context tokens of the estimate (the server's default window is about this)."""
 SINGLE_LINE_STEPS = 3
 """Span steps of a single-line middle at 3 tokens per step (10 tokens; the first step comes with the context pass)."""
+SINGLE_LINE_TOKENS = 10
+"""Slots of a single-line middle: rows of the context pass besides the window's tokens."""
 
 
 def available_memory() -> int | None:
@@ -153,9 +155,15 @@ def probe(cache_file: Path, refresh: bool = False) -> dict[str, Any] | None:
 
 
 def expected_ms(parameters: int, vocab_size: int, hidden_size: int, tied: bool, figures: dict[str, Any]) -> dict[str, float]:
-    """Expected int8 context pass, span step and single-line completion (ms) of a model on the probed CPU."""
+    """Expected int8 context pass, span step and single-line completion (ms) of a model on the probed CPU:
+    a file's first request (``single_line_ms``: the whole window encoded) and a keystroke after it
+    (``follow_up_ms``: the context pass computes what :mod:`engine.reuse` recomputes while the user types)."""
+    from engine.reuse import ReusePolicy
+
     emb = vocab_size * hidden_size
     blocks = parameters - emb - (0 if tied else emb)
     context = 2 * blocks * WINDOW / figures["int8_ops_per_s"] * 1000 * CONTEXT_EFFICIENCY
     step = (blocks + emb) / figures["int8_weight_bytes_per_s"] * 1000 * STEP_EFFICIENCY
-    return {"context_ms": context, "step_ms": step, "single_line_ms": context + SINGLE_LINE_STEPS * step}
+    partial = context * (ReusePolicy().keystroke_tokens(WINDOW) + SINGLE_LINE_TOKENS) / WINDOW
+    return {"context_ms": context, "step_ms": step, "single_line_ms": context + SINGLE_LINE_STEPS * step,
+            "follow_up_ms": partial + SINGLE_LINE_STEPS * step}

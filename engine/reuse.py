@@ -67,6 +67,12 @@ class ReusePolicy:
     capacity: int = 8
     """Documents remembered (least recently used forgotten first)."""
 
+    def keystroke_tokens(self, window: int) -> int:
+        """Context tokens a partial pass computes while the user types in a ``window``-token window:
+        the typed token, the bands and the refreshing share (the 0.5B replay measured a median of 151
+        at 1,024 tokens, where this gives 161)."""
+        return 1 + 2 * self.band + -(-window // self.max_age)
+
     def __post_init__(self) -> None:
         for name in ("band", "max_age", "max_fresh", "min_reused", "capacity"):
             if getattr(self, name) < 0:

@@ -29,3 +29,5 @@ def test_expected_latency_grows_with_the_model():
     large = probe.expected_ms(7_615_616_512, 152_064, 3584, False, figures)
     assert 0 < small["step_ms"] < large["step_ms"] and 0 < small["context_ms"] < large["context_ms"]
     assert small["single_line_ms"] == pytest.approx(small["context_ms"] + probe.SINGLE_LINE_STEPS * small["step_ms"])
+    for model in (small, large):  # a keystroke after the first request encodes a sixth of the window or so
+        assert model["step_ms"] * probe.SINGLE_LINE_STEPS < model["follow_up_ms"] < model["single_line_ms"] / 2
