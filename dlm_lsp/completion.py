@@ -23,7 +23,7 @@ from dlm_lsp.cache import CachedSuggestion, CompletionCache
 from dlm_lsp.context import CompletionContext, OpenDocument, build_context, without_surrogates
 from dlm_lsp.gate import gate, parse_surroundings
 from dlm_lsp.postprocess import Suggestion, postprocess
-from dlm_lsp.settings import Settings
+from dlm_lsp.settings import SPAN_CACHE_MODES, Settings
 from dlm_lsp.status import Metrics
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ def sampling_params(
         tokens_per_step=settings.tokens_per_step,
         budget_ms=budget_ms,
         stop_at_line_break=not multiline,
+        cached_span=SPAN_CACHE_MODES[settings.span_cache],
     )
 
 

@@ -20,6 +20,8 @@ from typing import Any, Literal, Mapping
 from engine import MULTI_LINE_LENGTHS, SERVING_BACKENDS, SINGLE_LINE_LENGTHS
 
 MULTILINE_MODES = ("auto", "always", "never")
+SPAN_CACHE_MODES = {"auto": None, "on": True, "off": False}
+"""The ``spanCache`` setting's values and what each asks of the engine (``SamplingParams.cached_span``)."""
 MAX_TOKENS = 512
 """Longest middle, and longest candidate length, a setting may ask for."""
 
@@ -128,6 +130,9 @@ class Settings:
     context_reuse: bool = _setting(True, Rule("boolean"))
     """Encode only what changed since the document's previous request, reusing the rest of its context
     pass (``engine.reuse``; an approximation: docs/engine.md, "Context reuse")."""
+    span_cache: str = _setting("auto", Rule("choice", choices=tuple(SPAN_CACHE_MODES)))
+    """Denoising steps compute only the still-masked slots and cache what is committed (``engine.sampler``,
+    "cached span"; an approximation): auto (on for multi-line middles) | on | off."""
     debounce_ms: int = _setting(75, Rule("integer", 0, 5_000))
     """Wait this long after the last keystroke before asking the model (automatic triggers only)."""
     enable: Mapping[str, bool] = _setting({"*": True, "plaintext": False, "markdown": False}, Rule("enable"))

@@ -12,6 +12,17 @@ outputs there *are* that candidate's first step: the first step costs no forward
 pass of its own (for a single candidate; shorter ones still run theirs).
 ``exact=True`` instead recomputes the whole window every step (the reference).
 
+Cached span (``cached_span``): a span step recomputes every row of the span, committed
+or not, although a committed token no longer changes. In this mode a candidate's step
+computes only the rows still masked, plus the tokens committed since its last step,
+whose keys and values then join the candidate's cache (its context's and the earlier
+commits'): the delayed caching of dKV-Cache (Ma et al., 2025), carried out with the
+context graph (:meth:`Denoiser.encode_context` against a prior). A shifted model keeps a
+committed token's row as long as the slot after it is masked (that row predicts it).
+Like the context cache it is an approximation: a cached token does not see what is
+committed after it. Each candidate runs its own pass, so it pays for long middles of one
+request (the engine's default there), not for merged batches.
+
 The middle's true length is unknown, so several candidate lengths run as one
 batch against one shared context encoding. Inside a span, an end token (EOS/pad)
 may only be committed at the leftmost masked slot, and the first committed end
@@ -58,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from engine.backends.base import Denoiser, SpanBatch, StepOutput, step_batches
+from engine.backends.base import Denoiser, Prior, SpanBatch, StepOutput, step_batches
 from engine.errors import InputError
 from engine.healing import Healing
 
@@ -110,6 +121,9 @@ class SamplingParams:
     """Ranking of masked positions for the minimum commit."""
     exact: bool = False
     """Recompute the whole window every step instead of reusing the context cache (reference mode)."""
+    cached_span: bool | None = None
+    """Compute only the masked rows and the new commits at each step (see :func:`denoise`); None: the
+    engine chooses (on for long middles of one request at a time, :meth:`engine.Engine.resolved`)."""
     budget_ms: float | None = None
     """Hard latency budget for the denoising loop; at the deadline the committed part is returned."""
     seed: int = 0
@@ -325,8 +339,11 @@ class DenoisingRun:
                       confidence=np.zeros(m, np.float32), by_model=np.zeros(m, bool))
             for m in self.layout.lengths
         ]
-        self.stats: dict[str, Any] = {"context_ms": 0.0, "denoise_ms": 0.0, "steps": 0, "forward_passes": 0}
+        self.stats: dict[str, Any] = {"context_ms": 0.0, "denoise_ms": 0.0, "steps": 0, "forward_passes": 0,
+                                      "span_rows": 0}
         self.cache: Any = None
+        self.span_caches: dict[int, tuple[np.ndarray, Any]] = {}
+        """Per candidate length (cached-span mode): the span rows in its cache, and their keys/values."""
         self.primed: tuple[Candidate, StepOutput] | None = None
         """The longest candidate's first step, answered by the context pass."""
         self.cut = False
@@ -379,7 +396,7 @@ class DenoisingRun:
         did not already answer. None when it answered them all, and in the exact mode (whose
         whole-window passes :meth:`commit_step` runs itself). A scheduler may run the parts of
         several runs as one batch (:mod:`engine.scheduler`)."""
-        if self.params.exact:
+        if self.params.exact or self.params.cached_span:
             return None
         fresh = self._fresh(active)
         return SpanBatch(self.cache, *self.layout.span_batch(fresh)) if fresh else None
@@ -401,9 +418,13 @@ class DenoisingRun:
             if primed is not None and any(c is primed[0] for c in active):
                 outputs.append((primed[0], primed[1], 0, 0))
             fresh = self._fresh(active)
-            if fresh:
+            if fresh and self.params.cached_span:
+                outputs += [(cand, self._cached_step(cand), 0, 0) for cand in fresh]
+                self.stats["forward_passes"] += len(fresh) - 1
+            elif fresh:
                 assert out is not None, "a span step's rows need its forward pass"
                 outputs += [(cand, out, r, 0) for r, cand in enumerate(fresh)]
+                self.stats["span_rows"] += out.ids.shape[0] * out.ids.shape[1]
             self.primed = None
         for cand, answer, r, first in outputs:
             healing = self.healing
@@ -416,6 +437,40 @@ class DenoisingRun:
         if fresh:
             self.stats["forward_passes"] += 1
             self.last_step_s = time.perf_counter() - self.step_started
+
+    def _cached_step(self, cand: Candidate) -> StepOutput:
+        """One step of ``cand`` in the cached-span mode: a pass over its rows not yet cached, against
+        its context and its cached rows; the rows of tokens committed before this step (and not needed
+        for an output) are cached from it. Outputs are laid out as a span step's (row = slot)."""
+        layout, a, m = self.layout, self.layout.anchor, cand.length
+        p = len(layout.prefix)
+        tokens = np.concatenate([layout.prefix[p - a :], cand.tokens])  # row j sits at position p - a + j
+        known = np.concatenate([np.ones(a, bool), cand.committed])
+        needed = np.zeros(a + m, bool)
+        needed[:m] = ~cand.committed  # the output of row j predicts slot j
+        rows, span_cache = self.span_caches.get(m, (np.zeros(0, np.int64), None))
+        uncached = np.ones(a + m, bool)
+        uncached[rows] = False
+        inputs = np.flatnonzero(uncached)
+        to_cache = np.flatnonzero(known[inputs] & ~needed[inputs])  # indices into inputs
+        answer = np.flatnonzero(needed[inputs])
+        prior = [Prior(self.cache, np.arange(len(layout.cache_positions(m))), layout.cache_positions(m))]
+        if span_cache is not None:
+            prior.append(Prior(span_cache, np.arange(len(rows)), p - a + rows))
+        fresh, out = self.denoiser.encode_context(  # type: ignore[call-arg]
+            tokens[inputs], p - a + inputs, to_cache, answer, prior=prior
+        )
+        self.stats["span_rows"] += len(inputs)
+        if len(to_cache):
+            joined = fresh if span_cache is None else self.denoiser.join(  # type: ignore[attr-defined]
+                [(span_cache, np.arange(len(rows))), (fresh, np.arange(len(to_cache)))])
+            self.span_caches[m] = (np.concatenate([rows, inputs[to_cache]]), joined)
+        k = out.ids.shape[-1]
+        ids, probs = np.zeros((1, m, k), out.ids.dtype), np.zeros((1, m, k), out.probs.dtype)
+        entropy = np.zeros((1, m), out.entropy.dtype)
+        slots = inputs[answer]
+        ids[0, slots], probs[0, slots], entropy[0, slots] = out.ids[0], out.probs[0], out.entropy[0]
+        return StepOutput(ids=ids, probs=probs, entropy=entropy)
 
     def result(self) -> SamplerResult:
         """The candidate with the best :func:`length_score`, its committed middle and the run's stats."""

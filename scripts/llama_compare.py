@@ -144,6 +144,7 @@ def run_dlm(cfg: dict[str, Any]) -> dict[str, Any]:
                 "prefixTokens": window * 3 // 4, "suffixTokens": window // 4, "tokensPerStep": 3,
                 "confidenceThreshold": 1.0, "minConfidence": 0, "latencyBudgetMs": 60000, "multiline": "always",
                 "lengthCandidates": [n], "maxMiddleTokens": max(n, 64), "tokenHealing": False,
+                **cfg.get("settings", {}),
             })
             assert not problems, problems
             for s, (before, line, after) in enumerate(typing(Path(cfg["heldout"]), cfg["sequences"], cfg["keys"])):
@@ -260,6 +261,8 @@ def main() -> int:
     p.add_argument("--gguf-dir", type=Path, default=None, help="where the GGUFs are written (kept for a rerun)")
     p.add_argument("--skip", nargs="*", default=[], help="systems not to run (dlm, llama.cpp-Q8_0-psm, ...)")
     p.add_argument("--no-llama", action="store_true", help="run ours only (its rows, measured alone)")
+    p.add_argument("--settings", type=json.loads, default={},
+                   help='more language server settings for ours, as JSON (e.g. \'{"spanCache": "off"}\')')
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -276,13 +279,14 @@ def main() -> int:
     gguf_dir.mkdir(parents=True, exist_ok=True)
     base = {"model": str(args.model), "heldout": str(args.heldout), "windows": args.windows, "kinds": args.kinds,
             "sequences": args.sequences, "keys": args.keys, "threads": threads}
-    jobs: dict[str, dict[str, Any]] = {"dlm": {**base, "system": "dlm"}}
+    jobs: dict[str, dict[str, Any]] = {"dlm": {**base, "system": "dlm", "settings": args.settings}}
     for quant in args.quant:
         path = gguf_dir / f"qwen2-shape-{quant}.gguf"
         for layout in args.layouts:
             jobs[f"llama.cpp-{quant}-{layout}"] = {**base, "system": "llama", "gguf": str(path), "quant": quant,
                                                    "layout": layout}
     report: dict[str, Any] = {"model": str(args.model), "windows": args.windows, "kinds": args.kinds,
+                              "settings": args.settings,
                               "sequences": args.sequences, "keys": args.keys, "threads": threads, "systems": {}}
     for name, cfg in jobs.items():
         if name in args.skip or (args.no_llama and name != "dlm"):

@@ -71,6 +71,13 @@ class Prior:
     positions: np.ndarray
 
 
+def priors(prior: "Prior | Sequence[Prior] | None") -> list[Prior]:
+    """``encode_context``'s ``prior`` argument as a list (empty: none)."""
+    if prior is None:
+        return []
+    return [prior] if isinstance(prior, Prior) else list(prior)
+
+
 @dataclass
 class SpanBatch:
     """One request's share of a span step: its context cache and its rows (the arguments of :meth:`Denoiser.step`)."""
@@ -163,7 +170,8 @@ class Denoiser(Protocol):
         and the outputs (1, S, ...) at the S rows, as :meth:`step` would return them for that span.
 
         A denoiser that can reuse context (``reuses_context``, :mod:`engine.reuse`) also takes
-        ``prior=``:class:`Prior`, attended to by every row, and joins caches with ``join``."""
+        ``prior=``:class:`Prior` (or a sequence of them, attended to as one, in order), attended
+        to by every row, and joins caches with ``join``."""
         ...
 
     def step(

@@ -24,6 +24,7 @@ from engine.backends.base import (
     StepOutput,
     merge_span_batches,
     onnxruntime_providers,
+    priors,
     split_output,
 )
 from engine.errors import BackendUnavailableError, ManifestError
@@ -246,7 +247,7 @@ class OnnxRuntimeDenoiser:
         positions: np.ndarray,
         cache_index: np.ndarray,
         span_index: np.ndarray,
-        prior: Prior | None = None,
+        prior: Prior | Sequence[Prior] | None = None,
     ) -> tuple[OrtContextCache, StepOutput]:
         """See :meth:`engine.backends.base.Denoiser.encode_context`."""
         feed = {
@@ -255,18 +256,29 @@ class OnnxRuntimeDenoiser:
             "cache_index": np.asarray(cache_index, np.int64),
             "span_index": np.asarray(span_index, np.int64),
         }
+        given = priors(prior)
         if self.reuses_context:
-            if prior is None:
+            if not given:
                 feed["prior_keys"] = feed["prior_values"] = self._empty_cache.keys
             else:
-                index = np.asarray(prior.index, np.int64)
-                feed["prior_keys"] = rotate_keys(prior.cache.keys[:, :, :, index],
-                                                 np.asarray(prior.positions, np.int64)[None], self.info.arch.rope_theta)
-                feed["prior_values"] = np.ascontiguousarray(prior.cache.values[:, :, :, index])
-        elif prior is not None:
+                keys, values = zip(*(self._prior(p) for p in given))
+                feed["prior_keys"] = keys[0] if len(keys) == 1 else np.concatenate(keys, axis=3)
+                feed["prior_values"] = values[0] if len(values) == 1 else np.concatenate(values, axis=3)
+        elif given:
             raise ValueError("this engine folder (format 2) cannot reuse context: convert it again")
         keys, values, ids, probs, entropy = self.sessions["context"].run(None, feed, self._context_run)
         return OrtContextCache(keys=keys, values=values), StepOutput(ids=ids, probs=probs, entropy=entropy)
+
+    def _prior(self, prior: Prior) -> tuple[np.ndarray, np.ndarray]:
+        """A prior's keys rotated to its positions, and its values. A whole cache in its own order (a
+        candidate's context in the cached-span mode, :mod:`engine.sampler`) is rotated once per layout."""
+        index = np.asarray(prior.index, np.int64)
+        positions = np.asarray(prior.positions, np.int64)[None]
+        whole = len(index) == prior.cache.keys.shape[3] and bool((index == np.arange(len(index))).all())
+        if whole:
+            return self._rotated(prior.cache, positions), prior.cache.values
+        return (rotate_keys(prior.cache.keys[:, :, :, index], positions, self.info.arch.rope_theta),
+                np.ascontiguousarray(prior.cache.values[:, :, :, index]))
 
     def join(self, parts: Sequence[tuple[OrtContextCache, np.ndarray]]) -> OrtContextCache:
         """One cache of the entries ``index`` of each cache, in this order (:mod:`engine.reuse`)."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from engine.backends.base import ModelInfo, Prior, SpanBatch, StepOutput, merge_span_batches, split_output
+from engine.backends.base import ModelInfo, Prior, SpanBatch, StepOutput, merge_span_batches, priors, split_output
 from engine.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -76,18 +76,21 @@ class TorchDenoiser:
         positions: np.ndarray,
         cache_index: np.ndarray,
         span_index: np.ndarray,
-        prior: Prior | None = None,
+        prior: Prior | Sequence[Prior] | None = None,
     ) -> tuple[TorchContextCache, StepOutput]:
         """See :meth:`engine.backends.base.Denoiser.encode_context`."""
         torch = self.torch
         with torch.inference_mode():
             prior_keys = prior_values = None
-            if prior is not None:
-                index = self._tensor(prior.index, torch.long)
-                prior_keys = self.model.rotate_cache_keys(
-                    prior.cache.keys.index_select(3, index), self._tensor(prior.positions, torch.long)[None]
-                )
-                prior_values = prior.cache.values.index_select(3, index)
+            given = priors(prior)
+            if given:
+                indices = [self._tensor(part.index, torch.long) for part in given]
+                prior_keys = torch.cat([
+                    self.model.rotate_cache_keys(part.cache.keys.index_select(3, index),
+                                                 self._tensor(part.positions, torch.long)[None])
+                    for part, index in zip(given, indices)], dim=3)
+                prior_values = torch.cat([part.cache.values.index_select(3, index)
+                                          for part, index in zip(given, indices)], dim=3)
             keys, values, ids, probs, entropy = self.model.encode_context(
                 self._tensor(input_ids, torch.long)[None],
                 self._tensor(positions, torch.long)[None],

@@ -40,7 +40,7 @@ def test_single_line_candidates_are_their_own_setting_capped_like_the_others():
     [("latencyBudgetMs", -5), ("latencyBudgetMs", "fast"), ("backend", "metal"), ("confidenceThreshold", 1.5),
      ("lengthCandidates", []), ("lengthCandidates", [0]), ("singleLineLengthCandidates", [1.5]), ("multiline", "sometimes"), ("enable", {"python": "yes"}),
      ("debounceMs", True), ("model", 3), ("metrics", "on"), ("tokensPerStep", 0), ("tokensPerStep", 2.5),
-     ("tokensPerStep", True), ("tokensPerStep", 513)],
+     ("tokensPerStep", True), ("tokensPerStep", 513), ("spanCache", True), ("spanCache", "yes")],
 )
 def test_invalid_values_fall_back_and_are_named(key, value):
     s, problems = parse_settings({key: value, "suffixTokens": 10})
@@ -48,7 +48,8 @@ def test_invalid_values_fall_back_and_are_named(key, value):
     field = {"latencyBudgetMs": "latency_budget_ms", "backend": "backend", "confidenceThreshold": "confidence_threshold",
              "lengthCandidates": "length_candidates",
              "singleLineLengthCandidates": "single_line_length_candidates", "multiline": "multiline", "enable": "enable",
-             "debounceMs": "debounce_ms", "model": "model", "metrics": "metrics", "tokensPerStep": "tokens_per_step"}[key]
+             "debounceMs": "debounce_ms", "model": "model", "metrics": "metrics", "tokensPerStep": "tokens_per_step",
+             "spanCache": "span_cache"}[key]
     assert getattr(s, field) == getattr(Settings(), field)
     assert s.suffix_tokens == 10  # the valid key still applies
 
@@ -84,6 +85,10 @@ def test_the_request_uses_the_candidates_of_its_kind_and_the_decoding_settings()
     s, problems = parse_settings({"confidenceThreshold": 0.95, "tokensPerStep": 3})
     chosen = sampling_params(s, multiline=False, budget_ms=None)
     assert problems == [] and (chosen.threshold, chosen.tokens_per_step) == (0.95, 3)
+    assert chosen.cached_span is None  # spanCache auto: the engine decides by model size and middle length
+    for mode, cached in (("on", True), ("off", False)):
+        s, problems = parse_settings({"spanCache": mode})
+        assert problems == [] and sampling_params(s, multiline=True, budget_ms=None).cached_span is cached
 
 
 @pytest.mark.parametrize(
