@@ -128,7 +128,7 @@ def complete_text(
     completion = engine.complete(
         ctx.prefix,
         ctx.suffix,
-        sampling_params(settings, ctx.multiline, budget, engine.info.arch.max_positions),
+        sampling_params(settings, ctx.multiline, budget, engine.info.window),
         stop=stop,
         max_prefix_tokens=settings.prefix_tokens + (settings.other_files_tokens if ctx.snippets else 0),
         max_suffix_tokens=settings.suffix_tokens,

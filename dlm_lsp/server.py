@@ -130,7 +130,7 @@ class DlmLanguageServer(LanguageServer):
         engine = self.model.engine if self.model.state == "ready" else None
         if engine is None:
             return
-        positions = engine.info.arch.max_positions
+        positions = engine.info.window
         longest = max(*self.settings.lengths(True), *self.settings.lengths(False))
         if longest <= longest_middle(positions) or self._warned_fit == (longest, positions):
             return

@@ -152,7 +152,7 @@ def run_engine_bench(
     item, context size and decoder; context sizes larger than the model's window
     are listed in ``skipped`` with the reason.
     """
-    window = engine.info.arch.max_positions
+    window = engine.info.window
     sizes = [c for c in contexts if c <= window]
     skipped = [{"context": c, "reason": f"model window is {window} positions"} for c in contexts if c > window]
     if not sizes:

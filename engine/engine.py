@@ -309,7 +309,7 @@ class Engine:
 
     def _char_limit(self) -> int:
         """Characters surely enough to fill the window: the text beyond is never tokenized."""
-        return self.info.arch.max_positions * CHARS_PER_TOKEN_LIMIT
+        return self.info.window * CHARS_PER_TOKEN_LIMIT
 
     def _encode_tail(self, text: str) -> list[int]:
         """Token ids of ``text``, or of a tail of it long enough to fill the window.
@@ -336,7 +336,7 @@ class Engine:
             cut = text.rfind("\n", 0, limit) + 1 or limit
             part = text[:cut]
         ids = self.tokenizer.encode(part)
-        return ids if len(ids) >= self.info.arch.max_positions else self.tokenizer.encode(text)
+        return ids if len(ids) >= self.info.window else self.tokenizer.encode(text)
 
     def _fit_window(
         self,
@@ -347,11 +347,9 @@ class Engine:
         max_suffix: int | None,
     ) -> tuple[list[int], list[int], int, int]:
         """Truncate prefix (from its start) and suffix (from its end) to fit the model window."""
-        room = self.info.arch.max_positions - span - 1  # one position for BOS / the anchor
+        room = self.info.window - span - 1  # one position for BOS / the anchor
         if room < 1:
-            raise InputError(
-                f"a {span}-token middle does not fit the model's {self.info.arch.max_positions}-position window"
-            )
+            raise InputError(f"a {span}-token middle does not fit the model's {self.info.window}-position window")
         keep_p = len(prefix_ids) if max_prefix is None else min(len(prefix_ids), max(0, max_prefix))
         keep_s = len(suffix_ids) if max_suffix is None else min(len(suffix_ids), max(0, max_suffix))
         if keep_p + keep_s > room:

@@ -47,6 +47,14 @@ class ModelInfo:
     backend: str
     device: str
     top_k: int
+    max_window: int | None = None
+    """Positions one forward pass may span on this backend (the TensorRT provider's profiles,
+    :mod:`engine.backends.tensorrt_ep`); None: the model's ``max_positions``."""
+
+    @property
+    def window(self) -> int:
+        """The longest window (prefix, middle and suffix) this model runs here."""
+        return self.arch.max_positions if self.max_window is None else min(self.arch.max_positions, self.max_window)
 
 
 @dataclass

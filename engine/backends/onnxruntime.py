@@ -178,6 +178,21 @@ class OnnxRuntimeDenoiser:
         import onnxruntime as ort
 
         providers, chosen = onnxruntime_providers(backend)
+        limits = None
+        if chosen == "tensorrt":
+            from engine.backends import tensorrt_ep
+            from engine.catalog import cache_dir
+
+            if manifest.format_version < 3:
+                raise ManifestError(f"engine folder {folder} is of format {manifest.format_version}: the TensorRT "
+                                    "backend needs format 3 graphs; convert it again (dlm-convert)")
+            limits, device = tensorrt_ep.ProfileLimits(), tensorrt_ep.device_identity()
+
+        def providers_for(role: str) -> list[Any]:
+            if limits is None:
+                return providers
+            trt = tensorrt_ep.provider_options(role, manifest, cache_dir() / "tensorrt", limits, device)
+            return [(providers[0], trt), *providers[1:]]
 
         def options_for(role: str) -> Any:
             options = ort.SessionOptions()
@@ -199,7 +214,7 @@ class OnnxRuntimeDenoiser:
         for role, name in manifest.graphs.items():
             path = folder / name
             try:
-                session = ort.InferenceSession(str(path), sess_options=options_for(role), providers=providers)
+                session = ort.InferenceSession(str(path), sess_options=options_for(role), providers=providers_for(role))
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ManifestError(f"ONNX Runtime cannot load {path}: {exc}") from exc
             active = session.get_providers()
@@ -223,6 +238,7 @@ class OnnxRuntimeDenoiser:
             backend=chosen,
             device="cpu" if chosen == "cpu" else "cuda:0",
             top_k=manifest.top_k,
+            max_window=None if limits is None else limits.capped(manifest.arch).window,
         )
         self._context_run = None
         if chosen == "cpu" and manifest.arch.hidden_size > SMALL_MODEL_HIDDEN:

@@ -1,0 +1,54 @@
+"""The report of ``scripts/gpu-check.sh``: ``OUT/report.json`` and ``OUT/report.md`` from its step logs.
+
+    python scripts/gpu_report.py gpu-check
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def last_json(path: Path) -> Any:
+    """The last line of ``path`` that parses as JSON (None when there is none)."""
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def main(out: Path) -> int:
+    """Gather the steps, versions, loads and benchmarks of ``out``; write and print the report."""
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
+    report: dict[str, Any] = {"steps": steps, "versions": last_json(out / "versions.log"), "loads": {}, "bench": {}}
+    for step in steps:
+        name = step["step"]
+        if name.startswith("load-"):
+            report["loads"][name] = last_json(out / f"{name}.log")
+        if name.startswith("bench-"):
+            bench = out / name / "bench.json"
+            report["bench"][name] = json.loads(bench.read_text())["engine"]["summary"] if bench.is_file() else None
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# GPU check", "", f"Versions: `{json.dumps(report['versions'])}`", "", "| step | exit | seconds |",
+             "|---|---|---|"]
+    lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in steps]
+    lines += ["", "## Loads", ""]
+    lines += [f"- {name}: `{json.dumps(load)}`" for name, load in report["loads"].items()]
+    for name in report["bench"]:
+        md = out / name / "bench.md"
+        lines += ["", f"## {name}", "", md.read_text() if md.is_file() else f"no report (see {name}.log)"]
+    failed = [s["step"] for s in steps if s["rc"] != 0]
+    lines += ["", f"Failed steps: {', '.join(failed) or 'none'}."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-check")))

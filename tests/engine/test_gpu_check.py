@@ -1,0 +1,35 @@
+"""scripts/gpu-check.sh, rehearsed without a GPU: the steps it can run here run, and its report is written.
+
+GPU time is scarce: the script has one chance on a lent machine, so every part of it that does not need
+the GPU (checkpoint, conversion, loads, the benchmark, the report) is run here on the CPU backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_gpu_check_rehearses_on_the_cpu_and_reports(tmp_path: Path):
+    pytest.importorskip("torch")
+    out = tmp_path / "rehearsal"
+    env = {**os.environ, "INSTALL": "0", "SHAPES": "tiny", "LOAD_BACKEND": "cpu", "BACKENDS": "cpu", "GPU_TESTS": "0",
+           "CONTEXTS": "256", "OUT": str(out), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]] == ["versions", "checkpoint-tiny", "convert-tiny", "load-build-tiny",
+                                                    "load-cached-tiny", "bench-cpu-tiny"]
+    assert all(s["rc"] == 0 for s in report["steps"])
+    assert report["versions"]["onnxruntime"] and "CPUExecutionProvider" in report["versions"]["providers"]
+    assert report["loads"]["load-build-tiny"]["backend"] == "cpu"
+    assert report["bench"]["bench-cpu-tiny"]  # the benchmark's summary rows
+    assert "Failed steps: none." in (out / "report.md").read_text()
