@@ -239,7 +239,8 @@ class ContextStore:
             if fresh <= self.policy.max_fresh and context - fresh >= self.policy.min_reused:
                 # the passes each entry will have been reused in; the same window again (nothing
                 # changed, as after a prime) makes nothing staler and refreshes nothing
-                ages = np.where(kept, old.stale[old_index] + (fresh > 0), 0).astype(np.int32)
+                ages = np.zeros(len(kept), np.int32)
+                ages[kept] = old.stale[old_index[kept]] + (fresh > 0)
                 if fresh:
                     kept = refreshed(kept, ages, len(prefix) - anchor, self.policy.max_age)
                 plan = kept, old_index, np.where(kept, ages, 0).astype(np.int32)

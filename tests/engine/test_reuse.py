@@ -205,3 +205,16 @@ def test_reuse_under_the_batching_scheduler_gives_what_it_gives_alone(tiny_engin
     for t in threads:
         t.join(60)
     assert together == alone
+
+
+def test_a_document_that_was_empty_then_typed_in_encodes_without_reuse(tiny_engine: Path):
+    """The previous window had no context at all (an empty file): nothing to align, a full pass, whatever
+    the policy's minimum."""
+    engine = Engine.load(tiny_engine, backend="cpu")
+    store, mask, bos = ContextStore(ReusePolicy(min_reused=0)), engine.info.token_ids.mask, engine.info.token_ids.bos
+    anchor = 1 if engine.info.arch.shifted else 0
+    _, _, stats = store.encode(engine.denoiser, "doc", ids(bos), ids(), 4, anchor, mask)
+    assert stats == {"context_reused": 0, "context_computed": 1 - anchor}
+    typed = np.asarray([bos, *engine.tokenizer.encode("def f(x):\n    return x")], np.int64)
+    _, _, stats = store.encode(engine.denoiser, "doc", typed, ids(), 4, anchor, mask)
+    assert stats["context_reused"] <= 1 and stats["context_computed"] >= len(typed) - anchor - 1
