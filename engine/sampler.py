@@ -454,7 +454,8 @@ class DenoisingRun:
         inputs = np.flatnonzero(uncached)
         to_cache = np.flatnonzero(known[inputs] & ~needed[inputs])  # indices into inputs
         answer = np.flatnonzero(needed[inputs])
-        prior = [Prior(self.cache, np.arange(len(layout.cache_positions(m))), layout.cache_positions(m))]
+        context = layout.cache_positions(m)
+        prior = [Prior(self.cache, np.arange(len(context)), context)]
         if span_cache is not None:
             prior.append(Prior(span_cache, np.arange(len(rows)), p - a + rows))
         fresh, out = self.denoiser.encode_context(  # type: ignore[call-arg]

@@ -56,7 +56,11 @@ def test_complete_default_params(tiny_engine):
     c = engine.complete(PREFIX, SUFFIX)
     assert engine.info.backend == "cpu" and engine.info.family == "dream"
     assert c.stats["chosen_length"] in SamplingParams().lengths
-    assert c.stats["forward_passes"] == c.stats["steps"] + 1  # one shared context pass
+    # the cached span (on for these candidates of up to 64 tokens): one shared context pass, then a
+    # smaller pass per candidate and step; without it, one pass per step runs them all as one batch
+    assert c.stats["steps"] + 1 <= c.stats["forward_passes"] <= 1 + c.stats["steps"] * len(SamplingParams().lengths)
+    batched = engine.complete(PREFIX, SUFFIX, SamplingParams(cached_span=False))
+    assert batched.stats["forward_passes"] == batched.stats["steps"] + 1
     assert all(0.0 < p <= 1.0 for p in c.confidence)
     assert engine.info.token_ids.mask not in c.middle_ids
     assert not set(c.middle_ids) & engine.info.token_ids.end_ids

@@ -167,7 +167,9 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_middles(tiny
 
 def test_a_stopped_or_late_request_leaves_and_the_others_finish(tiny_engine: Path):
     engine = Engine.load(tiny_engine, backend="cpu")
-    long = SamplingParams(lengths=(64,), threshold=1.0)  # one token per step: 63 steps after the context pass
+    # one token per step: 63 steps after the context pass; span steps as the scheduler runs them (a request
+    # alone would cache its span, which decodes differently)
+    long = SamplingParams(lengths=(64,), threshold=1.0, cached_span=False)
     alone = engine.complete(*PROMPTS[0], long)
     engine.batch_requests()
     stopped = threading.Event()

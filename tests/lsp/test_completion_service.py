@@ -24,13 +24,17 @@ async def test_task_cancellation_stops_the_engine(tiny_engine):
 
     engine = Engine.load(tiny_engine, backend="cpu")
     steps_seen = []
-    original = engine.denoiser.step
 
-    def counting_step(*args):  # type: ignore[no-untyped-def]
-        steps_seen.append(time.perf_counter())
-        return original(*args)
+    def counting(original):  # type: ignore[no-untyped-def]
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            steps_seen.append(time.perf_counter())
+            return original(*args, **kwargs)
+        return counted
 
-    engine.denoiser.step = counting_step  # observe the real denoiser, do not replace it
+    # observe the real denoiser, do not replace it: a step is a span step, or (the cached span, on for
+    # this long middle) a context-graph pass
+    engine.denoiser.step = counting(engine.denoiser.step)
+    engine.denoiser.encode_context = counting(engine.denoiser.encode_context)
     settings = Settings(confidence_threshold=1.0, multiline="always", max_middle_tokens=512,
                         length_candidates=(512,), latency_budget_ms=60_000, debounce_ms=0)
     service = CompletionService(Metrics())
