@@ -80,7 +80,7 @@ def profile_shapes(role: str, arch: ArchConfig, limits: ProfileLimits) -> dict[s
             "input_ids": ids,
             "position_ids": ids,
             "cache_index": ((0,), (w,), (W,)),
-            "span_index": ((0,), (s,), (S,)),
+            "span_index": ((1,), (s,), (S,)),
             "prior_keys": kv((1, 1, 1), (0, w, W)),
             "prior_values": kv((1, 1, 1), (0, w, W)),
         }
