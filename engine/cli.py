@@ -139,6 +139,11 @@ def complete_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens-per-step", type=int, default=defaults.tokens_per_step, help="minimum commits per step")
     parser.add_argument("--order", choices=[o.value for o in UnmaskOrder], default=defaults.order.value, help="unmasking order")
     parser.add_argument(
+        "--span-cache", choices=("auto", "on", "off"), default="auto",
+        help="compute only the still-masked rows at each step and cache the committed ones (an approximation; "
+        "auto: on for candidates of 32 tokens or more)",
+    )
+    parser.add_argument(
         "--exact", action="store_true",
         help="reference decoding: recompute the whole window every step, plain confidence order (no end-token deferral)",
     )
@@ -178,6 +183,7 @@ def _complete(args: argparse.Namespace) -> int:
         order=UnmaskOrder(args.order),
         exact=args.exact,
         defer_end=not args.exact,
+        cached_span={"auto": None, "on": True, "off": False}[args.span_cache],
         budget_ms=args.budget_ms,
         seed=args.seed,
         **kwargs,

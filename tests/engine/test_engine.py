@@ -147,3 +147,15 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_cli_span_cache_choice(tmp_path, tiny_engine):
+    """dlm-complete --span-cache: auto caches the span of long candidates, off runs full span steps."""
+    (tmp_path / "p.txt").write_text(PREFIX)
+    rows = {}
+    for mode in ("auto", "off"):
+        proc = run_cli("dlm-complete", "--model", str(tiny_engine), "--prefix-file", str(tmp_path / "p.txt"),
+                       "--length", "32", "--threshold", "1.0", "--span-cache", mode, "--json")
+        assert proc.returncode == 0, proc.stderr
+        rows[mode] = json.loads(proc.stdout)["stats"]["span_rows"]
+    assert 0 < rows["auto"] < rows["off"]
