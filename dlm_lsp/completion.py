@@ -23,7 +23,7 @@ from dlm_lsp.cache import CachedSuggestion, CompletionCache
 from dlm_lsp.context import CompletionContext, OpenDocument, build_context, without_surrogates
 from dlm_lsp.gate import gate, parse_surroundings
 from dlm_lsp.postprocess import Suggestion, postprocess
-from dlm_lsp.settings import SPAN_CACHE_MODES, Settings
+from dlm_lsp.settings import Settings
 from dlm_lsp.status import Metrics
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def sampling_params(
     Lengths the model's window (``max_positions``) cannot hold with some context are
     capped (the settings allow 512 tokens; the shipped model has 256 positions).
     """
-    from engine import SamplingParams
+    from engine import SPAN_CACHE_MODES, SamplingParams
 
     lengths = settings.lengths(multiline)
     if max_positions is not None:

@@ -17,11 +17,9 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping
 
-from engine import MULTI_LINE_LENGTHS, SERVING_BACKENDS, SINGLE_LINE_LENGTHS
+from engine import MULTI_LINE_LENGTHS, SERVING_BACKENDS, SINGLE_LINE_LENGTHS, SPAN_CACHE_MODES
 
 MULTILINE_MODES = ("auto", "always", "never")
-SPAN_CACHE_MODES = {"auto": None, "on": True, "off": False}
-"""The ``spanCache`` setting's values and what each asks of the engine (``SamplingParams.cached_span``)."""
 MAX_TOKENS = 512
 """Longest middle, and longest candidate length, a setting may ask for."""
 

@@ -30,7 +30,14 @@ from engine.errors import (
     UnknownFamilyError,
     UnsupportedConfigError,
 )
-from engine.sampler import MULTI_LINE_LENGTHS, SINGLE_LINE_LENGTHS, SamplingParams, UnmaskOrder, single_line
+from engine.sampler import (
+    MULTI_LINE_LENGTHS,
+    SINGLE_LINE_LENGTHS,
+    SPAN_CACHE_MODES,
+    SamplingParams,
+    UnmaskOrder,
+    single_line,
+)
 
 
 def default_model_path() -> Path:
@@ -49,6 +56,7 @@ __all__ = [
     "InputError",
     "ManifestError",
     "MULTI_LINE_LENGTHS",
+    "SPAN_CACHE_MODES",
     "ModelInfo",
     "SERVING_BACKENDS",
     "SINGLE_LINE_LENGTHS",

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from engine.backends.base import BACKENDS
 from engine.errors import EngineError, InputError
-from engine.sampler import SamplingParams, UnmaskOrder
+from engine.sampler import SPAN_CACHE_MODES, SamplingParams, UnmaskOrder
 
 
 def _run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -139,7 +139,7 @@ def complete_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens-per-step", type=int, default=defaults.tokens_per_step, help="minimum commits per step")
     parser.add_argument("--order", choices=[o.value for o in UnmaskOrder], default=defaults.order.value, help="unmasking order")
     parser.add_argument(
-        "--span-cache", choices=("auto", "on", "off"), default="auto",
+        "--span-cache", choices=list(SPAN_CACHE_MODES), default="auto",
         help="compute only the still-masked rows at each step and cache the committed ones (an approximation; "
         "auto: on for candidates of 32 tokens or more)",
     )
@@ -183,7 +183,7 @@ def _complete(args: argparse.Namespace) -> int:
         order=UnmaskOrder(args.order),
         exact=args.exact,
         defer_end=not args.exact,
-        cached_span={"auto": None, "on": True, "off": False}[args.span_cache],
+        cached_span=SPAN_CACHE_MODES[args.span_cache],
         budget_ms=args.budget_ms,
         seed=args.seed,
         **kwargs,

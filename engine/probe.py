@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.reuse import ReusePolicy
+
 log = logging.getLogger(__name__)
 
 CONTEXT_EFFICIENCY = 1.38
@@ -158,8 +160,6 @@ def expected_ms(parameters: int, vocab_size: int, hidden_size: int, tied: bool, 
     """Expected int8 context pass, span step and single-line completion (ms) of a model on the probed CPU:
     a file's first request (``single_line_ms``: the whole window encoded) and a keystroke after it
     (``follow_up_ms``: the context pass computes what :mod:`engine.reuse` recomputes while the user types)."""
-    from engine.reuse import ReusePolicy
-
     emb = vocab_size * hidden_size
     blocks = parameters - emb - (0 if tied else emb)
     context = 2 * blocks * WINDOW / figures["int8_ops_per_s"] * 1000 * CONTEXT_EFFICIENCY

@@ -79,6 +79,8 @@ if TYPE_CHECKING:
 
 MULTI_LINE_LENGTHS = (8, 16, 32, 64)
 """Default candidate lengths (tokens) of a middle of unknown length (the server's ``lengthCandidates``)."""
+SPAN_CACHE_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+"""The span cache's choices (the server's ``spanCache``, ``dlm-complete --span-cache``) as ``SamplingParams.cached_span``."""
 SINGLE_LINE_LENGTHS = (10,)
 """Default candidate lengths of a single-line middle (the server's ``singleLineLengthCandidates``)."""
 ContextEncoder = Callable[[], "tuple[Any, StepOutput, dict[str, Any]]"]

@@ -36,6 +36,7 @@ from typing import Any
 
 from engine.families import ArchConfig
 from engine.manifest import Manifest
+from engine.scheduler import MAX_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class ProfileLimits:
     """Positions of the longest window (prefix, span and suffix); the engine cuts longer ones."""
     span: int = 513
     """Rows of the longest span step: the longest middle a setting allows (512) and a shifted model's anchor."""
-    rows: int = 64
-    """Batch rows of a merged span step (:data:`engine.scheduler.MAX_ROWS`)."""
+    rows: int = MAX_ROWS
+    """Batch rows of a merged span step."""
     opt_window: int = 1024
     """The window TensorRT tunes its kernels for (the server's default window is about this)."""
     opt_span: int = 16
