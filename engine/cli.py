@@ -42,8 +42,9 @@ def convert_parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face-format diffusion checkpoint folder into an engine folder "
         "(context + span-step ONNX graphs, validated against PyTorch, with a checksummed manifest).",
     )
-    parser.add_argument("src", type=Path, help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
-    parser.add_argument("dst", type=Path, help="engine folder to write")
+    parser.add_argument("src", type=Path, help="checkpoint folder (config.json, *.safetensors, tokenizer.json); "
+                        "with --engine alone, an engine folder to build engines for")
+    parser.add_argument("dst", type=Path, nargs="?", help="engine folder to write")
     parser.add_argument("--family", choices=family_names(), help="model family (default: detect from config.json)")
     parser.add_argument(
         "--precision", choices=(*PRECISIONS, "auto"), default="int8",
@@ -56,7 +57,16 @@ def convert_parser() -> argparse.ArgumentParser:
         help="memory the conversion plans on (default: what the machine has available now); a model whose "
         "float32 path needs more converts one weight at a time, without float32 graphs",
     )
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--engine", choices=("tensorrt",),
+        help="also build native TensorRT engines for this machine's GPU (needs the gpu extra and --precision fp32); "
+        "`dlm-convert --engine tensorrt FOLDER` builds them for an engine folder already converted",
+    )
+    parser.add_argument(
+        "--engine-dtype", choices=("auto", "fp16", "bf16"), default="auto",
+        help="the engines' half precision (default auto: fp16 unless it overflows on this model, checked on the CPU)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists (and rebuild engines)")
     parser.add_argument(
         "--to-checkpoint",
         action="store_true",
@@ -80,9 +90,16 @@ def _positive_gb(value: str) -> float:
 def _convert(args: argparse.Namespace) -> int:
     from engine.export import convert, recover_checkpoint
 
+    say = lambda msg: print(f"dlm-convert: {msg}", file=sys.stderr)  # noqa: E731
+    if args.dst is None:
+        if args.engine is None or args.to_checkpoint:
+            raise InputError("DST is missing: dlm-convert SRC DST (only --engine tensorrt FOLDER takes one folder)")
+        return _build_engine(args.src, args.engine_dtype, args.force, say)
     if args.to_checkpoint:
         print(json.dumps({"checkpoint": str(recover_checkpoint(args.src, args.dst, force=args.force))}))
         return 0
+    if args.engine is not None and args.precision != "fp32":
+        raise InputError(f"--engine tensorrt builds from fp32 graphs: add --precision fp32 (not {args.precision})")
 
     manifest = convert(
         args.src,
@@ -91,10 +108,23 @@ def _convert(args: argparse.Namespace) -> int:
         precision=args.precision,
         top_k=args.top_k,
         force=args.force,
-        progress=lambda msg: print(f"dlm-convert: {msg}", file=sys.stderr),
+        progress=say,
         memory=None if args.memory_gb is None else int(args.memory_gb * 1e9),
     )
     print(json.dumps({"engine": str(args.dst), "validation": manifest.validation}, indent=2))
+    return 0 if args.engine is None else _build_engine(args.dst, args.engine_dtype, args.force, say)
+
+
+def _build_engine(folder: Path, dtype: str, force: bool, say: Callable[[str], None]) -> int:
+    """``dlm-convert --engine tensorrt``: the folder's native engines for this GPU; prints their build record."""
+    from engine.backends.tensorrt import BUILD_RECORD, build_engines
+    from engine.manifest import is_engine_folder, read_manifest
+
+    if not is_engine_folder(folder):
+        raise InputError(f"{folder} is not an engine folder (no manifest.json): convert the checkpoint first, "
+                         f"dlm-convert CHECKPOINT {folder} --precision fp32 --engine tensorrt")
+    where = build_engines(folder, read_manifest(folder), dtype=dtype, progress=say, force=force)
+    print((where / BUILD_RECORD).read_text(encoding="utf-8"))
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from engine.backends.base import BACKENDS, Denoiser, ModelInfo, StepOutput
-from engine.errors import CheckpointError, InputError, ManifestError
+from engine.errors import BackendUnavailableError, CheckpointError, InputError, ManifestError
 from engine.healing import Healing
 from engine.manifest import Manifest, is_engine_folder, read_manifest
 from engine.reuse import ContextStore
@@ -133,8 +133,13 @@ class Engine:
         family: str | None = None,
         threads: int | None = None,
         verify: bool = True,
+        progress: Callable[[str], None] | None = None,
     ) -> "Engine":
         """Load an engine folder (any backend but ``torch``) or a checkpoint folder (``torch`` only).
+
+        ``tensorrt`` runs the folder's native TensorRT engines for this GPU, building them
+        first when there are none (minutes; ``progress`` hears how it goes); ``auto`` uses
+        such engines when they are already built, else ONNX Runtime (CUDA, else the CPU).
 
         An engine folder is checked before anything in it runs: its paths stay inside
         it, its architecture is within bounds and, once loaded, matches its graphs'
@@ -166,7 +171,18 @@ class Engine:
         manifest = _read_engine_manifest(folder, verify)
         from engine.backends.onnxruntime import OnnxRuntimeDenoiser
 
-        denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads)
+        from engine.backends import tensorrt
+
+        denoiser: Denoiser | None = None
+        if backend == "tensorrt":
+            denoiser = tensorrt.load_denoiser(folder, manifest, build=True, progress=progress)
+        elif backend == "auto" and tensorrt.built_any(folder):
+            try:  # engines built for some GPU: this one's are used if they are there; auto never builds
+                denoiser = tensorrt.load_denoiser(folder, manifest, build=False, progress=progress)
+            except BackendUnavailableError as exc:
+                log.info("backend auto: not the native TensorRT engines (%s)", exc)
+        if denoiser is None:
+            denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads)
         return cls(denoiser, Tokenizer(folder / manifest.tokenizer), folder)
 
     def resolved(self, params: SamplingParams) -> SamplingParams:

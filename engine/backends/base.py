@@ -13,7 +13,8 @@ A *denoiser* runs a masked diffusion model in the two shapes the engine needs:
 Every call returns, per input position, the top-k token ids and probabilities and
 the entropy (:class:`StepOutput`): full-vocabulary logits never leave the backend.
 Arrays are numpy, shapes as documented; ids are int64. Backends: ONNX Runtime
-(``cpu`` here; ``cuda``/``tensorrt`` providers on NVIDIA GPUs) and a PyTorch
+(``cpu`` here; its ``cuda``/``tensorrt-ep`` providers on NVIDIA GPUs), native TensorRT
+engines (``tensorrt``) and a PyTorch
 reference (``torch``) used for validation and tests.
 """
 
@@ -30,8 +31,10 @@ from engine.families import ArchConfig, TokenIds
 
 log = logging.getLogger(__name__)
 
-SERVING_BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
-"""Backends that serve engine folders (the server's ``backend`` setting)."""
+SERVING_BACKENDS = ("auto", "tensorrt", "tensorrt-ep", "cuda", "cpu")
+"""Backends that serve engine folders (the server's ``backend`` setting): ``tensorrt`` runs native TensorRT
+engines (:mod:`engine.backends.tensorrt`); ``tensorrt-ep`` and ``cuda`` are ONNX Runtime's TensorRT and CUDA
+providers, the middle path for a TensorRT install the native engines cannot use."""
 BACKENDS = (*SERVING_BACKENDS, "torch")
 """Accepted backend names. ``torch`` is the PyTorch reference on checkpoint folders, not a serving backend."""
 
@@ -199,14 +202,14 @@ class Denoiser(Protocol):
 
 
 def onnxruntime_providers(backend: str) -> tuple[list[Any], str]:
-    """ONNX Runtime providers for ``backend`` (``auto``/``cpu``/``cuda``/``tensorrt``) and the chosen name.
+    """ONNX Runtime providers for ``backend`` (``auto``/``cpu``/``cuda``/``tensorrt-ep``) and the chosen name.
 
     ``auto`` takes CUDA when ONNX Runtime's CUDA provider is installed, else the
-    CPU, and logs why. ``cuda`` and ``tensorrt`` raise
+    CPU, and logs why. ``cuda`` and ``tensorrt-ep`` raise
     :class:`BackendUnavailableError` naming what is missing.
     """
-    if backend not in BACKENDS or backend == "torch":
-        raise InputError(f"backend {backend!r} is not an ONNX Runtime backend; choose one of auto, tensorrt, cuda, cpu")
+    if backend not in BACKENDS or backend in ("torch", "tensorrt"):
+        raise InputError(f"backend {backend!r} is not an ONNX Runtime backend; choose one of auto, tensorrt-ep, cuda, cpu")
     try:
         import onnxruntime as ort
     except ImportError as exc:  # pragma: no cover - a core dependency
@@ -223,13 +226,13 @@ def onnxruntime_providers(backend: str) -> tuple[list[Any], str]:
         return ["CPUExecutionProvider"], "cpu"
     if backend == "cpu":
         return ["CPUExecutionProvider"], "cpu"
-    provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[backend]
+    provider = {"cuda": "CUDAExecutionProvider", "tensorrt-ep": "TensorrtExecutionProvider"}[backend]
     if provider not in available:
         raise BackendUnavailableError(
             f"backend {backend!r} needs ONNX Runtime's {provider}, which this installation lacks "
             f"(available: {', '.join(sorted(available))}); {gpu_hint}, or use backend 'cpu'/'auto'"
         )
     providers: list[Any] = [provider, "CPUExecutionProvider"]
-    if backend == "tensorrt":
+    if backend == "tensorrt-ep":
         providers.insert(1, "CUDAExecutionProvider")
     return providers, backend

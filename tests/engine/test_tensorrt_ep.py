@@ -4,36 +4,19 @@ invalidates them. That TensorRT itself accepts the options needs a GPU (scripts/
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import onnxruntime
 import pytest
 
 from engine import Engine, SamplingParams
 from engine.backends.tensorrt_ep import ProfileLimits, cache_key, profile_options, profile_shapes, provider_options
 from engine.manifest import read_manifest
+from trt_shapes import MERGED_ROWS, TEXT, record_shapes
 
 HAS_TENSORRT = "TensorrtExecutionProvider" in onnxruntime.get_available_providers()
 DEVICE = {"onnxruntime": "1.30.0", "tensorrt": "10.9.0", "gpu": "NVIDIA H200", "compute": "9.0", "driver": "580.1"}
-TEXT = (Path(__file__).resolve().parents[2] / "engine" / "sampler.py").read_text()
-
-
-class ShapeRecorder:
-    """An ONNX Runtime session with the shape of every input it is fed written down."""
-
-    def __init__(self, session: Any, seen: list[dict[str, tuple[int, ...]]]) -> None:
-        self.session, self.seen = session, seen
-
-    def run(self, outputs: Any, feed: dict[str, np.ndarray], *args: Any) -> Any:
-        self.seen.append({name: tuple(np.shape(value)) for name, value in feed.items()})
-        return self.session.run(outputs, feed, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.session, name)
 
 
 def test_every_graph_input_has_a_profile_of_its_rank_and_fixed_dimensions(tiny_engine: Path):
@@ -68,32 +51,15 @@ def test_the_options_say_each_shape_in_the_providers_format(tiny_engine: Path):
 def test_every_shape_the_engine_sends_lies_inside_the_profiles(tiny_engine: Path):
     """Full and partial context passes, span steps with several candidates, the cached span, healing and
     merged steps of three documents at once: no input ever leaves its profile, so TensorRT never rebuilds."""
-    engine = Engine.load(tiny_engine, backend="cpu")
-    arch = engine.info.arch
-    limits = ProfileLimits(window=arch.max_positions, rows=8)
-    seen: dict[str, list[dict[str, tuple[int, ...]]]] = {"context": [], "span_step": []}
-    for role in seen:
-        engine.denoiser.sessions[role] = ShapeRecorder(engine.denoiser.sessions[role], seen[role])
-    for k in range(4):  # typing: a full pass, then partial ones
-        engine.complete(TEXT[: 6000 + k], TEXT[6100:9000], SamplingParams(lengths=(4, 8, 16)), reuse="doc", heal=True)
-    engine.complete(TEXT[:900], TEXT[900:1500], SamplingParams(lengths=(8, 32), cached_span=True, threshold=1.0,
-                                                                 tokens_per_step=2))
-    engine.batch_requests(max_rows=limits.rows)
-    threads = [threading.Thread(target=engine.complete, args=(TEXT[: 2000 * i], TEXT[2000 * i : 2000 * i + 500],
-                                                              SamplingParams(lengths=(4, 8))))
-               for i in (1, 2, 3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for role, fed in seen.items():
+    arch = read_manifest(tiny_engine).arch
+    limits = ProfileLimits(window=arch.max_positions, rows=MERGED_ROWS)
+    for role, fed in record_shapes(tiny_engine).items():
         assert fed, role
         shapes = profile_shapes(role, arch, limits)
         for feed in fed:
             for name, shape in feed.items():
                 low, _, high = shapes[name]
                 assert all(a <= d <= c for a, d, c in zip(low, shape, high)), (role, name, shape, low, high)
-    assert any(f["span_ids"][0] > 1 for f in seen["span_step"])  # the merged steps were among them
 
 
 def test_a_window_cap_is_the_engines_window(tiny_engine: Path):
@@ -134,8 +100,8 @@ def test_engine_caches_are_keyed_by_what_invalidates_them(tiny_engine: Path, tmp
 def test_tensorrt_builds_once_and_a_second_load_reads_its_cache(tiny_engine: Path):  # pragma: no cover - GPU only
     from engine.catalog import cache_dir
 
-    first = Engine.load(tiny_engine, backend="tensorrt")
-    assert first.info.backend == "tensorrt" and first.info.window == first.info.arch.max_positions
+    first = Engine.load(tiny_engine, backend="tensorrt-ep")
+    assert first.info.backend == "tensorrt-ep" and first.info.window == first.info.arch.max_positions
     reference = Engine.load(tiny_engine, backend="cpu")
     params = SamplingParams(lengths=(4, 8, 16))
     for prefix, suffix in ((TEXT[:3000], TEXT[3000:3500]), (TEXT[:200], "")):
@@ -143,6 +109,6 @@ def test_tensorrt_builds_once_and_a_second_load_reads_its_cache(tiny_engine: Pat
         assert got.stats["steps"] >= 1 and got.stats["context_tokens"] == want.stats["context_tokens"]
     built = sorted(p.name for p in (cache_dir() / "tensorrt").rglob("*") if p.is_file())
     assert any(name.endswith(".engine") for name in built), built
-    again = Engine.load(tiny_engine, backend="tensorrt")
+    again = Engine.load(tiny_engine, backend="tensorrt-ep")
     again.complete(TEXT[:3000], TEXT[3000:3500], params)
     assert sorted(p.name for p in (cache_dir() / "tensorrt").rglob("*") if p.is_file()) == built  # nothing rebuilt

@@ -1,0 +1,537 @@
+"""Native TensorRT engines: built from an engine folder's two graphs, kept beside its manifest, and run.
+
+Building (:func:`build_engines`, ``dlm-convert --engine tensorrt``):
+
+1. **Precision.** TensorRT networks are strongly typed (the only kind TensorRT 11 builds),
+   so the graphs are first rewritten in half precision (:mod:`engine.halfgraph`: matrix
+   products and weights in fp16 or bf16, the rest fp32, ids int32). ``auto`` picks fp16
+   when the emulated fp16 graph passes validation against fp32 on real code windows and
+   bf16 otherwise (an fp16 overflow gives non-finite outputs, which fail); the numbers
+   are kept in the build record.
+2. **Profiles.** One optimisation profile per shape bucket (:class:`Buckets`): context
+   passes by window, span steps by span length and batch rows. Every shape the engine
+   sends lies inside one (the tests replay real requests against them), so no request
+   makes TensorRT rebuild; :func:`select_profile` takes the smallest that holds it.
+3. **Caches.** The engines, a timing cache and ``build.json`` (dtype, validation, build
+   time and size per graph, versions) go to ``<folder>/tensorrt/<key>/``. The key hashes
+   the graphs' checksums, the dtype, the buckets, the GPU (name, compute capability,
+   driver), and the TensorRT and CUDA versions: another GPU or stack gets its own engines,
+   nothing stale is loaded.
+
+Running (:class:`TensorRtDenoiser`): each graph's engine behind :class:`EngineRunner`, which
+allocates its device buffers once per profile (at the profile's largest shapes, when first
+used), copies a call's inputs in and its outputs (top-k ids, probabilities, entropy; the
+context pass's keys and values) back, and replays a CUDA graph for a span step whose shapes
+it has seen before. The sampler's host-side logic (context reuse, rotation, merging) is the
+ONNX Runtime denoiser's own.
+
+Everything here imports ``tensorrt`` and ``cuda-python`` lazily; without them (or a GPU) the
+errors name what is missing. What needs no GPU (buckets, profile choice, keys, the half
+graphs, the host side of a call) is tested on the CPU; the rest by ``scripts/gpu-check.sh``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from engine.backends.base import ModelInfo
+from engine.backends.tensorrt_ep import ProfileLimits, Shape, profile_shapes
+from engine.errors import BackendUnavailableError, ManifestError
+from engine.families import ArchConfig
+from engine.manifest import Manifest
+from engine.scheduler import MAX_ROWS
+
+log = logging.getLogger(__name__)
+
+GPU_EXTRA = "pip install -e '.[gpu]' in your dlm-lsp clone (it brings tensorrt and cuda-python)"
+DTYPE_CHOICES = ("auto", "fp16", "bf16")
+ENGINE_DIR = "tensorrt"
+"""Where an engine folder keeps its native engines: ``<folder>/tensorrt/<key>/``."""
+BUILD_RECORD = "build.json"
+
+
+def require_tensorrt() -> Any:
+    """The ``tensorrt`` module, or an error naming what to install."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise BackendUnavailableError(f"the tensorrt backend needs TensorRT's Python package: {GPU_EXTRA}") from exc
+    except OSError as exc:  # the wheel is there, its libraries (or CUDA's) are not loadable
+        raise BackendUnavailableError(f"TensorRT is installed but cannot load its libraries ({exc}): check the "
+                                      "NVIDIA driver and that the TensorRT wheel matches the CUDA major version") from exc
+    return tensorrt
+
+
+def require_cudart() -> Any:
+    """cuda-python's runtime module (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6), or an error."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # type: ignore[no-redef]
+        except ImportError as exc:
+            raise BackendUnavailableError(f"the tensorrt backend needs cuda-python: {GPU_EXTRA}") from exc
+    return runtime
+
+
+def _cuda(result: Any) -> Any:
+    """The value of a cuda-python call (which returns ``(error, *values)``), or an error naming it."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BackendUnavailableError(f"CUDA call failed: {err!r} (is an NVIDIA GPU visible to this process?)")
+    return values[0] if len(values) == 1 else tuple(values) if values else None
+
+
+# --- profiles --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The shape buckets of a pair of engines: one optimisation profile each.
+
+    Context passes are bucketed by window (a pass of up to ``w`` positions, prior included);
+    span steps by (span rows, batch rows) against caches up to the largest window. Every
+    profile admits everything below it, so a shape always finds one; the smallest is used
+    (its kernels were tuned for shapes like it).
+    """
+
+    windows: tuple[int, ...] = (1024, 4096)
+    spans: tuple[tuple[int, int], ...] = ((16, 4), (64, 16), (513, MAX_ROWS))
+    opt_window: int = 1024
+
+    def limits(self, role: str, arch: ArchConfig) -> list[ProfileLimits]:
+        """Each profile's limits for the ``role`` graph, smallest first, within the model's positions."""
+        top = min(max(self.windows), arch.max_positions)
+        windows = sorted({min(w, arch.max_positions) for w in self.windows})
+        if role == "context":
+            return [ProfileLimits(window=w, span=min(513, w), rows=1, opt_window=w, opt_span=16).capped(arch)
+                    for w in windows]
+        if role == "span_step":
+            return [ProfileLimits(window=top, span=s, rows=b, opt_window=self.opt_window, opt_span=min(16, s)).capped(arch)
+                    for s, b in self.spans]
+        raise ValueError(f"no TensorRT profiles for a graph of role {role!r}")
+
+    def profiles(self, role: str, arch: ArchConfig) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+        """Each profile's (min, opt, max) shape per input of the ``role`` graph."""
+        return [profile_shapes(role, arch, limits) for limits in self.limits(role, arch)]
+
+    @property
+    def window(self) -> int:
+        """The longest window these engines run (the engine cuts longer ones)."""
+        return max(self.windows)
+
+
+def select_profile(profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]], shapes: Mapping[str, Shape]) -> int:
+    """The first (smallest) profile whose bounds hold every input's shape; ValueError when none does."""
+    for index, profile in enumerate(profiles):
+        if all(len(shape) == len(profile[name][0])
+               and all(lo <= d <= hi for d, lo, hi in zip(shape, profile[name][0], profile[name][2]))
+               for name, shape in shapes.items()):
+            return index
+    raise ValueError(f"no TensorRT profile holds the shapes {dict(shapes)}")
+
+
+# --- identity and location -------------------------------------------------------------------------
+
+
+def device_identity() -> dict[str, Any]:
+    """What an engine is only valid for: the GPU (name, compute capability, driver), TensorRT and CUDA."""
+    from engine.backends.tensorrt_ep import _gpu
+
+    identity: dict[str, Any] = {"gpu": None, "compute": None, "driver": None, "tensorrt": None, "cuda": None}
+    identity.update(_gpu())
+    try:
+        import tensorrt
+
+        identity["tensorrt"] = tensorrt.__version__
+    except (ImportError, OSError):
+        pass
+    try:
+        version = _cuda(require_cudart().cudaRuntimeGetVersion())
+        identity["cuda"] = f"{version // 1000}.{version % 1000 // 10}"
+    except BackendUnavailableError:
+        pass
+    return identity
+
+
+def engine_key(manifest: Manifest, dtype: str, buckets: Buckets, device: Mapping[str, Any]) -> str:
+    """16 hex digits naming the engines of ``manifest``'s graphs in ``dtype`` under ``buckets`` on ``device``."""
+    identity = {
+        "graphs": {name: meta.get("sha256") for name, meta in sorted(manifest.files.items())},
+        "format": manifest.format_version,
+        "dtype": dtype,
+        "buckets": {role: [asdict(lim) for lim in buckets.limits(role, manifest.arch)] for role in ("context", "span_step")},
+        "device": dict(device),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engines_dir(folder: Path, key: str) -> Path:
+    """``<folder>/tensorrt/<key>``; in the model cache when the folder is read-only (a shared team folder)."""
+    if os.access(folder, os.W_OK) or (folder / ENGINE_DIR / key).is_dir():
+        return folder / ENGINE_DIR / key
+    return _elsewhere(folder) / key
+
+
+def _elsewhere(folder: Path) -> Path:
+    from engine.catalog import cache_dir
+
+    return cache_dir() / "tensorrt-engines" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+
+
+def built_any(folder: Path) -> bool:
+    """Whether native engines were built for ``folder`` on any GPU (cheap: no TensorRT import)."""
+    return any(root.glob(f"*/{BUILD_RECORD}") for root in (folder / ENGINE_DIR, _elsewhere(folder)))
+
+
+def find_engines(folder: Path, manifest: Manifest, device: Mapping[str, Any], buckets: Buckets | None = None,
+                 dtype: str = "auto") -> Path | None:
+    """The folder of engines already built for this GPU (``dtype`` ``auto``: either half type), or None."""
+    buckets = buckets or Buckets()
+    for half in (("fp16", "bf16") if dtype == "auto" else (dtype,)):
+        where = engines_dir(folder, engine_key(manifest, half, buckets, device))
+        if (where / BUILD_RECORD).is_file():
+            return where
+    return None
+
+
+# --- building --------------------------------------------------------------------------------------
+
+
+def choose_dtype(folder: Path, manifest: Manifest, progress: Callable[[str], None] = lambda _m: None,
+                 candidates: Sequence[str] = ("fp16", "bf16")) -> tuple[str, dict[str, Any]]:
+    """The first of ``candidates`` whose emulated half graphs pass validation against the fp32 graphs on
+    real code windows, and every candidate's validation summary. Runs on the CPU (ONNX Runtime)."""
+    import tempfile
+
+    from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+    from engine.export import VALIDATION_CODE, validate
+    from engine.halfgraph import write_half_folder
+    from engine.tokenizer import Tokenizer
+
+    ids = Tokenizer(folder / manifest.tokenizer).encode(VALIDATION_CODE.read_text(encoding="utf-8"))
+    text_ids = np.asarray([i for i in ids if 0 <= i < manifest.arch.vocab_size][:4096], np.int64)
+    reference = OnnxRuntimeDenoiser(folder, manifest, "cpu")
+    reports: dict[str, Any] = {}
+    for dtype in candidates:
+        progress(f"checking {dtype} on the CPU (emulated half-precision graphs against fp32)")
+        with tempfile.TemporaryDirectory(prefix=f"dlm-{dtype}-") as work:
+            write_half_folder(folder, manifest, dtype, Path(work), emulate=True)
+            report = validate(reference, OnnxRuntimeDenoiser(Path(work), manifest, "cpu"), dtype, text_ids=text_ids)
+        reports[dtype] = {**report.summary(), "failures": report.failures[:5]}
+        if not report.failures:
+            return dtype, reports
+        progress(f"{dtype} fails: {report.failures[0]}")
+    raise ManifestError(f"no half precision keeps {folder}'s outputs within the bar: "
+                        + "; ".join(f"{d}: {r['failures'][0]}" for d, r in reports.items()))
+
+
+class _Monitor:
+    """TensorRT's build progress (``IProgressMonitor``) as lines for ``progress``, a few per phase."""
+
+    @staticmethod
+    def create(trt: Any, progress: Callable[[str], None]) -> Any:
+        class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
+            def __init__(self) -> None:
+                trt.IProgressMonitor.__init__(self)
+                self.steps: dict[str, int] = {}
+                self.last = 0.0
+
+            def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+                self.steps[phase_name] = num_steps
+                if parent_phase is None:
+                    progress(f"{phase_name} ({num_steps} steps)")
+
+            def step_complete(self, phase_name: str, step: int) -> bool:
+                now = time.monotonic()
+                if now - self.last > 5:  # one line every few seconds, never a flood
+                    self.last = now
+                    progress(f"{phase_name}: {step + 1}/{self.steps.get(phase_name, '?')}")
+                return True  # False would cancel the build
+
+            def phase_finish(self, phase_name: str) -> None:
+                self.steps.pop(phase_name, None)
+
+        return Monitor()
+
+
+@dataclass
+class BuildRecord:
+    """What ``build.json`` says of a pair of engines."""
+
+    key: str
+    dtype: str
+    device: dict[str, Any]
+    buckets: dict[str, list[dict[str, Any]]]
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per role: ``engine`` file name, ``bytes``, ``build_s``."""
+    validation: dict[str, Any] = field(default_factory=dict)
+    window: int = 0
+
+
+def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets: Buckets | None = None,
+                  progress: Callable[[str], None] = lambda _m: None, force: bool = False) -> Path:
+    """Build (or find) the native engines of the fp32 engine folder ``folder``; returns their folder.
+
+    The first build on a GPU takes minutes (each graph's tactics are timed); later builds of
+    other buckets reuse the timing cache. Nothing is left half-written: a build goes to a
+    temporary folder renamed into place when complete.
+    """
+    trt = require_tensorrt()
+    require_cudart()
+    buckets = buckets or Buckets()
+    if manifest.precision != "fp32":
+        raise ManifestError(
+            f"engine folder {folder} is {manifest.precision}: TensorRT engines are built from fp32 graphs (ONNX "
+            "Runtime's quantised ops do not run in TensorRT); convert the checkpoint with dlm-convert --precision fp32")
+    if manifest.format_version < 3:
+        raise ManifestError(f"engine folder {folder} is of format {manifest.format_version}: TensorRT engines "
+                            "need format 3 graphs; convert it again (dlm-convert)")
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    device = device_identity()
+    if dtype == "auto" and not force:
+        found = find_engines(folder, manifest, device, buckets)
+        if found is not None:
+            return found
+    validation: dict[str, Any] = {}
+    if dtype == "auto":
+        dtype, validation = choose_dtype(folder, manifest, progress)
+    key = engine_key(manifest, dtype, buckets, device)
+    final = engines_dir(folder, key)
+    if (final / BUILD_RECORD).is_file() and not force:
+        return final
+    from engine.halfgraph import write_half_folder
+
+    work = final.with_name(f".{key}.building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        progress(f"writing {dtype} graphs")
+        graphs = write_half_folder(folder, manifest, dtype, work / "onnx", int32=True)
+        logger = trt.Logger(trt.Logger.WARNING)
+        timing = _timing_cache_bytes(folder, device)
+        record = BuildRecord(key=key, dtype=dtype, device=dict(device), validation=validation,
+                             buckets={role: [asdict(lim) for lim in buckets.limits(role, manifest.arch)]
+                                      for role in graphs},
+                             window=min(buckets.window, manifest.arch.max_positions))
+        for role, onnx_path in graphs.items():
+            progress(f"building the {role} engine ({len(buckets.limits(role, manifest.arch))} profiles)")
+            started = time.perf_counter()
+            plan, timing = _build_one(trt, logger, onnx_path, buckets.profiles(role, manifest.arch), timing, progress)
+            name = f"{role}.engine"
+            (work / name).write_bytes(plan)
+            record.graphs[role] = {"engine": name, "bytes": len(plan), "build_s": round(time.perf_counter() - started, 1)}
+            progress(f"{role} engine: {len(plan) / 1e6:.0f} MB in {record.graphs[role]['build_s']} s")
+        shutil.rmtree(work / "onnx")
+        (work / "timing.cache").write_bytes(timing)
+        (work / BUILD_RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _share_timing_cache(folder, device, final / "timing.cache")
+    return final
+
+
+def _timing_key(device: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({k: device.get(k) for k in ("gpu", "compute", "tensorrt")}, sort_keys=True)
+                          .encode()).hexdigest()[:12]
+
+
+def _timing_cache_bytes(folder: Path, device: Mapping[str, Any]) -> bytes:
+    """The timing cache earlier builds on this GPU and TensorRT left (tactic timings carry across graphs)."""
+    path = engines_dir(folder, "timing") / f"{_timing_key(device)}.cache"
+    return path.read_bytes() if path.is_file() else b""
+
+
+def _share_timing_cache(folder: Path, device: Mapping[str, Any], built: Path) -> None:
+    path = engines_dir(folder, "timing") / f"{_timing_key(device)}.cache"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(built, path)
+
+
+def _build_one(trt: Any, logger: Any, onnx_path: Path, profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]],
+               timing: bytes, progress: Callable[[str], None]) -> tuple[bytes, bytes]:
+    """One graph's serialized engine and the timing cache after it."""
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # TensorRT 11: always, the flag ignored
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ManifestError(f"TensorRT's ONNX parser refused {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    cache = config.create_timing_cache(timing)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for bounds in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in bounds.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    if hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _Monitor.create(trt, progress)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ManifestError(f"TensorRT could not build an engine for {onnx_path.name} (its log above says why)")
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def host_feed(feed: Mapping[str, np.ndarray], dtypes: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A call's inputs as the engine takes them: each in its engine dtype (ids int32), contiguous."""
+    return {name: np.ascontiguousarray(value, dtype=dtypes[name]) for name, value in feed.items()}
+
+
+def host_outputs(outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """An engine's outputs as the denoiser returns them: ids int64, values fp32."""
+    return [o.astype(np.int64) if o.dtype.kind in "iu" else o.astype(np.float32, copy=False) for o in outputs]
+
+
+class EngineRunner:
+    """One TensorRT engine run like an ONNX Runtime session (``run(None, feed)``) on one CUDA stream.
+
+    Device buffers are allocated per profile at its largest shapes when the profile is first
+    used, and kept; an execution context per used profile. ``graphs`` CUDA graphs (by input
+    shapes) are captured for the calls whose shapes repeat (a request's span steps).
+    """
+
+    def __init__(self, path: Path, logger: Any, stream: Any, graphs: int = 0) -> None:
+        trt, self.cudart = require_tensorrt(), require_cudart()
+        self.trt, self.stream = trt, stream
+        runtime = trt.Runtime(logger)
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise BackendUnavailableError(f"TensorRT could not load {path} (built by another TensorRT version or "
+                                          "GPU? delete the folder to rebuild)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.profiles = [
+            {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, p)) for n in self.inputs}
+            for p in range(self.engine.num_optimization_profiles)
+        ]
+        self._contexts: dict[int, Any] = {}
+        self._buffers: dict[int, dict[str, tuple[int, int]]] = {}  # profile -> name -> (pointer, bytes)
+        self._graphs: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._max_graphs = graphs
+        self._seen: set[tuple[Any, ...]] = set()
+
+    def _context(self, profile: int) -> tuple[Any, dict[str, tuple[int, int]]]:
+        if profile not in self._contexts:
+            context = self.engine.create_execution_context()
+            context.set_optimization_profile_async(profile, int(self.stream))
+            buffers = {}
+            for name in self.inputs:  # the profile's largest shapes: every call of this profile fits
+                context.set_input_shape(name, self.profiles[profile][name][2])
+            for name in (*self.inputs, *self.outputs):
+                shape = self.profiles[profile][name][2] if name in self.inputs else tuple(context.get_tensor_shape(name))
+                size = max(1, int(np.prod(shape)) * self.dtypes[name].itemsize)
+                buffers[name] = (_cuda(self.cudart.cudaMalloc(size)), size)
+                context.set_tensor_address(name, int(buffers[name][0]))
+            self._contexts[profile], self._buffers[profile] = context, buffers
+        return self._contexts[profile], self._buffers[profile]
+
+    def run(self, _names: Any, feed: Mapping[str, np.ndarray], *_options: Any) -> list[np.ndarray]:
+        """Outputs (in the engine's order) of one call; the signature of ``InferenceSession.run``."""
+        cudart = self.cudart
+        inputs = host_feed(feed, self.dtypes)
+        shapes = {name: tuple(value.shape) for name, value in inputs.items()}
+        profile = select_profile(self.profiles, shapes)
+        context, buffers = self._context(profile)
+        for name, value in inputs.items():
+            context.set_input_shape(name, value.shape)
+            if value.nbytes:
+                _cuda(cudart.cudaMemcpyAsync(buffers[name][0], value.ctypes.data, value.nbytes,
+                                             cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+        key = (profile, *sorted(shapes.items()))
+        self._launch(context, key)
+        outputs = []
+        for name in self.outputs:
+            out = np.empty(tuple(context.get_tensor_shape(name)), self.dtypes[name])
+            if out.nbytes:
+                _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, buffers[name][0], out.nbytes,
+                                             cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+            outputs.append(out)
+        _cuda(cudart.cudaStreamSynchronize(self.stream))
+        return host_outputs(outputs)
+
+    def _launch(self, context: Any, key: tuple[Any, ...]) -> None:
+        """Run the engine: the captured graph of these shapes, else directly (capturing one the second time
+        the shapes come, after a direct run has done TensorRT's shape-dependent setup)."""
+        cudart = self.cudart
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            _cuda(cudart.cudaGraphLaunch(graph, self.stream))
+            return
+        if self._max_graphs and key in self._seen:
+            try:
+                _cuda(cudart.cudaStreamBeginCapture(self.stream,
+                                                    cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+                ok = context.execute_async_v3(int(self.stream))
+                captured = _cuda(cudart.cudaStreamEndCapture(self.stream))
+                if not ok:
+                    raise BackendUnavailableError("execute_async_v3 failed during capture")
+                self._graphs[key] = _cuda(cudart.cudaGraphInstantiate(captured, 0))
+                while len(self._graphs) > self._max_graphs:
+                    self._graphs.popitem(last=False)
+                _cuda(cudart.cudaGraphLaunch(self._graphs[key], self.stream))
+                return
+            except BackendUnavailableError as exc:  # an engine that cannot be captured runs directly
+                log.warning("CUDA graphs off for this engine: %s", exc)
+                self._max_graphs = 0
+        self._seen.add(key)
+        if not context.execute_async_v3(int(self.stream)):
+            raise BackendUnavailableError("TensorRT could not run the engine (its log above says why)")
+
+    def close(self) -> None:
+        """Free the device buffers."""
+        for buffers in self._buffers.values():
+            for pointer, _size in buffers.values():
+                self.cudart.cudaFree(pointer)
+        self._buffers.clear()
+        self._contexts.clear()
+        self._graphs.clear()
+
+
+def load_denoiser(folder: Path, manifest: Manifest, build: bool = True,
+                  progress: Callable[[str], None] | None = None) -> Any:
+    """The native TensorRT denoiser of ``folder``: its engines for this GPU, built first when ``build``."""
+    from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+
+    require_tensorrt()
+    cudart = require_cudart()
+    device = device_identity()
+    where = find_engines(folder, manifest, device)
+    if where is None:
+        if not build:
+            raise BackendUnavailableError(
+                f"no TensorRT engines for this GPU in {folder}: build them with dlm-convert --engine tensorrt {folder}")
+        say = progress or (lambda msg: log.warning("TensorRT: %s", msg))
+        say("no engines for this GPU yet: building them (minutes, once)")
+        where = build_engines(folder, manifest, progress=say)
+    record = json.loads((where / BUILD_RECORD).read_text(encoding="utf-8"))
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    stream = _cuda(cudart.cudaStreamCreate())
+    runners = {role: EngineRunner(where / meta["engine"], logger, stream, graphs=32 if role == "span_step" else 0)
+               for role, meta in record["graphs"].items()}
+    info = ModelInfo(family=manifest.family, arch=manifest.arch, token_ids=manifest.token_ids,
+                     precision=record["dtype"], backend="tensorrt", device="cuda:0", top_k=manifest.top_k,
+                     max_window=int(record["window"]))
+    return OnnxRuntimeDenoiser.with_sessions(runners, manifest, info)
