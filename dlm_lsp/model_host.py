@@ -124,6 +124,7 @@ class ModelHost:
         *,
         fallback: bool = True,
         threads: int = 0,
+        progress: Callable[[str], None] | None = None,
     ) -> threading.Thread:
         """Start loading on a thread; ``on_done(host, superseded)`` runs on that thread when it ends.
 
@@ -131,7 +132,8 @@ class ModelHost:
 
         ``fallback``: a catalog model that is not downloaded loads the shipped model
         instead (the server, which offers the download); without it that is an error.
-        ``threads``: per op (0: the engine's default for the model's size).
+        ``threads``: per op (0: the engine's default for the model's size). ``progress`` hears
+        what a long load says as it goes (building TensorRT engines), on the loading thread.
         """
         with self._lock:
             self.state, self.error, self.spec, self.backend, self.missing = "loading", None, model, backend, None
@@ -164,7 +166,7 @@ class ModelHost:
                 with self._lock:
                     if current():
                         self.path = path
-                engine = Engine.load(path, backend=backend, threads=threads or None)
+                engine = Engine.load(path, backend=backend, threads=threads or None, progress=progress)
                 if self.prepare is not None:
                     self.prepare(engine)
                 # one tiny run so the first real request does not pay for lazy initialisation

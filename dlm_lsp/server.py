@@ -215,8 +215,18 @@ class DlmLanguageServer(LanguageServer):
             self.model.connect(self.settings.endpoint, self.settings.endpoint_key_env, self.settings.endpoint_key_file,
                                on_done=done)
         else:
-            self.model.load(self.settings.model, self.settings.backend, on_done=done, threads=self.settings.threads)
+            self.model.load(self.settings.model, self.settings.backend, on_done=done, threads=self.settings.threads,
+                            progress=self._load_progress(token, loop))
         self.send_status()
+
+    def _load_progress(self, token: str | None, loop: asyncio.AbstractEventLoop | None) -> Callable[[str], None]:
+        """What a long load says as it goes (a TensorRT engine build): the log, and the editor's progress report."""
+        def say(message: str) -> None:  # on the loader thread
+            log.warning("loading model: %s", message)
+            if token is not None and loop is not None:
+                loop.call_soon_threadsafe(self.work_done_progress.report, token,
+                                          types.WorkDoneProgressReport(message=message))
+        return say
 
     async def offer_download(self, entry: CatalogEntry) -> None:
         """Ask the user whether to download a catalog model the settings name (``window/showMessageRequest``).

@@ -100,7 +100,7 @@ class Settings:
     model: str = _setting("", Rule("string", what="a catalog name or a folder path (a string)"))
     """A catalog name (``dlm-lsp models list``) or an engine folder; empty = the demo model that ships with dlm-lsp."""
     backend: str = _setting("auto", Rule("choice", choices=SERVING_BACKENDS))
-    """Runtime: auto | tensorrt | cuda | cpu."""
+    """Runtime: auto | tensorrt (native engines) | tensorrt-ep | cuda | cpu."""
     threads: int = _setting(0, Rule("integer", 0, 256))
     """Threads each model op runs on; 0 = automatic (1 for a small model, every core for a larger one).
     Fewer than the cores leaves the rest to the editor."""

@@ -5,21 +5,25 @@
 #   bash scripts/gpu-check.sh            # OUT=gpu-check by default; SHAPES="qwen2-0.5b qwen2-7b" adds a 7B
 #
 # Rehearsal on a machine without a GPU (what CI's test of this script runs):
-#   INSTALL=0 SHAPES=tiny LOAD_BACKEND=cpu BACKENDS=cpu GPU_TESTS=0 CONTEXTS=256 OUT=/tmp/rehearsal \
+#   INSTALL=0 SHAPES=tiny ENGINES=0 LOAD_BACKENDS=cpu BACKENDS=cpu GPU_TESTS=0 CONTEXTS=256 OUT=/tmp/rehearsal \
 #     bash scripts/gpu-check.sh
 #
 # It installs the gpu extra in its own virtual environment, writes a random-weight checkpoint at the
-# Open-dCoder-0.5B shape and converts it to fp32 graphs, loads it with the TensorRT provider twice
-# (the first load builds the engines into the cache, the second must find them), runs the GPU test
-# tier, then dlm-bench's engine level on each backend (tensorrt, cuda, cpu) at a 2,048-token window
-# with 3 tokens per step. Every step's time, output and exit status go to the report; a failed step
-# does not stop the others, so that one run says as much as it can.
+# Open-dCoder-0.5B shape and converts it to fp32 graphs, builds its native TensorRT engines
+# (dlm-convert --engine tensorrt: fp16 or bf16 chosen on the CPU, then one profile per bucket; the
+# build record gives each engine's seconds and bytes), loads it twice with each of LOAD_BACKENDS
+# (the native engines, then the TensorRT provider: the provider's first load builds its engines into
+# the cache, the second must find them), runs the GPU test tier, then dlm-bench's engine level on each
+# backend (tensorrt, tensorrt-ep, cuda, cpu) at a 2,048-token window with 3 tokens per step. Every
+# step's time, output and exit status go to the report; a failed step does not stop the others, so
+# that one run says as much as it can.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
 SHAPES=${SHAPES:-qwen2-0.5b}
-BACKENDS=${BACKENDS:-tensorrt cuda cpu}
-LOAD_BACKEND=${LOAD_BACKEND:-tensorrt}
+BACKENDS=${BACKENDS:-tensorrt tensorrt-ep cuda cpu}
+LOAD_BACKENDS=${LOAD_BACKENDS:-tensorrt tensorrt-ep}
+ENGINES=${ENGINES:-1}
 INSTALL=${INSTALL:-1}
 GPU_TESTS=${GPU_TESTS:-1}
 CONTEXTS=${CONTEXTS:-2048}
@@ -63,8 +67,10 @@ export DLM_LSP_CACHE="$OUT/cache"
 for shape in $SHAPES; do
   step "checkpoint-$shape" python -m engine.tiny --shape "$shape" "$OUT/$shape/checkpoint"
   step "convert-$shape" dlm-convert "$OUT/$shape/checkpoint" "$OUT/$shape/engine" --precision fp32
-  for load in build cached; do  # the first load builds the TensorRT engines, the second reads them
-    step "load-$load-$shape" python - "$OUT/$shape/engine" "$LOAD_BACKEND" <<'EOF'
+  [ "$ENGINES" = 1 ] && step "engine-$shape" dlm-convert --engine tensorrt "$OUT/$shape/engine"
+  for backend in $LOAD_BACKENDS; do
+   for load in build cached; do  # a first load may build engines, the second must read them
+    step "load-$load-$backend-$shape" python - "$OUT/$shape/engine" "$backend" <<'EOF'
 import json, sys, time
 from engine import Engine
 t0 = time.perf_counter()
@@ -75,6 +81,7 @@ print(json.dumps({"backend": engine.info.backend, "load_s": loaded,
                   "first_completion_s": time.perf_counter() - t0 - loaded, "window": engine.info.window,
                   "text": result.text}))
 EOF
+   done
   done
 done
 [ "$GPU_TESTS" = 1 ] && step gpu-tests python -m pytest -m gpu tests -q -rs

@@ -23,12 +23,25 @@ def last_json(path: Path) -> Any:
     return None
 
 
+def _build_record(path: Path) -> Any:
+    """The build record (indented JSON) at the end of a ``dlm-convert --engine`` log, or None."""
+    text = path.read_text() if path.is_file() else ""
+    start = text.rfind("\n{\n")
+    try:
+        return json.loads(text[start + 1 :] if start >= 0 else text)
+    except ValueError:
+        return None
+
+
 def main(out: Path) -> int:
     """Gather the steps, versions, loads and benchmarks of ``out``; write and print the report."""
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
-    report: dict[str, Any] = {"steps": steps, "versions": last_json(out / "versions.log"), "loads": {}, "bench": {}}
+    report: dict[str, Any] = {"steps": steps, "versions": last_json(out / "versions.log"), "engines": {},
+                              "loads": {}, "bench": {}}
     for step in steps:
         name = step["step"]
+        if name.startswith("engine-"):  # dlm-convert --engine prints the build record last
+            report["engines"][name] = _build_record(out / f"{name}.log")
         if name.startswith("load-"):
             report["loads"][name] = last_json(out / f"{name}.log")
         if name.startswith("bench-"):
@@ -38,6 +51,13 @@ def main(out: Path) -> int:
     lines = ["# GPU check", "", f"Versions: `{json.dumps(report['versions'])}`", "", "| step | exit | seconds |",
              "|---|---|---|"]
     lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in steps]
+    lines += ["", "## Native engines", ""]
+    for name, record in report["engines"].items():
+        if not record:
+            lines.append(f"- {name}: no build record (see {name}.log)")
+            continue
+        built = ", ".join(f"{role} {g['build_s']} s, {g['bytes'] / 1e6:.0f} MB" for role, g in record["graphs"].items())
+        lines.append(f"- {name}: {record['dtype']}; {built}; device `{json.dumps(record['device'])}`")
     lines += ["", "## Loads", ""]
     lines += [f"- {name}: `{json.dumps(load)}`" for name, load in report["loads"].items()]
     for name in report["bench"]:

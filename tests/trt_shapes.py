@@ -33,7 +33,7 @@ class ShapeRecorder:
 
 def record_shapes(folder: Path) -> dict[str, list[dict[str, tuple[int, ...]]]]:
     """Per graph, the input shapes of every call of a varied workload on ``folder`` (CPU): full and partial
-    context passes with healing and several candidates, the cached span, and merged steps of three
+    context passes with healing and several candidates, a small file, the cached span, and merged steps of three
     documents at once."""
     engine = Engine.load(folder, backend="cpu")
     seen: dict[str, list[dict[str, tuple[int, ...]]]] = {"context": [], "span_step": []}
@@ -41,6 +41,7 @@ def record_shapes(folder: Path) -> dict[str, list[dict[str, tuple[int, ...]]]]:
         engine.denoiser.sessions[role] = ShapeRecorder(engine.denoiser.sessions[role], seen[role])
     for k in range(4):  # typing: a full pass, then partial ones
         engine.complete(TEXT[: 6000 + k], TEXT[6100:9000], SamplingParams(lengths=(4, 8, 16)), reuse="doc", heal=True)
+    engine.complete(TEXT[:30], TEXT[30:45], SamplingParams(lengths=(4,)))  # a small file: a short window
     engine.complete(TEXT[:900], TEXT[900:1500], SamplingParams(lengths=(8, 32), cached_span=True, threshold=1.0,
                                                                  tokens_per_step=2))
     engine.batch_requests(max_rows=MERGED_ROWS)

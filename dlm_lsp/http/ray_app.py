@@ -57,7 +57,7 @@ class RayAppArgs(BaseModel):
     model: str = ""
     """Catalog name or engine folder (the same path on every machine); empty: the shipped model."""
     backend: str | None = None
-    """``auto``, ``tensorrt``, ``cuda``, ``cpu`` (default: ``auto``; on a GPU replica, its GPU)."""
+    """``auto``, ``tensorrt``, ``tensorrt-ep``, ``cuda``, ``cpu`` (default: ``auto``; on a GPU replica, its GPU)."""
     budget_ms: float | None = None
     """The latency budget of a request that sets none (default: the language server's, 150 ms)."""
     min_confidence: float | None = None

@@ -79,7 +79,7 @@ def require_cudart() -> Any:
         from cuda.bindings import runtime
     except ImportError:
         try:
-            from cuda import cudart as runtime  # type: ignore[no-redef]
+            from cuda import cudart as runtime
         except ImportError as exc:
             raise BackendUnavailableError(f"the tensorrt backend needs cuda-python: {GPU_EXTRA}") from exc
     return runtime
@@ -192,7 +192,7 @@ def _elsewhere(folder: Path) -> Path:
 
 def built_any(folder: Path) -> bool:
     """Whether native engines were built for ``folder`` on any GPU (cheap: no TensorRT import)."""
-    return any(root.glob(f"*/{BUILD_RECORD}") for root in (folder / ENGINE_DIR, _elsewhere(folder)))
+    return any(any(root.glob(f"*/{BUILD_RECORD}")) for root in (folder / ENGINE_DIR, _elsewhere(folder)))
 
 
 def find_engines(folder: Path, manifest: Manifest, device: Mapping[str, Any], buckets: Buckets | None = None,
@@ -242,7 +242,7 @@ class _Monitor:
 
     @staticmethod
     def create(trt: Any, progress: Callable[[str], None]) -> Any:
-        class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
+        class Monitor(trt.IProgressMonitor):
             def __init__(self) -> None:
                 trt.IProgressMonitor.__init__(self)
                 self.steps: dict[str, int] = {}
@@ -421,10 +421,13 @@ class EngineRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.profiles = [
-            {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, p)) for n in self.inputs}
-            for p in range(self.engine.num_optimization_profiles)
-        ]
+        self.profiles: list[dict[str, tuple[Shape, Shape, Shape]]] = []
+        for p in range(self.engine.num_optimization_profiles):
+            bounds = {}
+            for n in self.inputs:
+                low, opt, high = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, p))
+                bounds[n] = (low, opt, high)
+            self.profiles.append(bounds)
         self._contexts: dict[int, Any] = {}
         self._buffers: dict[int, dict[str, tuple[int, int]]] = {}  # profile -> name -> (pointer, bytes)
         self._graphs: OrderedDict[tuple[Any, ...], Any] = OrderedDict()

@@ -21,7 +21,7 @@ def test_cpu_and_auto():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has ONNX Runtime's CUDA provider")
-@pytest.mark.parametrize("backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")])
+@pytest.mark.parametrize("backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt-ep", "TensorrtExecutionProvider")])
 def test_gpu_backends_name_what_is_missing(backend, provider):
     with pytest.raises(BackendUnavailableError, match=f"{provider}.*pip install -e '\\.\\[gpu\\]'"):
         onnxruntime_providers(backend)
@@ -29,8 +29,8 @@ def test_gpu_backends_name_what_is_missing(backend, provider):
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has ONNX Runtime's CUDA provider")
 def test_engine_load_with_gpu_backend_fails_cleanly(tiny_engine):
-    with pytest.raises(BackendUnavailableError, match="backend 'tensorrt'"):
-        Engine.load(tiny_engine, backend="tensorrt")
+    with pytest.raises(BackendUnavailableError, match="backend 'tensorrt-ep'"):
+        Engine.load(tiny_engine, backend="tensorrt-ep")
 
 
 def test_cpu_sessions_run_a_small_model_on_one_sleeping_thread(tiny_engine):

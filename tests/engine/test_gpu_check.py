@@ -20,16 +20,31 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_gpu_check_rehearses_on_the_cpu_and_reports(tmp_path: Path):
     pytest.importorskip("torch")
     out = tmp_path / "rehearsal"
-    env = {**os.environ, "INSTALL": "0", "SHAPES": "tiny", "LOAD_BACKEND": "cpu", "BACKENDS": "cpu", "GPU_TESTS": "0",
+    env = {**os.environ, "INSTALL": "0", "SHAPES": "tiny", "ENGINES": "0", "LOAD_BACKENDS": "cpu", "BACKENDS": "cpu", "GPU_TESTS": "0",
            "CONTEXTS": "256", "OUT": str(out), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["versions", "checkpoint-tiny", "convert-tiny", "load-build-tiny",
-                                                    "load-cached-tiny", "bench-cpu-tiny"]
+    assert [s["step"] for s in report["steps"]] == ["versions", "checkpoint-tiny", "convert-tiny", "load-build-cpu-tiny",
+                                                    "load-cached-cpu-tiny", "bench-cpu-tiny"]
     assert all(s["rc"] == 0 for s in report["steps"])
     assert report["versions"]["onnxruntime"] and "CPUExecutionProvider" in report["versions"]["providers"]
-    assert report["loads"]["load-build-tiny"]["backend"] == "cpu"
+    assert report["loads"]["load-build-cpu-tiny"]["backend"] == "cpu"
     assert report["bench"]["bench-cpu-tiny"]  # the benchmark's summary rows
     assert "Failed steps: none." in (out / "report.md").read_text()
+
+
+def test_the_report_reads_the_build_record_after_the_builds_progress(tmp_path: Path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    record = {"dtype": "fp16", "device": {"gpu": "NVIDIA H200"},
+              "graphs": {"context": {"engine": "context.engine", "bytes": 2_000_000, "build_s": 41.5}}}
+    log = tmp_path / "engine-x.log"
+    log.write_text("dlm-convert: checking fp16 on the CPU\ndlm-convert: {not json}\n" + json.dumps(record, indent=2) + "\n")
+    assert gpu_report._build_record(log) == record
+    log.write_text("dlm-convert: error: the tensorrt backend needs TensorRT's Python package\n")
+    assert gpu_report._build_record(log) is None
