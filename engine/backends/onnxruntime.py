@@ -1,8 +1,5 @@
 """ONNX Runtime denoiser: the serving backend (CPU provider here; CUDA/TensorRT providers on NVIDIA GPUs).
 
-Its host-side logic (context reuse, key rotation, merged steps) also drives the native
-TensorRT engines (:meth:`OnnxRuntimeDenoiser.with_sessions`).
-
 Loads the two graphs of an engine folder. The session options are tuned for the
 latency of one small request at a time on a machine that is doing other things
 (an editor, a build): no inter-op parallelism, every graph optimisation on, and
@@ -213,7 +210,7 @@ class OnnxRuntimeDenoiser:
             options.log_severity_level = 3
             return options
 
-        self.sessions: dict[str, Any] = {}
+        self.sessions = {}
         for role, name in manifest.graphs.items():
             path = folder / name
             try:
@@ -233,7 +230,7 @@ class OnnxRuntimeDenoiser:
                 f"engine folder {folder}: the manifest does not describe its graphs: {'; '.join(problems)}. "
                 "Re-run dlm-convert to rebuild the folder"
             )
-        info = ModelInfo(
+        self.info = ModelInfo(
             family=manifest.family,
             arch=manifest.arch,
             token_ids=manifest.token_ids,
@@ -243,27 +240,13 @@ class OnnxRuntimeDenoiser:
             top_k=manifest.top_k,
             max_window=None if limits is None else limits.capped(manifest.arch).window,
         )
-        context_run = None
+        self._context_run = None
         if chosen == "cpu" and manifest.arch.hidden_size > SMALL_MODEL_HIDDEN:
             # A real-size context pass allocates hundreds of MB of activations (attention over the
             # window); the arena would keep its largest pass for good. Measured at the 0.5B shape
             # (2,048- and 1,024-token passes in turn): RSS 1.7-2.3 GB kept, 1.2-1.8 GB shrunk, no slower.
-            context_run = ort.RunOptions()
-            context_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._setup(manifest, info, context_run)
-
-    @classmethod
-    def with_sessions(cls, sessions: Mapping[str, Any], manifest: Manifest, info: ModelInfo) -> OnnxRuntimeDenoiser:
-        """This denoiser's logic over other runtimes of the same two graphs: ``sessions[role].run(None, feed)``
-        returns the graph's outputs in order (the native TensorRT engines, :mod:`engine.backends.tensorrt`)."""
-        denoiser = cls.__new__(cls)
-        denoiser.sessions = dict(sessions)
-        denoiser._setup(manifest, info, None)
-        return denoiser
-
-    def _setup(self, manifest: Manifest, info: ModelInfo, context_run: Any) -> None:
-        self.info = info
-        self._context_run = context_run
+            self._context_run = ort.RunOptions()
+            self._context_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.merges_contexts = manifest.format_version >= 3
         """Whether the span step takes ``cache_valid``, so that several requests' rows run as one batch."""
         self.reuses_context = manifest.format_version >= 3

@@ -1,4 +1,4 @@
-"""Native TensorRT engines: built from an engine folder's two graphs, kept beside its manifest, and run.
+"""Native TensorRT engines: built from an engine folder's two graphs, kept beside its manifest, and loaded.
 
 Building (:func:`build_engines`, ``dlm-convert --engine tensorrt``):
 
@@ -18,16 +18,13 @@ Building (:func:`build_engines`, ``dlm-convert --engine tensorrt``):
    driver), and the TensorRT and CUDA versions: another GPU or stack gets its own engines,
    nothing stale is loaded.
 
-Running (:class:`TensorRtDenoiser`): each graph's engine behind :class:`EngineRunner`, which
-allocates its device buffers once per profile (at the profile's largest shapes, when first
-used), copies a call's inputs in and its outputs (top-k ids, probabilities, entropy; the
-context pass's keys and values) back, and replays a CUDA graph for a span step whose shapes
-it has seen before. The sampler's host-side logic (context reuse, rotation, merging) is the
-ONNX Runtime denoiser's own.
+Running: :func:`load_denoiser` opens the engines (and a third, tiny one that rotates cached
+keys on the device) as a :class:`engine.backends.tensorrt_runtime.TensorRtDenoiser`, whose
+context cache stays on the GPU across denoising steps and keystrokes.
 
 Everything here imports ``tensorrt`` and ``cuda-python`` lazily; without them (or a GPU) the
 errors name what is missing. What needs no GPU (buckets, profile choice, keys, the half
-graphs, the host side of a call) is tested on the CPU; the rest by ``scripts/gpu-check.sh``.
+graphs, the fp16/bf16 choice) is tested on the CPU; the rest by ``scripts/gpu-check.sh``.
 """
 
 from __future__ import annotations
@@ -38,7 +35,6 @@ import logging
 import os
 import shutil
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -49,7 +45,7 @@ from engine.backends.base import ModelInfo
 from engine.backends.tensorrt_ep import ProfileLimits, Shape, profile_shapes
 from engine.errors import BackendUnavailableError, ManifestError
 from engine.families import ArchConfig
-from engine.manifest import Manifest
+from engine.manifest import CONTEXT_OUTPUTS, SPAN_OUTPUTS, Manifest
 from engine.scheduler import MAX_ROWS
 
 log = logging.getLogger(__name__)
@@ -59,6 +55,9 @@ DTYPE_CHOICES = ("auto", "fp16", "bf16")
 ENGINE_DIR = "tensorrt"
 """Where an engine folder keeps its native engines: ``<folder>/tensorrt/<key>/``."""
 BUILD_RECORD = "build.json"
+RUNTIME_VERSION = 1
+"""The engines' layout (which graphs, their half-precision rewrite, the rotation engine); part of the key:
+a change here rebuilds."""
 
 
 def require_tensorrt() -> Any:
@@ -160,14 +159,15 @@ def device_identity() -> dict[str, Any]:
     try:
         version = _cuda(require_cudart().cudaRuntimeGetVersion())
         identity["cuda"] = f"{version // 1000}.{version % 1000 // 10}"
-    except BackendUnavailableError:
-        pass
+    except Exception as exc:  # noqa: BLE001 - no cuda-python, or no CUDA runtime for it: the field stays None
+        log.debug("no CUDA runtime version: %s", exc)
     return identity
 
 
 def engine_key(manifest: Manifest, dtype: str, buckets: Buckets, device: Mapping[str, Any]) -> str:
     """16 hex digits naming the engines of ``manifest``'s graphs in ``dtype`` under ``buckets`` on ``device``."""
     identity = {
+        "runtime": RUNTIME_VERSION,
         "graphs": {name: meta.get("sha256") for name, meta in sorted(manifest.files.items())},
         "format": manifest.format_version,
         "dtype": dtype,
@@ -324,12 +324,20 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
         timing = _timing_cache_bytes(folder, device)
         record = BuildRecord(key=key, dtype=dtype, device=dict(device), validation=validation,
                              buckets={role: [asdict(lim) for lim in buckets.limits(role, manifest.arch)]
-                                      for role in graphs},
+                                      for role in ("context", "span_step")},
                              window=min(buckets.window, manifest.arch.max_positions))
+        import onnx
+
+        from engine.backends.tensorrt_runtime import rotate_graph, rotate_profiles
+
+        onnx.save_model(rotate_graph(manifest.arch), str(work / "onnx" / "rotate.onnx"))
+        graphs["rotate"] = work / "onnx" / "rotate.onnx"
+        profiles = {role: buckets.profiles(role, manifest.arch) for role in ("context", "span_step")}
+        profiles["rotate"] = rotate_profiles(manifest.arch, record.window, MAX_ROWS)
         for role, onnx_path in graphs.items():
-            progress(f"building the {role} engine ({len(buckets.limits(role, manifest.arch))} profiles)")
+            progress(f"building the {role} engine ({len(profiles[role])} profiles)")
             started = time.perf_counter()
-            plan, timing = _build_one(trt, logger, onnx_path, buckets.profiles(role, manifest.arch), timing, progress)
+            plan, timing = _build_one(trt, logger, onnx_path, profiles[role], timing, progress)
             name = f"{role}.engine"
             (work / name).write_bytes(plan)
             record.graphs[role] = {"engine": name, "bytes": len(plan), "build_s": round(time.perf_counter() - started, 1)}
@@ -370,7 +378,7 @@ def _build_one(trt: Any, logger: Any, onnx_path: Path, profiles: Sequence[Mappin
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
         raise ManifestError(f"TensorRT's ONNX parser refused {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     cache = config.create_timing_cache(timing)
@@ -388,136 +396,24 @@ def _build_one(trt: Any, logger: Any, onnx_path: Path, profiles: Sequence[Mappin
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
-# --- running ---------------------------------------------------------------------------------------
+def _parser_error(error: Any) -> str:
+    """One of the ONNX parser's errors as text: what, and at which node."""
+    describe = getattr(error, "desc", None)
+    node = getattr(error, "node_name", None)
+    text = describe() if callable(describe) else str(error)
+    return f"{text} (node {node()})" if callable(node) and node() else text
 
 
-def host_feed(feed: Mapping[str, np.ndarray], dtypes: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A call's inputs as the engine takes them: each in its engine dtype (ids int32), contiguous."""
-    return {name: np.ascontiguousarray(value, dtype=dtypes[name]) for name, value in feed.items()}
-
-
-def host_outputs(outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """An engine's outputs as the denoiser returns them: ids int64, values fp32."""
-    return [o.astype(np.int64) if o.dtype.kind in "iu" else o.astype(np.float32, copy=False) for o in outputs]
-
-
-class EngineRunner:
-    """One TensorRT engine run like an ONNX Runtime session (``run(None, feed)``) on one CUDA stream.
-
-    Device buffers are allocated per profile at its largest shapes when the profile is first
-    used, and kept; an execution context per used profile. ``graphs`` CUDA graphs (by input
-    shapes) are captured for the calls whose shapes repeat (a request's span steps).
-    """
-
-    def __init__(self, path: Path, logger: Any, stream: Any, graphs: int = 0) -> None:
-        trt, self.cudart = require_tensorrt(), require_cudart()
-        self.trt, self.stream = trt, stream
-        runtime = trt.Runtime(logger)
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise BackendUnavailableError(f"TensorRT could not load {path} (built by another TensorRT version or "
-                                          "GPU? delete the folder to rebuild)")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.profiles: list[dict[str, tuple[Shape, Shape, Shape]]] = []
-        for p in range(self.engine.num_optimization_profiles):
-            bounds = {}
-            for n in self.inputs:
-                low, opt, high = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, p))
-                bounds[n] = (low, opt, high)
-            self.profiles.append(bounds)
-        self._contexts: dict[int, Any] = {}
-        self._buffers: dict[int, dict[str, tuple[int, int]]] = {}  # profile -> name -> (pointer, bytes)
-        self._graphs: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-        self._max_graphs = graphs
-        self._seen: set[tuple[Any, ...]] = set()
-
-    def _context(self, profile: int) -> tuple[Any, dict[str, tuple[int, int]]]:
-        if profile not in self._contexts:
-            context = self.engine.create_execution_context()
-            context.set_optimization_profile_async(profile, int(self.stream))
-            buffers = {}
-            for name in self.inputs:  # the profile's largest shapes: every call of this profile fits
-                context.set_input_shape(name, self.profiles[profile][name][2])
-            for name in (*self.inputs, *self.outputs):
-                shape = self.profiles[profile][name][2] if name in self.inputs else tuple(context.get_tensor_shape(name))
-                size = max(1, int(np.prod(shape)) * self.dtypes[name].itemsize)
-                buffers[name] = (_cuda(self.cudart.cudaMalloc(size)), size)
-                context.set_tensor_address(name, int(buffers[name][0]))
-            self._contexts[profile], self._buffers[profile] = context, buffers
-        return self._contexts[profile], self._buffers[profile]
-
-    def run(self, _names: Any, feed: Mapping[str, np.ndarray], *_options: Any) -> list[np.ndarray]:
-        """Outputs (in the engine's order) of one call; the signature of ``InferenceSession.run``."""
-        cudart = self.cudart
-        inputs = host_feed(feed, self.dtypes)
-        shapes = {name: tuple(value.shape) for name, value in inputs.items()}
-        profile = select_profile(self.profiles, shapes)
-        context, buffers = self._context(profile)
-        for name, value in inputs.items():
-            context.set_input_shape(name, value.shape)
-            if value.nbytes:
-                _cuda(cudart.cudaMemcpyAsync(buffers[name][0], value.ctypes.data, value.nbytes,
-                                             cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
-        key = (profile, *sorted(shapes.items()))
-        self._launch(context, key)
-        outputs = []
-        for name in self.outputs:
-            out = np.empty(tuple(context.get_tensor_shape(name)), self.dtypes[name])
-            if out.nbytes:
-                _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, buffers[name][0], out.nbytes,
-                                             cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
-            outputs.append(out)
-        _cuda(cudart.cudaStreamSynchronize(self.stream))
-        return host_outputs(outputs)
-
-    def _launch(self, context: Any, key: tuple[Any, ...]) -> None:
-        """Run the engine: the captured graph of these shapes, else directly (capturing one the second time
-        the shapes come, after a direct run has done TensorRT's shape-dependent setup)."""
-        cudart = self.cudart
-        graph = self._graphs.get(key)
-        if graph is not None:
-            self._graphs.move_to_end(key)
-            _cuda(cudart.cudaGraphLaunch(graph, self.stream))
-            return
-        if self._max_graphs and key in self._seen:
-            try:
-                _cuda(cudart.cudaStreamBeginCapture(self.stream,
-                                                    cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-                ok = context.execute_async_v3(int(self.stream))
-                captured = _cuda(cudart.cudaStreamEndCapture(self.stream))
-                if not ok:
-                    raise BackendUnavailableError("execute_async_v3 failed during capture")
-                self._graphs[key] = _cuda(cudart.cudaGraphInstantiate(captured, 0))
-                while len(self._graphs) > self._max_graphs:
-                    self._graphs.popitem(last=False)
-                _cuda(cudart.cudaGraphLaunch(self._graphs[key], self.stream))
-                return
-            except BackendUnavailableError as exc:  # an engine that cannot be captured runs directly
-                log.warning("CUDA graphs off for this engine: %s", exc)
-                self._max_graphs = 0
-        self._seen.add(key)
-        if not context.execute_async_v3(int(self.stream)):
-            raise BackendUnavailableError("TensorRT could not run the engine (its log above says why)")
-
-    def close(self) -> None:
-        """Free the device buffers."""
-        for buffers in self._buffers.values():
-            for pointer, _size in buffers.values():
-                self.cudart.cudaFree(pointer)
-        self._buffers.clear()
-        self._contexts.clear()
-        self._graphs.clear()
+# --- loading ---------------------------------------------------------------------------------------
 
 
 def load_denoiser(folder: Path, manifest: Manifest, build: bool = True,
                   progress: Callable[[str], None] | None = None) -> Any:
-    """The native TensorRT denoiser of ``folder``: its engines for this GPU, built first when ``build``."""
-    from engine.backends.onnxruntime import OnnxRuntimeDenoiser
+    """The native TensorRT denoiser of ``folder`` (:mod:`engine.backends.tensorrt_runtime`): its engines for
+    this GPU, built first when ``build``."""
+    from engine.backends.tensorrt_runtime import Device, EngineRunner, TensorRtDenoiser
 
-    require_tensorrt()
+    trt = require_tensorrt()
     cudart = require_cudart()
     device = device_identity()
     where = find_engines(folder, manifest, device)
@@ -529,12 +425,13 @@ def load_denoiser(folder: Path, manifest: Manifest, build: bool = True,
         say("no engines for this GPU yet: building them (minutes, once)")
         where = build_engines(folder, manifest, progress=say)
     record = json.loads((where / BUILD_RECORD).read_text(encoding="utf-8"))
-    trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
-    stream = _cuda(cudart.cudaStreamCreate())
-    runners = {role: EngineRunner(where / meta["engine"], logger, stream, graphs=32 if role == "span_step" else 0)
+    stream = Device(_cuda(cudart.cudaStreamCreate()))
+    outputs = {"context": CONTEXT_OUTPUTS, "span_step": SPAN_OUTPUTS, "rotate": ("rotated",)}
+    runners = {role: EngineRunner(where / meta["engine"], logger, stream, outputs[role],
+                                  graphs=32 if role == "span_step" else 0)
                for role, meta in record["graphs"].items()}
     info = ModelInfo(family=manifest.family, arch=manifest.arch, token_ids=manifest.token_ids,
                      precision=record["dtype"], backend="tensorrt", device="cuda:0", top_k=manifest.top_k,
                      max_window=int(record["window"]))
-    return OnnxRuntimeDenoiser.with_sessions(runners, manifest, info)
+    return TensorRtDenoiser(runners, stream, info)

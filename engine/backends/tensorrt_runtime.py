@@ -1,0 +1,504 @@
+"""Running native TensorRT engines with the context cache resident on the GPU.
+
+:class:`TensorRtDenoiser` is the :class:`~engine.backends.base.Denoiser` of a folder's
+engines (:mod:`engine.backends.tensorrt` builds them). What crosses the PCIe bus per call
+is what the sampler needs and nothing else:
+
+* a context pass sends its ids and positions and gets back the top-k ids, probabilities
+  and entropy of the span rows; its keys and values **stay on the device** (a
+  :class:`DeviceCache`), as do the priors it attends to;
+* a span step sends its span ids, positions and masks and gets back the top-k of its rows;
+  the keys it attends to are the cache's, rotated to the step's layout **on the device**
+  (a third, tiny engine built from :func:`rotate_graph`) once per request and layout;
+* reusing context across keystrokes (:mod:`engine.reuse`) selects and joins cache entries
+  with strided device copies (:func:`index_runs`: a kept range of entries is one copy
+  per layer), never through the host;
+* merged span steps of several requests pad and stack their caches on the device.
+
+Each engine runs behind an :class:`EngineRunner`: one execution context per used
+optimisation profile, device buffers for host inputs allocated once per profile (at its
+largest shapes) and reused, device arrays bound directly, and CUDA graphs replayed for
+calls whose shapes and bound arrays repeat (a request's span steps).
+
+The GPU calls follow TensorRT's and cuda-python's documented APIs and run only on a GPU
+(``scripts/gpu-check.sh``); what needs none is tested on the CPU: the rotation graph
+against :func:`engine.backends.onnxruntime.rotate_keys`, the copy plans, and the host
+side of a call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from engine.backends.base import ModelInfo, Prior, SpanBatch, StepOutput, priors, split_output
+from engine.backends.tensorrt_ep import Shape
+from engine.errors import BackendUnavailableError, ManifestError
+from engine.families import ArchConfig
+
+log = logging.getLogger(__name__)
+
+ROTATE_INPUTS = ("keys", "positions")
+
+
+def _cudart() -> Any:
+    from engine.backends.tensorrt import require_cudart
+
+    return require_cudart()
+
+
+def _cuda(result: Any) -> Any:
+    from engine.backends.tensorrt import _cuda as check
+
+    return check(result)
+
+
+# --- what needs no GPU -----------------------------------------------------------------------------
+
+
+def rotate_graph(arch: ArchConfig) -> Any:
+    """The ONNX graph that rotates pre-rotary cached keys (L, 1, Hkv, N, D) to ``positions`` (B, N), int32,
+    giving (L, B, Hkv, N, D): :func:`engine.backends.onnxruntime.rotate_keys` on the device, in fp32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    L, H, D = arch.num_layers, arch.num_kv_heads, arch.head_dim
+    half = D // 2
+    exponent = np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / np.float32(D)
+    inv_freq = (np.float32(1.0) / (np.float32(arch.rope_theta) ** exponent)).astype(np.float32)
+
+    def const(name: str, values: Any, dtype: Any = np.int64) -> Any:
+        return onnx.numpy_helper.from_array(np.asarray(values, dtype), name)
+
+    nodes = [
+        helper.make_node("Cast", ["positions"], ["pos_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["pos_f", "axis_last"], ["pos_col"]),
+        helper.make_node("Mul", ["pos_col", "inv_freq"], ["freqs"]),  # (B, N, D/2)
+        helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1),  # (B, N, D)
+        helper.make_node("Cos", ["emb"], ["cos_bn"]),
+        helper.make_node("Sin", ["emb"], ["sin_bn"]),
+        helper.make_node("Unsqueeze", ["cos_bn", "axes_02"], ["cos"]),  # (1, B, 1, N, D)
+        helper.make_node("Unsqueeze", ["sin_bn", "axes_02"], ["sin"]),
+        helper.make_node("Slice", ["keys", "zero", "half", "axis_last"], ["first"]),
+        helper.make_node("Slice", ["keys", "half", "full", "axis_last"], ["second"]),
+        helper.make_node("Neg", ["second"], ["neg_second"]),
+        helper.make_node("Concat", ["neg_second", "first"], ["rotated_half"], axis=-1),
+        helper.make_node("Mul", ["keys", "cos"], ["keys_cos"]),
+        helper.make_node("Mul", ["rotated_half", "sin"], ["half_sin"]),
+        helper.make_node("Add", ["keys_cos", "half_sin"], ["rotated"]),
+    ]
+    initializers = [
+        const("inv_freq", inv_freq, np.float32), const("axis_last", [-1]), const("axes_02", [0, 2]),
+        const("zero", [0]), const("half", [half]), const("full", [D]),
+    ]
+    graph = helper.make_graph(
+        nodes, "rotate_keys",
+        [helper.make_tensor_value_info("keys", TensorProto.FLOAT, [L, 1, H, "entries", D]),
+         helper.make_tensor_value_info("positions", TensorProto.INT32, ["rows", "entries"])],
+        [helper.make_tensor_value_info("rotated", TensorProto.FLOAT, [L, "rows", H, "entries", D])],
+        initializer=initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def rotate_profiles(arch: ArchConfig, window: int, rows: int) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+    """The rotation engine's one profile: up to ``rows`` layouts of up to ``window`` entries."""
+    L, H, D = arch.num_layers, arch.num_kv_heads, arch.head_dim
+    opt = min(1024, window)
+    return [{"keys": ((L, 1, H, 0, D), (L, 1, H, opt, D), (L, 1, H, window, D)),
+             "positions": ((1, 0), (1, opt), (rows, window))}]
+
+
+def index_runs(index: np.ndarray) -> list[tuple[int, int, int]]:
+    """``index`` as (source start, destination start, length) runs of consecutive entries: one strided
+    copy each. A context kept across keystrokes is a few long runs."""
+    index = np.asarray(index, np.int64)
+    if len(index) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(index)]))
+    return [(int(index[a]), int(a), int(b - a)) for a, b in zip(starts, ends)]
+
+
+def host_feed(feed: Mapping[str, Any], dtypes: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's host inputs as the engine takes them (each in its engine dtype: ids int32), contiguous;
+    device arrays pass as they are."""
+    return {name: value if isinstance(value, DeviceArray) else np.ascontiguousarray(value, dtype=dtypes[name])
+            for name, value in feed.items()}
+
+
+def host_outputs(outputs: Sequence[Any]) -> list[Any]:
+    """An engine's host outputs as the denoiser returns them (ids int64, values fp32); device arrays as they are."""
+    return [o if isinstance(o, DeviceArray) else
+            o.astype(np.int64) if o.dtype.kind in "iu" else o.astype(np.float32, copy=False) for o in outputs]
+
+
+# --- device memory ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class DeviceArray:
+    """A C-contiguous array in GPU memory, freed when dropped."""
+
+    pointer: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    _cudart: Any = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Its size in bytes."""
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    _stream: Any = field(default=None, repr=False)
+
+    def __del__(self) -> None:
+        if self.pointer:  # stream-ordered: freed once the work queued before it is done, no device sync
+            try:
+                self._cudart.cudaFreeAsync(self.pointer, self._stream)
+            except Exception:  # noqa: BLE001 - at interpreter exit the runtime may be gone first
+                pass
+            self.pointer = 0
+
+
+class Device:
+    """Allocation and copies on one CUDA stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.cudart, self.stream = _cudart(), stream
+
+    def empty(self, shape: Sequence[int], dtype: Any = np.float32) -> DeviceArray:
+        """An uninitialised device array (a zero-size one holds a 1-byte allocation: never a null address)."""
+        dtype = np.dtype(dtype)
+        size = max(1, int(np.prod(shape)) * dtype.itemsize)
+        pointer = int(_cuda(self.cudart.cudaMallocAsync(size, self.stream)))  # the stream-ordered pool: no sync
+        return DeviceArray(pointer, tuple(int(d) for d in shape), dtype, self.cudart, self.stream)
+
+    def zeros(self, shape: Sequence[int], dtype: Any = np.float32) -> DeviceArray:
+        """A device array of zeros."""
+        array = self.empty(shape, dtype)
+        if array.nbytes:
+            _cuda(self.cudart.cudaMemsetAsync(array.pointer, 0, array.nbytes, self.stream))
+        return array
+
+    def upload(self, values: np.ndarray) -> DeviceArray:
+        """A device copy of ``values``."""
+        values = np.ascontiguousarray(values)
+        array = self.empty(values.shape, values.dtype)
+        if values.nbytes:
+            _cuda(self.cudart.cudaMemcpyAsync(array.pointer, values.ctypes.data, values.nbytes,
+                                              self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+        return array
+
+    def download(self, array: DeviceArray) -> np.ndarray:
+        """A host copy of ``array`` (waits for the stream)."""
+        out = np.empty(array.shape, array.dtype)
+        if out.nbytes:
+            _cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, array.pointer, out.nbytes,
+                                              self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        _cuda(self.cudart.cudaStreamSynchronize(self.stream))
+        return out
+
+    def copy_entries(self, dst: DeviceArray, dst_rows: tuple[int, int], dst_start: int,
+                     src: DeviceArray, src_rows: tuple[int, int], src_start: int, count: int) -> None:
+        """``dst[:, r0:r1, :, dst_start:dst_start+count] = src[:, s0:s1, :, src_start:src_start+count]`` for
+        (L, B, H, T, D) arrays: per layer, one strided copy of (rows x heads) lines of ``count`` entries."""
+        if count <= 0:
+            return
+        L, bd, H, td, D = dst.shape
+        _, bs, _, ts, _ = src.shape
+        (r0, r1), (s0, s1) = dst_rows, src_rows
+        assert r1 - r0 == s1 - s0 and src.dtype == dst.dtype
+        item = dst.dtype.itemsize
+        width = count * D * item
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for layer in range(L):
+            d = dst.pointer + (((layer * bd + r0) * H) * td + dst_start) * D * item
+            s = src.pointer + (((layer * bs + s0) * H) * ts + src_start) * D * item
+            _cuda(self.cudart.cudaMemcpy2DAsync(d, td * D * item, s, ts * D * item, width, (r1 - r0) * H, kind,
+                                                self.stream))
+
+    def gather_entries(self, src: DeviceArray, index: np.ndarray) -> DeviceArray:
+        """``src[:, :, :, index]`` of an (L, B, H, T, D) array, by runs of consecutive entries."""
+        L, B, H, _, D = src.shape
+        out = self.empty((L, B, H, len(index), D), src.dtype)
+        for start, at, count in index_runs(index):
+            self.copy_entries(out, (0, B), at, src, (0, B), start, count)
+        return out
+
+    def concat_entries(self, parts: Sequence[DeviceArray]) -> DeviceArray:
+        """(L, B, H, T_i, D) arrays joined along the entries."""
+        if len(parts) == 1:
+            return parts[0]
+        L, B, H, _, D = parts[0].shape
+        out = self.empty((L, B, H, sum(p.shape[3] for p in parts), D), parts[0].dtype)
+        at = 0
+        for part in parts:
+            self.copy_entries(out, (0, B), at, part, (0, B), 0, part.shape[3])
+            at += part.shape[3]
+        return out
+
+
+# --- engines ---------------------------------------------------------------------------------------
+
+
+class EngineRunner:
+    """One TensorRT engine run like an ONNX Runtime session (``run(None, feed)``) on one CUDA stream.
+
+    Inputs may be numpy arrays (copied into the profile's buffer for that input, allocated once
+    at the profile's largest shape) or :class:`DeviceArray` (bound where they are). Outputs come
+    back as numpy arrays, or stay on the device for the names in ``keep``, each in a fresh
+    array. With ``graphs`` > 0, a call whose shapes and bound arrays were seen before is
+    captured as a CUDA graph after its direct run, and replayed from then on.
+    """
+
+    def __init__(self, path: Path, logger: Any, device: Device, outputs: Sequence[str], graphs: int = 0) -> None:
+        from engine.backends.tensorrt import require_tensorrt
+
+        trt = require_tensorrt()
+        self.device, self.cudart, self.stream = device, device.cudart, device.stream
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise BackendUnavailableError(f"TensorRT could not load {path} (built by another TensorRT version or "
+                                          "for another GPU? rebuild it: dlm-convert --engine tensorrt --force)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = list(outputs)  # the graph's order, which the denoiser unpacks
+        if sorted(self.outputs) != sorted(n for n in names if n not in self.inputs):
+            raise ManifestError(f"the TensorRT engine {path} has outputs {names}, expected {self.outputs}: rebuild "
+                                "it (dlm-convert --engine tensorrt --force)")
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.profiles: list[dict[str, tuple[Shape, Shape, Shape]]] = []
+        for p in range(self.engine.num_optimization_profiles):
+            bounds = {}
+            for n in self.inputs:
+                low, opt, high = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, p))
+                bounds[n] = (low, opt, high)
+            self.profiles.append(bounds)
+        self._contexts: dict[int, Any] = {}
+        self._largest: dict[int, dict[str, Shape]] = {}  # per profile: each output's shape at the largest inputs
+        self._buffers: dict[tuple[int, str], DeviceArray] = {}
+        self._graphs: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._max_graphs = graphs
+        self._seen: set[tuple[Any, ...]] = set()
+        self._lock = threading.Lock()  # one call at a time: contexts and buffers are shared
+
+    def _context(self, profile: int) -> Any:
+        if profile not in self._contexts:
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise BackendUnavailableError("TensorRT could not create an execution context (out of GPU memory?)")
+            context.set_optimization_profile_async(profile, int(self.stream))
+            for name in self.inputs:
+                context.set_input_shape(name, self.profiles[profile][name][2])
+            self._largest[profile] = {
+                **{name: self.profiles[profile][name][2] for name in self.inputs},
+                **{name: tuple(int(d) for d in context.get_tensor_shape(name)) for name in self.outputs},
+            }
+            self._contexts[profile] = context
+        return self._contexts[profile]
+
+    def _buffer(self, profile: int, name: str) -> DeviceArray:
+        """The profile's buffer for ``name`` (a host input, or an output read back), at its largest shape:
+        allocated once, reused by every call of the profile, so that a captured graph's addresses hold."""
+        key = (profile, name)
+        if key not in self._buffers:
+            self._buffers[key] = self.device.empty(self._largest[profile][name], self.dtypes[name])
+        return self._buffers[key]
+
+    def run(self, _names: Any, feed: Mapping[str, Any], *_options: Any, keep: Sequence[str] = ()) -> list[Any]:
+        """Outputs (in the graph's order) of one call; the signature of ``InferenceSession.run``."""
+        from engine.backends.tensorrt import select_profile
+
+        with self._lock:
+            cudart = self.cudart
+            inputs = host_feed(feed, self.dtypes)
+            shapes = {name: tuple(value.shape) for name, value in inputs.items()}
+            profile = select_profile(self.profiles, shapes)
+            context = self._context(profile)
+            bound = []
+            for name, value in inputs.items():
+                context.set_input_shape(name, value.shape)
+                if isinstance(value, DeviceArray):
+                    pointer = value.pointer
+                else:
+                    pointer = self._buffer(profile, name).pointer
+                    if value.nbytes:
+                        _cuda(cudart.cudaMemcpyAsync(pointer, value.ctypes.data, value.nbytes,
+                                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+                context.set_tensor_address(name, pointer)
+                bound.append((name, pointer))
+            results: list[Any] = []
+            for name in self.outputs:
+                shape = tuple(int(d) for d in context.get_tensor_shape(name))
+                out: DeviceArray | np.ndarray
+                if name in keep:  # a fresh array the caller owns
+                    out = self.device.empty(shape, self.dtypes[name])
+                    pointer = out.pointer
+                else:  # read back from the profile's buffer
+                    out = np.empty(shape, self.dtypes[name])
+                    pointer = self._buffer(profile, name).pointer
+                context.set_tensor_address(name, pointer)
+                bound.append((name, pointer))
+                results.append((out, pointer))
+            self._launch(context, (profile, tuple(sorted(shapes.items())), tuple(bound)))
+            for out, pointer in results:
+                if isinstance(out, np.ndarray) and out.nbytes:
+                    _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, pointer, out.nbytes,
+                                                 cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+            _cuda(cudart.cudaStreamSynchronize(self.stream))
+            return host_outputs([out for out, _ in results])
+
+    def _launch(self, context: Any, key: tuple[Any, ...]) -> None:
+        """Run the engine: the captured graph of this call, else directly. The second time a call comes
+        (same shapes, same addresses), the direct run, which does TensorRT's shape-dependent setup, is
+        followed by a capture of the same work, without running it, for the times after."""
+        cudart = self.cudart
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            _cuda(cudart.cudaGraphLaunch(graph, self.stream))
+            return
+        if not context.execute_async_v3(int(self.stream)):
+            raise BackendUnavailableError("TensorRT could not run the engine (its log says why)")
+        if not self._max_graphs:
+            return
+        if key not in self._seen:
+            self._seen.add(key)
+            return
+        try:
+            _cuda(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+            ok = context.execute_async_v3(int(self.stream))
+            captured = _cuda(cudart.cudaStreamEndCapture(self.stream))
+            if not ok:
+                raise BackendUnavailableError("execute_async_v3 failed during capture")
+            self._graphs[key] = _cuda(cudart.cudaGraphInstantiate(captured, 0))
+            while len(self._graphs) > self._max_graphs:
+                self._graphs.popitem(last=False)
+        except BackendUnavailableError as exc:  # an engine that cannot be captured keeps running directly
+            log.warning("CUDA graphs off for this engine: %s", exc)
+            self._max_graphs = 0
+
+
+# --- the denoiser ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceCache:
+    """A context's keys (pre-rotary) and values on the device, (L, 1, Hkv, Tc, D) fp32, and the keys rotated
+    to each layout a span step asked for (once per request and layout)."""
+
+    keys: DeviceArray
+    values: DeviceArray
+    rotated: dict[tuple[tuple[int, ...], bytes], DeviceArray] = field(default_factory=dict)
+
+
+class TensorRtDenoiser:
+    """The :class:`~engine.backends.base.Denoiser` of native TensorRT engines, caches on the device."""
+
+    def __init__(self, runners: Mapping[str, EngineRunner], device: Device, info: ModelInfo) -> None:
+        self.runners, self.device, self.info = dict(runners), device, info
+        self.reuses_context = True
+        self.merges_contexts = True
+        arch = info.arch
+        self._empty = device.zeros((arch.num_layers, 1, arch.num_kv_heads, 0, arch.head_dim))
+
+    def encode_context(self, input_ids: np.ndarray, positions: np.ndarray, cache_index: np.ndarray,
+                       span_index: np.ndarray, prior: Prior | Sequence[Prior] | None = None
+                       ) -> tuple[DeviceCache, StepOutput]:
+        """See :meth:`engine.backends.base.Denoiser.encode_context`; the cache stays on the device."""
+        given = priors(prior)
+        if given:
+            selected = [self._prior(p) for p in given]
+            prior_keys = self.device.concat_entries([k for k, _ in selected])
+            prior_values = self.device.concat_entries([v for _, v in selected])
+        else:
+            prior_keys = prior_values = self._empty
+        feed = {"input_ids": np.asarray(input_ids)[None], "position_ids": np.asarray(positions)[None],
+                "cache_index": np.asarray(cache_index), "span_index": np.asarray(span_index),
+                "prior_keys": prior_keys, "prior_values": prior_values}
+        keys, values, ids, probs, entropy = self.runners["context"].run(None, feed, keep=("cache_keys", "cache_values"))
+        return DeviceCache(keys, values), StepOutput(ids=ids, probs=probs, entropy=entropy)
+
+    def _prior(self, prior: Prior) -> tuple[DeviceArray, DeviceArray]:
+        """A prior's entries, keys rotated to its positions, and values; on the device."""
+        index = np.asarray(prior.index, np.int64)
+        cache: DeviceCache = prior.cache
+        whole = len(index) == cache.keys.shape[3] and bool((index == np.arange(len(index))).all())
+        keys = cache.keys if whole else self.device.gather_entries(cache.keys, index)
+        values = cache.values if whole else self.device.gather_entries(cache.values, index)
+        return self._rotate(keys, np.asarray(prior.positions)[None]), values
+
+    def _rotate(self, keys: DeviceArray, positions: np.ndarray) -> DeviceArray:
+        (rotated,) = self.runners["rotate"].run(None, {"keys": keys, "positions": positions}, keep=("rotated",))
+        return rotated
+
+    def _rotated(self, cache: DeviceCache, cache_pos: np.ndarray) -> DeviceArray:
+        cache_pos = np.asarray(cache_pos, np.int64)
+        layout = (cache_pos.shape, cache_pos.tobytes())
+        if layout not in cache.rotated:
+            cache.rotated[layout] = self._rotate(cache.keys, cache_pos)
+        return cache.rotated[layout]
+
+    def join(self, parts: Sequence[tuple[DeviceCache, np.ndarray]]) -> DeviceCache:
+        """One cache of the entries ``index`` of each cache, in this order (:mod:`engine.reuse`)."""
+        keys = self.device.concat_entries([self.device.gather_entries(c.keys, i) for c, i in parts])
+        values = self.device.concat_entries([self.device.gather_entries(c.values, i) for c, i in parts])
+        return DeviceCache(keys, values)
+
+    def step(self, cache: DeviceCache, span_ids: np.ndarray, span_pos: np.ndarray, span_valid: np.ndarray,
+             cache_pos: np.ndarray) -> StepOutput:
+        """See :meth:`engine.backends.base.Denoiser.step`."""
+        keys = self._rotated(cache, cache_pos)
+        valid = np.ones((keys.shape[1], keys.shape[3]), np.bool_)
+        return self._run_step(span_ids, span_pos, span_valid, keys, cache.values, valid)
+
+    def step_many(self, parts: Sequence[SpanBatch]) -> list[StepOutput]:
+        """Several requests' span steps as one pass: their caches padded and stacked on the device."""
+        if len(parts) == 1:
+            p = parts[0]
+            return [self.step(p.cache, p.span_ids, p.span_pos, p.span_valid, p.cache_pos)]
+        from engine.backends.base import MergedBatch
+
+        rotated = [self._rotated(p.cache, p.cache_pos) for p in parts]
+        batch = sum(len(p.span_ids) for p in parts)
+        width = max(p.span_ids.shape[1] for p in parts)
+        cached = max(k.shape[3] for k in rotated)
+        L, _, H, _, D = rotated[0].shape
+        keys, values = self.device.zeros((L, batch, H, cached, D)), self.device.zeros((L, batch, H, cached, D))
+        span_ids, span_pos = np.zeros((batch, width), np.int64), np.zeros((batch, width), np.int64)
+        span_valid, cache_valid = np.zeros((batch, width), bool), np.zeros((batch, cached), bool)
+        rows, widths, at = [], [], 0
+        for part, k in zip(parts, rotated):
+            n, w, tc = len(part.span_ids), part.span_ids.shape[1], k.shape[3]
+            rows.append(slice(at, at + n))
+            widths.append(w)
+            span_ids[at : at + n, :w], span_pos[at : at + n, :w] = part.span_ids, part.span_pos
+            span_valid[at : at + n, :w] = part.span_valid
+            cache_valid[at : at + n, :tc] = True
+            self.device.copy_entries(keys, (at, at + n), 0, k, (0, n), 0, tc)
+            for r in range(n):  # one values row, shared by the part's rows
+                self.device.copy_entries(values, (at + r, at + r + 1), 0, part.cache.values, (0, 1), 0, tc)
+            at += n
+        merged = MergedBatch(span_ids, span_pos, span_valid, np.empty(0), np.empty(0), cache_valid, rows, widths)
+        return split_output(self._run_step(span_ids, span_pos, span_valid, keys, values, cache_valid), merged)
+
+    def _run_step(self, span_ids: np.ndarray, span_pos: np.ndarray, span_valid: np.ndarray, keys: DeviceArray,
+                  values: DeviceArray, cache_valid: np.ndarray) -> StepOutput:
+        feed = {"span_ids": span_ids, "span_pos": span_pos, "span_valid": span_valid, "cache_keys": keys,
+                "cache_values": values, "cache_valid": cache_valid}
+        ids, probs, entropy = self.runners["span_step"].run(None, feed)
+        return StepOutput(ids=ids, probs=probs, entropy=entropy)
+
+    def full(self, input_ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> StepOutput:
+        """The span step engine over whole windows with an empty cache."""
+        batch = np.asarray(input_ids).shape[0]
+        empty = DeviceCache(self._empty, self._empty)
+        return self.step(empty, input_ids, positions, valid, np.zeros((batch, 0), np.int64))
