@@ -5,7 +5,8 @@
 #   bash scripts/gpu-check.sh            # OUT=gpu-check by default; SHAPES="qwen2-0.5b qwen2-7b" adds a 7B
 #
 # Rehearsal on a machine without a GPU (what CI's test of this script runs):
-#   INSTALL=0 SHAPES=tiny ENGINES=0 LOAD_BACKENDS=cpu BACKENDS=cpu GPU_TESTS=0 CONTEXTS=256 OUT=/tmp/rehearsal \
+#   INSTALL=0 SHAPES=tiny ENGINES=0 LOAD_BACKENDS=cpu BACKENDS=cpu GPU_TESTS=0 CONTEXTS=256 \
+#     SERVE_CLIENTS="1 2" SERVE_SECONDS=1 OUT=/tmp/rehearsal \
 #     bash scripts/gpu-check.sh
 #
 # It installs the gpu extra in its own virtual environment, writes a random-weight checkpoint at the
@@ -14,9 +15,10 @@
 # build record gives each engine's seconds and bytes), loads it twice with each of LOAD_BACKENDS
 # (the native engines, then the TensorRT provider: the provider's first load builds its engines into
 # the cache, the second must find them), runs the GPU test tier, then dlm-bench's engine level on each
-# backend (tensorrt, tensorrt-ep, cuda, cpu) at a 2,048-token window with 3 tokens per step. Every
-# step's time, output and exit status go to the report; a failed step does not stop the others, so
-# that one run says as much as it can.
+# backend (tensorrt, tensorrt-ep, cuda, cpu) at a 2,048-token window with 3 tokens per step, and
+# dlm-serve's throughput on the first of LOAD_BACKENDS at 1-32 concurrent clients. Every step's time,
+# output and exit status go to the report; a failed step does not stop the others, so that one run
+# says as much as it can.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
@@ -24,6 +26,9 @@ SHAPES=${SHAPES:-qwen2-0.5b}
 BACKENDS=${BACKENDS:-tensorrt tensorrt-ep cuda cpu}
 LOAD_BACKENDS=${LOAD_BACKENDS:-tensorrt tensorrt-ep}
 ENGINES=${ENGINES:-1}
+SERVE_LOAD=${SERVE_LOAD:-1}
+SERVE_CLIENTS=${SERVE_CLIENTS:-1 2 4 8 16 32}
+SERVE_SECONDS=${SERVE_SECONDS:-8}
 INSTALL=${INSTALL:-1}
 GPU_TESTS=${GPU_TESTS:-1}
 CONTEXTS=${CONTEXTS:-2048}
@@ -99,4 +104,13 @@ for shape in $SHAPES; do
       --threshold 1.0 --budget-ms 60000 --no-progress --out "$OUT/bench-$backend-$shape"
   done
 done
+# the throughput curve: dlm-serve on the native engines, 1-32 concurrent clients, 32-token middles
+if [ "$SERVE_LOAD" = 1 ]; then
+  for shape in $SHAPES; do
+    # shellcheck disable=SC2086 # SERVE_CLIENTS is a list
+    step "serve-load-$shape" python scripts/serve_load.py --model "$OUT/$shape/engine" --clients $SERVE_CLIENTS \
+      --seconds "$SERVE_SECONDS" --settings "{\"minConfidence\": 0, \"backend\": \"${LOAD_BACKENDS%% *}\"}" \
+      --out "$OUT/serve-load-$shape.json"
+  done
+fi
 python scripts/gpu_report.py "$OUT"

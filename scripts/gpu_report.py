@@ -47,7 +47,6 @@ def main(out: Path) -> int:
         if name.startswith("bench-"):
             bench = out / name / "bench.json"
             report["bench"][name] = json.loads(bench.read_text())["engine"]["summary"] if bench.is_file() else None
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# GPU check", "", f"Versions: `{json.dumps(report['versions'])}`", "", "| step | exit | seconds |",
              "|---|---|---|"]
     lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in steps]
@@ -60,11 +59,19 @@ def main(out: Path) -> int:
         lines.append(f"- {name}: {record['dtype']}; {built}; device `{json.dumps(record['device'])}`")
     lines += ["", "## Loads", ""]
     lines += [f"- {name}: `{json.dumps(load)}`" for name, load in report["loads"].items()]
+    for path in sorted(out.glob("serve-load-*.json")):
+        runs = json.loads(path.read_text()).get("runs", {})
+        report.setdefault("serve_load", {})[path.stem] = runs
+        lines += ["", f"## {path.stem}", "", "| server | clients | requests/s | p50 ms | p95 ms | with text | refused |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {server} | {r['clients']} | {r['per_second']} | {r['p50_ms']} | {r['p95_ms']} | {r['with_text']} "
+                  f"| {r['refused_429']} |" for server, levels in runs.items() for r in levels]
     for name in report["bench"]:
         md = out / name / "bench.md"
         lines += ["", f"## {name}", "", md.read_text() if md.is_file() else f"no report (see {name}.log)"]
     failed = [s["step"] for s in steps if s["rc"] != 0]
     lines += ["", f"Failed steps: {', '.join(failed) or 'none'}."]
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failed else 0

@@ -84,6 +84,22 @@ def require_cudart() -> Any:
     return runtime
 
 
+def require_gpu() -> None:
+    """An error naming what is missing unless CUDA sees an NVIDIA GPU (driver, runtime, device)."""
+    cudart = require_cudart()
+    try:
+        count = _cuda(cudart.cudaGetDeviceCount())
+    except BackendUnavailableError:
+        count = 0
+    except Exception as exc:  # noqa: BLE001 - cuda-python without a loadable CUDA runtime
+        raise BackendUnavailableError(f"cuda-python cannot load the CUDA runtime ({exc}): install the NVIDIA driver "
+                                      "and a CUDA runtime matching the gpu extra") from exc
+    if not count:
+        driver = "nvidia-smi finds no GPU" if shutil.which("nvidia-smi") else "no NVIDIA driver (nvidia-smi is missing)"
+        raise BackendUnavailableError(f"the tensorrt backend needs an NVIDIA GPU, and CUDA sees none here ({driver}); "
+                                      "use backend 'cpu' or 'auto'")
+
+
 def _cuda(result: Any) -> Any:
     """The value of a cuda-python call (which returns ``(error, *values)``), or an error naming it."""
     err, *values = result if isinstance(result, tuple) else (result,)
@@ -289,7 +305,7 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
     temporary folder renamed into place when complete.
     """
     trt = require_tensorrt()
-    require_cudart()
+    require_gpu()
     buckets = buckets or Buckets()
     if manifest.precision != "fp32":
         raise ManifestError(
@@ -415,6 +431,7 @@ def load_denoiser(folder: Path, manifest: Manifest, build: bool = True,
 
     trt = require_tensorrt()
     cudart = require_cudart()
+    require_gpu()
     device = device_identity()
     where = find_engines(folder, manifest, device)
     if where is None:

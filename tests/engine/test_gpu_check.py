@@ -20,18 +20,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_gpu_check_rehearses_on_the_cpu_and_reports(tmp_path: Path):
     pytest.importorskip("torch")
     out = tmp_path / "rehearsal"
-    env = {**os.environ, "INSTALL": "0", "SHAPES": "tiny", "ENGINES": "0", "LOAD_BACKENDS": "cpu", "BACKENDS": "cpu", "GPU_TESTS": "0",
+    env = {**os.environ, "INSTALL": "0", "SHAPES": "tiny", "ENGINES": "0", "SERVE_CLIENTS": "1 2", "SERVE_SECONDS": "1", "LOAD_BACKENDS": "cpu", "BACKENDS": "cpu", "GPU_TESTS": "0",
            "CONTEXTS": "256", "OUT": str(out), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [s["step"] for s in report["steps"]] == ["versions", "checkpoint-tiny", "convert-tiny", "load-build-cpu-tiny",
-                                                    "load-cached-cpu-tiny", "bench-cpu-tiny"]
+                                                    "load-cached-cpu-tiny", "bench-cpu-tiny", "serve-load-tiny"]
     assert all(s["rc"] == 0 for s in report["steps"])
     assert report["versions"]["onnxruntime"] and "CPUExecutionProvider" in report["versions"]["providers"]
     assert report["loads"]["load-build-cpu-tiny"]["backend"] == "cpu"
     assert report["bench"]["bench-cpu-tiny"]  # the benchmark's summary rows
+    levels = report["serve_load"]["serve-load-tiny"]["max_batch_rows=64"]
+    assert [r["clients"] for r in levels] == [1, 2] and all(r["requests"] > 0 for r in levels)
     assert "Failed steps: none." in (out / "report.md").read_text()
 
 
