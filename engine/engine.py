@@ -182,7 +182,7 @@ class Engine:
             except BackendUnavailableError as exc:
                 log.info("backend auto: not the native TensorRT engines (%s)", exc)
         if denoiser is None:
-            denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads)
+            denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads, keep_optimized=True)
         return cls(denoiser, Tokenizer(folder / manifest.tokenizer), folder)
 
     def resolved(self, params: SamplingParams) -> SamplingParams:

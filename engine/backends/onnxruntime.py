@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -173,8 +174,12 @@ class OnnxRuntimeDenoiser:
         backend: str = "auto",
         threads: int | None = None,
         session_config: Mapping[str, str] | None = None,
+        keep_optimized: bool = False,
     ) -> None:
-        """Open the folder's graphs; ``session_config`` adds ONNX Runtime session config entries."""
+        """Open the folder's graphs; ``session_config`` adds ONNX Runtime session config entries.
+
+        ``keep_optimized`` (the serving path, on the CPU): open the graphs as ONNX Runtime optimised
+        them at an earlier load, kept in the model cache (:mod:`engine.backends.ort_optimized`)."""
         import onnxruntime as ort
 
         providers, chosen = onnxruntime_providers(backend)
@@ -213,8 +218,21 @@ class OnnxRuntimeDenoiser:
         self.sessions = {}
         for role, name in manifest.graphs.items():
             path = folder / name
+            session = None
+            if keep_optimized and chosen == "cpu" and manifest.files.get(name, {}).get("sha256"):
+                from engine.backends import ort_optimized
+
+                optimized = ort_optimized.optimized_model(folder, manifest, role, partial(options_for, role))
+                if optimized is not None:
+                    try:
+                        session = ort.InferenceSession(optimized, providers=providers_for(role),
+                                                       sess_options=ort_optimized.session_options(options_for(role), folder))
+                    except Exception as exc:  # noqa: BLE001 - the graph as converted is the fallback
+                        log.warning("the kept optimised %s graph did not open (%s); optimising it again", role, exc)
+                        ort_optimized.forget(manifest, role)  # the next load keeps a fresh one
             try:
-                session = ort.InferenceSession(str(path), sess_options=options_for(role), providers=providers_for(role))
+                if session is None:
+                    session = ort.InferenceSession(str(path), sess_options=options_for(role), providers=providers_for(role))
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ManifestError(f"ONNX Runtime cannot load {path}: {exc}") from exc
             active = session.get_providers()
