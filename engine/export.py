@@ -547,6 +547,10 @@ def convert(
         progress("checksumming the engine folder")
         manifest.write(final_dir)
         _publish(final_dir, dst)
+        progress("keeping ONNX Runtime's optimised graphs, so that loads are fast")
+        from engine.backends import ort_optimized
+
+        ort_optimized.keep(dst, manifest)  # best effort: a graph not kept is optimised at its first load
         progress(f"wrote {dst} ({manifest.precision})")
         return manifest
     finally:

@@ -164,6 +164,28 @@ def unpacked_context(manifest: Manifest, backend: str) -> bool:
     return backend == "cpu" and manifest.precision == "int8" and manifest.arch.hidden_size > SMALL_MODEL_HIDDEN
 
 
+def session_options(manifest: Manifest, role: str, backend: str = "cpu", threads: int | None = None,
+                    config: Mapping[str, str] | None = None) -> Any:
+    """The session options the engine opens the ``role`` graph with: tuned for one small request at a time
+    (see the module's docstring); ``config`` adds session config entries."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or default_threads(manifest.arch.hidden_size)
+    options.inter_op_num_threads = 1
+    # Spinning workers burn a core between ops and, when another process wants
+    # that core, stall every op they share (measured in docs/engine.md, "Threads").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if role == "context" and unpacked_context(manifest, backend):
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    options.log_severity_level = 3
+    return options
+
+
 class OnnxRuntimeDenoiser:
     """The :class:`~engine.backends.base.Denoiser` of an engine folder, on ONNX Runtime."""
 
@@ -199,21 +221,7 @@ class OnnxRuntimeDenoiser:
             trt = tensorrt_ep.provider_options(role, manifest, cache_dir() / "tensorrt", limits, device)
             return [(providers[0], trt), *providers[1:]]
 
-        def options_for(role: str) -> Any:
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.intra_op_num_threads = threads or default_threads(manifest.arch.hidden_size)
-            options.inter_op_num_threads = 1
-            # Spinning workers burn a core between ops and, when another process wants
-            # that core, stall every op they share (measured in docs/engine.md, "Threads").
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if role == "context" and unpacked_context(manifest, chosen):
-                options.add_session_config_entry("session.disable_prepacking", "1")
-            for key, value in (session_config or {}).items():
-                options.add_session_config_entry(key, value)
-            options.log_severity_level = 3
-            return options
+        options_for = partial(session_options, manifest, backend=chosen, threads=threads, config=session_config)
 
         self.sessions = {}
         for role, name in manifest.graphs.items():

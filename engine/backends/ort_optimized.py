@@ -79,6 +79,19 @@ def optimized_model(folder: Path, manifest: Manifest, role: str, options: Callab
         return None
 
 
+def keep(folder: Path, manifest: Manifest) -> int:
+    """Optimise and keep both graphs of ``folder`` now (after a conversion, so that the first load is fast),
+    one at a time and without prepacking, so that this needs no more memory than one graph's weights.
+    Returns how many graphs are kept."""
+    from functools import partial
+
+    from engine.backends.onnxruntime import session_options
+
+    lean = {"session.disable_prepacking": "1"}
+    return sum(optimized_model(folder, manifest, role, partial(session_options, manifest, role, config=lean))
+               is not None for role in manifest.graphs)
+
+
 def forget(manifest: Manifest, role: str) -> None:
     """Drop the kept ``role`` graph (one that would not open), so that the next load saves it again."""
     cached_path(manifest, role).unlink(missing_ok=True)

@@ -102,3 +102,19 @@ def test_folders_being_converted_are_not_cached(external_engine: Path):
     manifest = replace(read_manifest(external_engine), files={})
     OnnxRuntimeDenoiser(external_engine, manifest, "cpu", keep_optimized=True)
     assert not (ort_optimized.cached_path(manifest, "context")).exists()
+
+
+def test_a_conversion_keeps_the_optimised_graphs_so_the_first_load_is_fast(tiny_checkpoint: Path, tmp_path: Path,
+                                                                           monkeypatch):
+    pytest.importorskip("torch")
+    from engine.export import convert
+
+    monkeypatch.setenv("DLM_LSP_CACHE", str(tmp_path / "cache"))
+    said: list[str] = []
+    manifest = convert(tiny_checkpoint, tmp_path / "fp32", precision="fp32", progress=said.append)
+    paths = [ort_optimized.cached_path(manifest, role) for role in manifest.graphs]
+    assert all(p.is_file() for p in paths) and any("optimised graphs" in line for line in said)
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    engine = Engine.load(tmp_path / "fp32", backend="cpu")
+    assert all(s._model_bytes for s in engine.denoiser.sessions.values())
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes  # opened as kept, nothing optimised at load
