@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine.backends.base import BACKENDS, Denoiser, ModelInfo, StepOutput
+from engine.backends.base import BACKENDS, Denoiser, ModelInfo, StepOutput, onnxruntime_providers
 from engine.errors import BackendUnavailableError, CheckpointError, InputError, ManifestError
 from engine.healing import Healing
 from engine.manifest import Manifest, is_engine_folder, read_manifest
@@ -181,6 +181,8 @@ class Engine:
                 denoiser = tensorrt.load_denoiser(folder, manifest, build=False, progress=progress)
             except BackendUnavailableError as exc:
                 log.info("backend auto: not the native TensorRT engines (%s)", exc)
+        if denoiser is None and backend in ("auto", "cuda") and onnxruntime_providers(backend)[1] == "cuda":
+            denoiser = _cuda_denoiser(folder, manifest, threads)
         if denoiser is None:
             denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads, keep_optimized=True)
         return cls(denoiser, Tokenizer(folder / manifest.tokenizer), folder)
@@ -374,6 +376,19 @@ class Engine:
         p = prefix_ids[len(prefix_ids) - keep_p :] if keep_p else []
         s = suffix_ids[:keep_s]
         return p, s, len(prefix_ids) - len(p), len(suffix_ids) - len(s)
+
+
+def _cuda_denoiser(folder: Path, manifest: Manifest, threads: int | None) -> Denoiser | None:
+    """ONNX Runtime's CUDA provider with the caches on the GPU (:func:`engine.backends.device.ort_device_denoiser`);
+    None, and a log line saying why, where cuda-python (the gpu extra) is missing: the provider then runs with
+    its inputs and caches copied from the host at every call."""
+    from engine.backends import device
+
+    try:
+        return device.ort_device_denoiser(folder, manifest, threads)
+    except (BackendUnavailableError, ImportError) as exc:
+        log.warning("backend cuda: caches stay on the host, copied at every call (%s)", exc)
+        return None
 
 
 def _read_engine_manifest(folder: Path, verify: bool) -> Manifest:

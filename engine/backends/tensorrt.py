@@ -19,7 +19,7 @@ Building (:func:`build_engines`, ``dlm-convert --engine tensorrt``):
    nothing stale is loaded.
 
 Running: :func:`load_denoiser` opens the engines (and a third, tiny one that rotates cached
-keys on the device) as a :class:`engine.backends.tensorrt_runtime.TensorRtDenoiser`, whose
+keys on the device) as an :class:`engine.backends.device.DeviceDenoiser`, whose
 context cache stays on the GPU across denoising steps and keystrokes.
 
 Everything here imports ``tensorrt`` and ``cuda-python`` lazily; without them (or a GPU) the
@@ -344,7 +344,7 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
                              window=min(buckets.window, manifest.arch.max_positions))
         import onnx
 
-        from engine.backends.tensorrt_runtime import rotate_graph, rotate_profiles
+        from engine.backends.device import rotate_graph, rotate_profiles
 
         onnx.save_model(rotate_graph(manifest.arch), str(work / "onnx" / "rotate.onnx"))
         graphs["rotate"] = work / "onnx" / "rotate.onnx"
@@ -425,12 +425,11 @@ def _parser_error(error: Any) -> str:
 
 def load_denoiser(folder: Path, manifest: Manifest, build: bool = True,
                   progress: Callable[[str], None] | None = None) -> Any:
-    """The native TensorRT denoiser of ``folder`` (:mod:`engine.backends.tensorrt_runtime`): its engines for
-    this GPU, built first when ``build``."""
-    from engine.backends.tensorrt_runtime import Device, EngineRunner, TensorRtDenoiser
+    """The native TensorRT denoiser of ``folder`` (:class:`engine.backends.device.DeviceDenoiser`): its engines
+    for this GPU, built first when ``build``."""
+    from engine.backends.device import GRAPH_CACHE, Device, DeviceDenoiser, EngineRunner
 
     trt = require_tensorrt()
-    cudart = require_cudart()
     require_gpu()
     device = device_identity()
     where = find_engines(folder, manifest, device)
@@ -443,12 +442,12 @@ def load_denoiser(folder: Path, manifest: Manifest, build: bool = True,
         where = build_engines(folder, manifest, progress=say)
     record = json.loads((where / BUILD_RECORD).read_text(encoding="utf-8"))
     logger = trt.Logger(trt.Logger.WARNING)
-    stream = Device(_cuda(cudart.cudaStreamCreate()))
+    gpu = Device()
     outputs = {"context": CONTEXT_OUTPUTS, "span_step": SPAN_OUTPUTS, "rotate": ("rotated",)}
-    runners = {role: EngineRunner(where / meta["engine"], logger, stream, outputs[role],
-                                  graphs=32 if role == "span_step" else 0)
+    runners = {role: EngineRunner(where / meta["engine"], logger, gpu, outputs[role],
+                                  graphs=GRAPH_CACHE if role == "span_step" else 0)
                for role, meta in record["graphs"].items()}
     info = ModelInfo(family=manifest.family, arch=manifest.arch, token_ids=manifest.token_ids,
                      precision=record["dtype"], backend="tensorrt", device="cuda:0", top_k=manifest.top_k,
                      max_window=int(record["window"]))
-    return TensorRtDenoiser(runners, stream, info)
+    return DeviceDenoiser(runners, gpu, info)

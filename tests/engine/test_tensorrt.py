@@ -18,7 +18,7 @@ from engine import Engine, SamplingParams
 from engine.backends import tensorrt
 from engine.backends.onnxruntime import OnnxRuntimeDenoiser
 from engine.backends.tensorrt import Buckets, engine_key, select_profile
-from engine.backends.tensorrt_runtime import host_feed, host_outputs, index_runs, rotate_graph
+from engine.backends.device import host_feed, host_outputs
 from engine.cli import convert_main
 from engine.errors import BackendUnavailableError
 from engine.export import validate
@@ -281,105 +281,3 @@ def test_native_engines_build_once_and_answer_as_the_cpu_does(tiny_engine: Path,
     for _ in range(3):  # the same shapes again and again: the span steps replay a CUDA graph, same answers
         assert again.complete(TEXT[:3000], TEXT[3000:3500], params).text == first.complete(
             TEXT[:3000], TEXT[3000:3500], params).text
-
-
-def test_the_rotation_graph_rotates_keys_as_the_host_does(tiny_engine: Path):
-    """The device-side rotation (a third engine) must equal the numpy rotation the ONNX Runtime path uses, at
-    positions past fp16's integers too."""
-    from engine.backends.onnxruntime import rotate_keys
-
-    arch = read_manifest(tiny_engine).arch
-    session = ort.InferenceSession(rotate_graph(arch).SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(3)
-    for rows, entries in ((1, 0), (1, 7), (3, 40)):
-        keys = rng.standard_normal((arch.num_layers, 1, arch.num_kv_heads, entries, arch.head_dim)).astype(np.float32)
-        positions = np.sort(rng.choice(5000, size=(rows, entries)), axis=1).astype(np.int32)
-        (got,) = session.run(None, {"keys": keys, "positions": positions})
-        want = rotate_keys(keys, positions.astype(np.int64), arch.rope_theta)
-        assert got.shape == want.shape == (arch.num_layers, rows, arch.num_kv_heads, entries, arch.head_dim)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_index_runs_select_the_entries_with_one_copy_per_run():
-    rng = np.random.default_rng(4)
-    src = rng.standard_normal((2, 1, 3, 50, 4))
-    cases = [np.arange(50), np.arange(0), np.r_[0:10, 20:35, 36], rng.permutation(50)[:17],
-             np.sort(rng.choice(50, 30, replace=False))]
-    for index in cases:
-        runs = index_runs(index)
-        out = np.zeros(src.shape[:3] + (len(index),) + src.shape[4:])
-        for start, at, count in runs:
-            out[:, :, :, at : at + count] = src[:, :, :, start : start + count]
-        assert np.array_equal(out, src[:, :, :, index])
-        assert len(runs) == (0 if len(index) == 0 else 1 + int(np.sum(np.diff(index) != 1)))
-    assert index_runs(np.r_[0:10, 20:35]) == [(0, 0, 10), (20, 10, 15)]
-
-
-class HostCudaRuntime:
-    """The five CUDA runtime calls the device copies use, on host memory: a device pointer is a host address.
-    It stands in for the GPU so that the copies' address arithmetic (strides, offsets, rows) is checked
-    against numpy indexing; the calls' own semantics are CUDA's documented ones."""
-
-    class cudaMemcpyKind:  # noqa: N801 - cuda-python's names
-        cudaMemcpyHostToDevice = cudaMemcpyDeviceToHost = cudaMemcpyDeviceToDevice = 0
-
-    def __init__(self) -> None:
-        self.blocks: dict[int, np.ndarray] = {}
-
-    def cudaMallocAsync(self, size, _stream):  # noqa: N802
-        block = np.zeros(size, np.uint8)
-        self.blocks[block.ctypes.data] = block
-        return 0, block.ctypes.data
-
-    def cudaFreeAsync(self, pointer, _stream):  # noqa: N802
-        self.blocks.pop(pointer, None)
-        return (0,)
-
-    def cudaMemsetAsync(self, pointer, value, count, _stream):  # noqa: N802
-        import ctypes
-
-        ctypes.memset(pointer, value, count)
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, count, _kind, _stream):  # noqa: N802
-        import ctypes
-
-        ctypes.memmove(dst, src, count)
-        return (0,)
-
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, _kind, _stream):  # noqa: N802
-        import ctypes
-
-        for row in range(height):
-            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
-        return (0,)
-
-    def cudaStreamSynchronize(self, _stream):  # noqa: N802
-        return (0,)
-
-
-def test_device_copies_select_join_and_stack_cache_entries_as_numpy_indexing_does(monkeypatch):
-    from engine.backends import tensorrt_runtime
-
-    runtime = HostCudaRuntime()
-    monkeypatch.setattr(tensorrt_runtime, "_cudart", lambda: runtime)
-    device = tensorrt_runtime.Device(stream=None)
-    rng = np.random.default_rng(5)
-    a = rng.standard_normal((3, 1, 2, 30, 4)).astype(np.float32)
-    b = rng.standard_normal((3, 1, 2, 12, 4)).astype(np.float32)
-    da, db = device.upload(a), device.upload(b)
-    assert np.array_equal(device.download(da), a)
-    index = np.r_[2:9, 15, 20:30]
-    assert np.array_equal(device.download(device.gather_entries(da, index)), a[:, :, :, index])
-    joined = device.concat_entries([device.gather_entries(da, index), db])
-    assert np.array_equal(device.download(joined), np.concatenate([a[:, :, :, index], b], axis=3))
-    # a merged step: two requests' rotated keys (2 and 1 rows) stacked and padded to the longer context
-    k1 = rng.standard_normal((3, 2, 2, 30, 4)).astype(np.float32)
-    k2 = rng.standard_normal((3, 1, 2, 12, 4)).astype(np.float32)
-    merged = device.zeros((3, 3, 2, 30, 4))
-    device.copy_entries(merged, (0, 2), 0, device.upload(k1), (0, 2), 0, 30)
-    device.copy_entries(merged, (2, 3), 0, device.upload(k2), (0, 1), 0, 12)
-    want = np.zeros((3, 3, 2, 30, 4), np.float32)
-    want[:, 0:2] = k1
-    want[:, 2:3, :, :12] = k2
-    assert np.array_equal(device.download(merged), want)
