@@ -121,6 +121,12 @@ def half_graph(model: Any, dtype: str, base_dir: Path, emulate: bool = False) ->
     def is_half(node: Any) -> bool:
         if node.op_type == "Gather":
             return node.input[0] in tables
+        if node.op_type in HALF_OPS and any(i and i not in types for i in node.input):
+            # a strongly typed network refuses a product of mixed types: never guess one
+            from engine.errors import ExportError
+
+            raise ExportError(f"cannot tell the element type of an input of {node.op_type} {node.name!r}; "
+                              "the half-precision graph would be refused by TensorRT")
         return node.op_type in HALF_OPS and any(types.get(i) == FLOAT for i in node.input)
 
     def half_inputs(node: Any) -> list[bool]:

@@ -180,6 +180,14 @@ def device_identity() -> dict[str, Any]:
     return identity
 
 
+def has_bf16(device: Mapping[str, Any]) -> bool:
+    """Whether the GPU multiplies in bf16 (compute capability 8.0, Ampere, and later; unknown: assumed)."""
+    try:
+        return float(device.get("compute") or 8.0) >= 8.0
+    except ValueError:
+        return True
+
+
 def engine_key(manifest: Manifest, dtype: str, buckets: Buckets, device: Mapping[str, Any]) -> str:
     """16 hex digits naming the engines of ``manifest``'s graphs in ``dtype`` under ``buckets`` on ``device``."""
     identity = {
@@ -249,8 +257,9 @@ def choose_dtype(folder: Path, manifest: Manifest, progress: Callable[[str], Non
         if not report.failures:
             return dtype, reports
         progress(f"{dtype} fails: {report.failures[0]}")
-    raise ManifestError(f"no half precision keeps {folder}'s outputs within the bar: "
-                        + "; ".join(f"{d}: {r['failures'][0]}" for d, r in reports.items()))
+    raise ManifestError(f"no half precision this GPU runs keeps {folder}'s outputs within the bar ("
+                        + "; ".join(f"{d}: {r['failures'][0]}" for d, r in reports.items())
+                        + "): use backend tensorrt-ep, which runs the fp32 graphs")
 
 
 class _Monitor:
@@ -322,8 +331,12 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
         if found is not None:
             return found
     validation: dict[str, Any] = {}
+    bf16 = has_bf16(device)
+    if dtype == "bf16" and not bf16:
+        raise BackendUnavailableError(f"this GPU ({device.get('gpu')}, compute capability {device.get('compute')}) "
+                                      "has no bf16 matrix products (Ampere, 8.0, and later do): use --engine-dtype fp16")
     if dtype == "auto":
-        dtype, validation = choose_dtype(folder, manifest, progress)
+        dtype, validation = choose_dtype(folder, manifest, progress, ("fp16", "bf16") if bf16 else ("fp16",))
     key = engine_key(manifest, dtype, buckets, device)
     final = engines_dir(folder, key)
     if (final / BUILD_RECORD).is_file() and not force:

@@ -281,3 +281,19 @@ def test_native_engines_build_once_and_answer_as_the_cpu_does(tiny_engine: Path,
     for _ in range(3):  # the same shapes again and again: the span steps replay a CUDA graph, same answers
         assert again.complete(TEXT[:3000], TEXT[3000:3500], params).text == first.complete(
             TEXT[:3000], TEXT[3000:3500], params).text
+
+
+def test_bf16_is_offered_only_to_gpus_that_multiply_in_it():
+    assert tensorrt.has_bf16({"compute": "9.0"}) and tensorrt.has_bf16({"compute": "8.0"})
+    assert not tensorrt.has_bf16({"compute": "7.5"})  # a T4: fp16 only
+    assert tensorrt.has_bf16({"compute": None})  # unknown (no nvidia-smi): TensorRT's build then says
+
+
+def test_a_product_of_unknown_type_is_refused_rather_than_guessed(tiny_engine: Path):
+    from engine.errors import ExportError
+
+    model = onnx.load(str(tiny_engine / read_manifest(tiny_engine).graphs["span_step"]))
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    matmul.input[0] = "from_nowhere"  # no producer, no declared type
+    with pytest.raises(ExportError, match="cannot tell the element type"):
+        half_graph(model, "fp16", tiny_engine)
