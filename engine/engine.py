@@ -169,9 +169,8 @@ class Engine:
                     f"`dlm-convert {folder} OUT` and load OUT (or use backend 'torch' for the slow reference)"
                 )
         manifest = _read_engine_manifest(folder, verify)
-        from engine.backends.onnxruntime import OnnxRuntimeDenoiser
-
         from engine.backends import tensorrt
+        from engine.backends.onnxruntime import OnnxRuntimeDenoiser
 
         denoiser: Denoiser | None = None
         if backend == "tensorrt":

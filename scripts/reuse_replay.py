@@ -42,7 +42,7 @@ from engine.train.corpus import read_jsonl  # noqa: E402
 POLICIES = {
     f"band{band}-age{age}": ReusePolicy(band=band, max_age=age)
     for band, age in ((8, 8), (8, 16), (16, 8), (16, 16), (32, 8), (32, 16), (48, 16), (48, 32), (64, 4), (64, 8),
-                      (64, 16), (64, 32))
+                      (64, 16), (64, 32), (96, 32), (128, 32))
 }
 
 
