@@ -178,7 +178,7 @@ class Engine:
         elif backend == "auto" and tensorrt.built_any(folder):
             try:  # engines built for some GPU: this one's are used if they are there; auto never builds
                 denoiser = tensorrt.load_denoiser(folder, manifest, build=False, progress=progress)
-            except BackendUnavailableError as exc:
+            except (BackendUnavailableError, ManifestError, OSError) as exc:
                 log.info("backend auto: not the native TensorRT engines (%s)", exc)
         if denoiser is None and backend in ("auto", "cuda") and onnxruntime_providers(backend)[1] == "cuda":
             denoiser = _cuda_denoiser(folder, manifest, threads)
@@ -383,6 +383,8 @@ def _cuda_denoiser(folder: Path, manifest: Manifest, threads: int | None) -> Den
     its inputs and caches copied from the host at every call."""
     from engine.backends import device
 
+    if manifest.format_version < 3:  # no prior context, no merged caches in these graphs: the host path
+        return None
     try:
         return device.ort_device_denoiser(folder, manifest, threads)
     except (BackendUnavailableError, ImportError) as exc:

@@ -227,7 +227,7 @@ class OnnxRuntimeDenoiser:
         for role, name in manifest.graphs.items():
             path = folder / name
             session = None
-            if keep_optimized and chosen == "cpu" and manifest.files.get(name, {}).get("sha256"):
+            if keep_optimized and chosen == "cpu" and not session_config and manifest.files.get(name, {}).get("sha256"):
                 from engine.backends import ort_optimized
 
                 optimized = ort_optimized.optimized_model(folder, manifest, role, partial(options_for, role))

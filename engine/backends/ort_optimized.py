@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -44,8 +43,11 @@ FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
 
 def cache_key(manifest: Manifest, role: str, version: str) -> str:
     """16 hex digits naming the optimised ``role`` graph of the folder ``manifest`` describes, under ONNX
-    Runtime ``version``."""
+    Runtime ``version``, on this kind of CPU (a cache shared between machines keeps one per architecture)."""
+    import platform
+
     identity = {"format": FORMAT, "role": role, "graph": manifest.graphs[role], "onnxruntime": version,
+                "machine": platform.machine(),
                 "files": {name: meta.get("sha256") for name, meta in sorted(manifest.files.items())}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -64,9 +66,13 @@ def optimized_model(folder: Path, manifest: Manifest, role: str, options: Callab
     yet; None when it cannot be (no ``onnx``, a graph past 2 GB without external weights, a read-only
     cache): the caller then opens the graph as it is. ``options()`` gives the session options to optimise
     with (the engine's)."""
-    path = cached_path(manifest, role)
-    if path.is_file():
-        return path.read_bytes()
+    try:
+        path = cached_path(manifest, role)
+        if path.is_file():
+            return path.read_bytes()
+    except OSError as exc:  # gone meanwhile (another process dropped it), unreadable: optimise at load
+        log.debug("the kept %s graph could not be read: %s", role, exc)
+        return None
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -88,13 +94,21 @@ def keep(folder: Path, manifest: Manifest) -> int:
     from engine.backends.onnxruntime import session_options
 
     lean = {"session.disable_prepacking": "1"}
-    return sum(optimized_model(folder, manifest, role, partial(session_options, manifest, role, config=lean))
-               is not None for role in manifest.graphs)
+    kept = 0
+    for role in manifest.graphs:
+        try:
+            kept += optimized_model(folder, manifest, role, partial(session_options, manifest, role, config=lean)) is not None
+        except Exception as exc:  # noqa: BLE001 - the folder is written: a graph not kept is optimised at load
+            log.warning("could not keep the optimised %s graph: %s", role, exc)
+    return kept
 
 
 def forget(manifest: Manifest, role: str) -> None:
     """Drop the kept ``role`` graph (one that would not open), so that the next load saves it again."""
-    cached_path(manifest, role).unlink(missing_ok=True)
+    try:
+        cached_path(manifest, role).unlink(missing_ok=True)
+    except OSError as exc:  # a read-only cache: the load goes on without it
+        log.debug("could not drop the kept %s graph: %s", role, exc)
 
 
 def session_options(options: Any, folder: Path) -> Any:
@@ -135,7 +149,7 @@ def _save(folder: Path, manifest: Manifest, role: str, options: Callable[[], Any
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = data.tobytes()
         blob = model.SerializeToString()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp = Path(work) / "kept.onnx"  # renamed into place whole: a reader never sees half a graph
         tmp.write_bytes(blob)
         tmp.replace(path)
     log.info("kept the optimised %s graph (%d KB; %d MB of weights read from %s)", role, len(blob) // 1024,

@@ -122,7 +122,9 @@ class Buckets:
     """
 
     windows: tuple[int, ...] = (1024, 4096)
-    spans: tuple[tuple[int, int], ...] = ((16, 4), (64, 16), (513, MAX_ROWS))
+    spans: tuple[tuple[int, int], ...] = ((16, 4), (64, 16), (513, MAX_ROWS), (4096, 1))
+    """(span rows, batch rows): a few candidates, many, merged requests, and one whole window (the exact mode
+    and the reference decoder run the span step over the whole window with an empty cache)."""
     opt_window: int = 1024
 
     def limits(self, role: str, arch: ArchConfig) -> list[ProfileLimits]:
@@ -166,6 +168,13 @@ def device_identity() -> dict[str, Any]:
 
     identity: dict[str, Any] = {"gpu": None, "compute": None, "driver": None, "tensorrt": None, "cuda": None}
     identity.update(_gpu())
+    try:  # the GPU this process runs on (CUDA_VISIBLE_DEVICES honoured), not nvidia-smi's first
+        props = _cuda(require_cudart().cudaGetDeviceProperties(0))
+        name = props.name
+        identity["gpu"] = (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00")
+        identity["compute"] = f"{props.major}.{props.minor}"
+    except Exception as exc:  # noqa: BLE001 - no cuda-python or no GPU: nvidia-smi's answer stands
+        log.debug("no CUDA device properties: %s", exc)
     try:
         import tensorrt
 
@@ -224,10 +233,33 @@ def find_engines(folder: Path, manifest: Manifest, device: Mapping[str, Any], bu
     """The folder of engines already built for this GPU (``dtype`` ``auto``: either half type), or None."""
     buckets = buckets or Buckets()
     for half in (("fp16", "bf16") if dtype == "auto" else (dtype,)):
-        where = engines_dir(folder, engine_key(manifest, half, buckets, device))
+        key = engine_key(manifest, half, buckets, device)
+        where = engines_dir(folder, key)
         if (where / BUILD_RECORD).is_file():
-            return where
+            if trusted(where, key):
+                return where
+            log.warning("TensorRT engines in %s were not built on this machine (or changed since): not loaded", where)
     return None
+
+
+def _trust_record(key: str) -> Path:
+    from engine.catalog import cache_dir
+
+    return cache_dir() / "tensorrt-built" / f"{key}.json"
+
+
+def trusted(where: Path, key: str) -> bool:
+    """Whether the engines in ``where`` are the very files a build on this machine wrote: their sha256s, kept
+    in the user's cache when built, must match. A TensorRT plan is code to run; one that arrived with a
+    shared folder, or was edited there, is rebuilt rather than loaded (docs/engine.md, "What loading an
+    engine folder trusts")."""
+    from engine.manifest import sha256_file
+
+    try:
+        recorded = json.loads(_trust_record(key).read_text(encoding="utf-8"))
+        return bool(recorded) and all(sha256_file(where / name) == digest for name, digest in recorded.items())
+    except (OSError, ValueError):
+        return False
 
 
 # --- building --------------------------------------------------------------------------------------
@@ -319,7 +351,8 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
     if manifest.precision != "fp32":
         raise ManifestError(
             f"engine folder {folder} is {manifest.precision}: TensorRT engines are built from fp32 graphs (ONNX "
-            "Runtime's quantised ops do not run in TensorRT); convert the checkpoint with dlm-convert --precision fp32")
+            "Runtime's quantised ops do not run in TensorRT); convert the checkpoint with dlm-convert --precision fp32 "
+            "(or models pull NAME --precision fp32), or use backend cuda")
     if manifest.format_version < 3:
         raise ManifestError(f"engine folder {folder} is of format {manifest.format_version}: TensorRT engines "
                             "need format 3 graphs; convert it again (dlm-convert)")
@@ -339,13 +372,15 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
         dtype, validation = choose_dtype(folder, manifest, progress, ("fp16", "bf16") if bf16 else ("fp16",))
     key = engine_key(manifest, dtype, buckets, device)
     final = engines_dir(folder, key)
-    if (final / BUILD_RECORD).is_file() and not force:
+    if (final / BUILD_RECORD).is_file() and trusted(final, key) and not force:
         return final
     from engine.halfgraph import write_half_folder
 
-    work = final.with_name(f".{key}.building-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    import uuid
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = final.with_name(f".{key}.building-{uuid.uuid4().hex[:8]}")  # each build its own (another may run)
+    work.mkdir()
     try:
         progress(f"writing {dtype} graphs")
         graphs = write_half_folder(folder, manifest, dtype, work / "onnx", int32=True)
@@ -374,8 +409,16 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
         shutil.rmtree(work / "onnx")
         (work / "timing.cache").write_bytes(timing)
         (work / BUILD_RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
+        from engine.manifest import sha256_file
+
+        digests = {meta["engine"]: sha256_file(work / meta["engine"]) for meta in record.graphs.values()}
+        if (final / BUILD_RECORD).is_file() and trusted(final, key) and not force:
+            return final  # another build finished first: keep its engines, drop these
         shutil.rmtree(final, ignore_errors=True)
         work.rename(final)
+        trust = _trust_record(key)
+        trust.parent.mkdir(parents=True, exist_ok=True)
+        trust.write_text(json.dumps(digests, indent=2) + "\n", encoding="utf-8")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _share_timing_cache(folder, device, final / "timing.cache")

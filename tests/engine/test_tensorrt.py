@@ -5,6 +5,7 @@ call, and the errors without TensorRT. Building and running the engines needs a 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -28,7 +29,8 @@ from trt_shapes import MERGED_ROWS, TEXT, record_shapes
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and shutil.which("nvidia-smi") is not None
+HAS_TENSORRT_PACKAGE = importlib.util.find_spec("tensorrt") is not None
+HAS_TENSORRT = HAS_TENSORRT_PACKAGE and shutil.which("nvidia-smi") is not None
 DEVICE = {"gpu": "NVIDIA H200", "compute": "9.0", "driver": "580.1", "tensorrt": "11.4.0", "cuda": "12.9"}
 FLOAT, FLOAT16, BFLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
 
@@ -204,23 +206,35 @@ def test_engine_keys_change_with_what_invalidates_an_engine(tiny_engine: Path):
 
 def test_engines_live_beside_the_manifest_and_auto_uses_them_only_where_they_run(tiny_engine: Path,
                                                                                   tmp_path: Path, caplog):
+    import logging
+
     folder = tmp_path / "model"
     shutil.copytree(tiny_engine, folder)
     manifest = read_manifest(folder)
     assert not tensorrt.built_any(folder)
     assert tensorrt.engines_dir(folder, "abc") == folder / "tensorrt" / "abc"
-    record = tensorrt.engines_dir(folder, engine_key(manifest, "fp16", Buckets(), DEVICE))
+    key = engine_key(manifest, "fp16", Buckets(), DEVICE)
+    record = tensorrt.engines_dir(folder, key)
     record.mkdir(parents=True)
     (record / tensorrt.BUILD_RECORD).write_text(json.dumps({"dtype": "fp16"}))  # built on another machine's GPU
+    (record / "context.engine").write_bytes(b"plan")
     assert tensorrt.built_any(folder)
+    assert tensorrt.find_engines(folder, manifest, DEVICE) is None  # not built here: a plan is code, not loaded
+    trust = tensorrt._trust_record(key)
+    trust.parent.mkdir(parents=True, exist_ok=True)
+    trust.write_text(json.dumps({"context.engine": hashlib.sha256(b"plan").hexdigest()}))  # as a build here records
     assert tensorrt.find_engines(folder, manifest, DEVICE) == record
     assert tensorrt.find_engines(folder, manifest, {**DEVICE, "gpu": "NVIDIA L4"}) is None
-    engine = Engine.load(folder, backend="auto")  # no TensorRT here: ONNX Runtime, and the log says why
+    (record / "context.engine").write_bytes(b"another plan")  # changed since: not loaded
+    assert tensorrt.find_engines(folder, manifest, DEVICE) is None
+    with caplog.at_level(logging.INFO, logger="engine.engine"):
+        engine = Engine.load(folder, backend="auto")  # no TensorRT here: ONNX Runtime, and the log says why
     assert engine.info.backend in ("cpu", "cuda")
+    assert "not the native TensorRT engines" in caplog.text
     assert engine.complete(TEXT[:500], TEXT[500:700], SamplingParams(lengths=(4,))).stats["steps"] >= 1
 
 
-@pytest.mark.skipif(HAS_TENSORRT, reason="this machine has TensorRT")
+@pytest.mark.skipif(HAS_TENSORRT_PACKAGE, reason="this machine has TensorRT's Python package")
 def test_without_tensorrt_the_backend_and_the_build_say_what_to_install(tiny_engine: Path, tmp_path: Path, capsys):
     with pytest.raises(BackendUnavailableError, match=r"TensorRT's Python package.*pip install -e '\.\[gpu\]'"):
         Engine.load(tiny_engine, backend="tensorrt")
@@ -276,8 +290,9 @@ def test_native_engines_build_once_and_answer_as_the_cpu_does(tiny_engine: Path,
     for t in threads:
         t.join(120)
     assert len(outs) == 3  # merged span steps, stacked on the device
+    built_at = record.stat().st_mtime_ns
     again = Engine.load(folder, backend="auto")  # built now: auto takes them, and nothing is rebuilt
-    assert again.info.backend == "tensorrt" and record.stat().st_mtime == (folder / record.relative_to(folder)).stat().st_mtime
+    assert again.info.backend == "tensorrt" and record.stat().st_mtime_ns == built_at
     for _ in range(3):  # the same shapes again and again: the span steps replay a CUDA graph, same answers
         assert again.complete(TEXT[:3000], TEXT[3000:3500], params).text == first.complete(
             TEXT[:3000], TEXT[3000:3500], params).text
