@@ -180,10 +180,12 @@ class Engine:
                 denoiser = tensorrt.load_denoiser(folder, manifest, build=False, progress=progress)
             except (BackendUnavailableError, ManifestError, OSError) as exc:
                 log.info("backend auto: not the native TensorRT engines (%s)", exc)
-        if denoiser is None and backend in ("auto", "cuda") and onnxruntime_providers(backend)[1] == "cuda":
-            denoiser = _cuda_denoiser(folder, manifest, threads)
         if denoiser is None:
-            denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=backend, threads=threads, keep_optimized=True)
+            _, chosen = onnxruntime_providers(backend)  # auto: CUDA when present, else the CPU (said once)
+            if chosen == "cuda":
+                denoiser = _cuda_denoiser(folder, manifest, threads)
+            if denoiser is None:
+                denoiser = OnnxRuntimeDenoiser(folder, manifest, backend=chosen, threads=threads, keep_optimized=True)
         return cls(denoiser, Tokenizer(folder / manifest.tokenizer), folder)
 
     def resolved(self, params: SamplingParams) -> SamplingParams:

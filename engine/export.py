@@ -462,7 +462,7 @@ def convert(
         if precision == "auto":
             precision = "int8"
     reference = TorchDenoiser(checkpoint, top_k=top_k, streamed=streamed)
-    text_ids = _code_tokens(checkpoint)
+    text_ids = code_tokens(checkpoint.tokenizer, checkpoint.arch.vocab_size)
     dst.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work(dst)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
@@ -577,10 +577,10 @@ VALIDATION_CODE = Path(__file__).resolve().parent / "data" / "validation_code.tx
 validation inputs do not change when the package's source does."""
 
 
-def _code_tokens(checkpoint: Checkpoint, limit: int = 4096) -> np.ndarray | None:
-    """:data:`VALIDATION_CODE` in the checkpoint's tokens, for validation windows."""
-    ids = checkpoint.tokenizer.encode(VALIDATION_CODE.read_text(encoding="utf-8"))
-    ids = [i for i in ids if 0 <= i < checkpoint.arch.vocab_size]
+def code_tokens(tokenizer: Any, vocab_size: int, limit: int = 4096) -> np.ndarray | None:
+    """:data:`VALIDATION_CODE` in a model's tokens (those below ``vocab_size``), for validation windows."""
+    ids = tokenizer.encode(VALIDATION_CODE.read_text(encoding="utf-8"))
+    ids = [i for i in ids if 0 <= i < vocab_size]
     return np.asarray(ids[:limit], dtype=np.int64) if len(ids) > 64 else None
 
 

@@ -120,32 +120,39 @@ class MergedBatch:
     """Each part's span width (its outputs are cut back to it)."""
 
 
-def merge_span_batches(parts: Sequence[SpanBatch], keys: Sequence[np.ndarray], values: Sequence[np.ndarray]) -> MergedBatch:
-    """One batch of ``parts``: their keys (L, B_i, Hkv, Tc_i, D), already rotated, and values
-    (L, 1 or B_i, Hkv, Tc_i, D), padded with zeros and masked by ``cache_valid``."""
+def merge_span_rows(parts: Sequence[SpanBatch], cached: Sequence[int]) -> MergedBatch:
+    """One batch of ``parts``' span rows, padded to the widest, and ``cache_valid`` for contexts of ``cached``
+    entries each; ``keys`` and ``values`` are left empty for the caller to fill where its caches live."""
     batch = sum(len(p.span_ids) for p in parts)
     width = max(p.span_ids.shape[1] for p in parts)
-    cached = max(k.shape[3] for k in keys)
-    layers, _, heads, _, dim = keys[0].shape
     span_ids = np.zeros((batch, width), np.int64)
     span_pos = np.zeros((batch, width), np.int64)
     span_valid = np.zeros((batch, width), bool)
-    merged_keys = np.zeros((layers, batch, heads, cached, dim), np.float32)
-    merged_values = np.zeros((layers, batch, heads, cached, dim), np.float32)
-    cache_valid = np.zeros((batch, cached), bool)
+    cache_valid = np.zeros((batch, max(cached)), bool)
     rows, widths, at = [], [], 0
-    for part, k, v in zip(parts, keys, values):
-        n, w, tc = len(part.span_ids), part.span_ids.shape[1], k.shape[3]
+    for part, tc in zip(parts, cached):
+        n, w = len(part.span_ids), part.span_ids.shape[1]
         rows.append(slice(at, at + n))
         widths.append(w)
         span_ids[at : at + n, :w] = part.span_ids
         span_pos[at : at + n, :w] = part.span_pos
         span_valid[at : at + n, :w] = part.span_valid
-        merged_keys[:, at : at + n, :, :tc] = k
-        merged_values[:, at : at + n, :, :tc] = v  # (L, 1, ...) broadcasts to the part's rows
         cache_valid[at : at + n, :tc] = True
         at += n
-    return MergedBatch(span_ids, span_pos, span_valid, merged_keys, merged_values, cache_valid, rows, widths)
+    return MergedBatch(span_ids, span_pos, span_valid, np.empty(0), np.empty(0), cache_valid, rows, widths)
+
+
+def merge_span_batches(parts: Sequence[SpanBatch], keys: Sequence[np.ndarray], values: Sequence[np.ndarray]) -> MergedBatch:
+    """One batch of ``parts``: their keys (L, B_i, Hkv, Tc_i, D), already rotated, and values
+    (L, 1 or B_i, Hkv, Tc_i, D), padded with zeros and masked by ``cache_valid``."""
+    merged = merge_span_rows(parts, [k.shape[3] for k in keys])
+    layers, _, heads, _, dim = keys[0].shape
+    shape = (layers, len(merged.span_ids), heads, merged.cache_valid.shape[1], dim)
+    merged.keys, merged.values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for rows, k, v in zip(merged.rows, keys, values):
+        merged.keys[:, rows, :, : k.shape[3]] = k
+        merged.values[:, rows, :, : k.shape[3]] = v  # (L, 1, ...) broadcasts to the part's rows
+    return merged
 
 
 def split_output(out: StepOutput, merged: MergedBatch) -> list[StepOutput]:

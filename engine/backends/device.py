@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engine.backends.base import MergedBatch, ModelInfo, Prior, SpanBatch, StepOutput, priors, split_output
+from engine.backends.base import ModelInfo, Prior, SpanBatch, StepOutput, merge_span_rows, priors, split_output
 from engine.backends.tensorrt_ep import Shape
 from engine.errors import BackendUnavailableError, ManifestError
 from engine.families import ArchConfig
@@ -79,10 +79,11 @@ def rotate_graph(arch: ArchConfig) -> Any:
     import onnx
     from onnx import TensorProto, helper
 
+    from engine.backends.onnxruntime import inverse_frequencies
+
     L, H, D = arch.num_layers, arch.num_kv_heads, arch.head_dim
     half = D // 2
-    exponent = np.arange(0, D, 2, dtype=np.int64).astype(np.float32) / np.float32(D)
-    inv_freq = (np.float32(1.0) / (np.float32(arch.rope_theta) ** exponent)).astype(np.float32)
+    inv_freq = inverse_frequencies(D, arch.rope_theta)
 
     def const(name: str, values: Any, dtype: Any = np.int64) -> Any:
         return onnx.numpy_helper.from_array(np.asarray(values, dtype), name)
@@ -585,27 +586,16 @@ class DeviceDenoiser:
             return [self.step(p.cache, p.span_ids, p.span_pos, p.span_valid, p.cache_pos)]
         with self.device.lock:
             rotated = [self._rotated(p.cache, p.cache_pos) for p in parts]
-            batch = sum(len(p.span_ids) for p in parts)
-            width = max(p.span_ids.shape[1] for p in parts)
-            cached = max(k.shape[3] for k in rotated)
+            merged = merge_span_rows(parts, [k.shape[3] for k in rotated])
             L, _, H, _, D = rotated[0].shape
-            keys, values = self.device.zeros((L, batch, H, cached, D)), self.device.zeros((L, batch, H, cached, D))
-            span_ids, span_pos = np.zeros((batch, width), np.int64), np.zeros((batch, width), np.int64)
-            span_valid, cache_valid = np.zeros((batch, width), bool), np.zeros((batch, cached), bool)
-            rows, widths, at = [], [], 0
-            for part, k in zip(parts, rotated):
-                n, w, tc = len(part.span_ids), part.span_ids.shape[1], k.shape[3]
-                rows.append(slice(at, at + n))
-                widths.append(w)
-                span_ids[at : at + n, :w], span_pos[at : at + n, :w] = part.span_ids, part.span_pos
-                span_valid[at : at + n, :w] = part.span_valid
-                cache_valid[at : at + n, :tc] = True
-                self.device.copy_entries(keys, (at, at + n), 0, k, (0, n), 0, tc)
-                for r in range(n):  # one values row, shared by the part's rows
-                    self.device.copy_entries(values, (at + r, at + r + 1), 0, part.cache.values, (0, 1), 0, tc)
-                at += n
-            out = self._run_step(span_ids, span_pos, span_valid, keys, values, cache_valid)
-        merged = MergedBatch(span_ids, span_pos, span_valid, np.empty(0), np.empty(0), cache_valid, rows, widths)
+            shape = (L, len(merged.span_ids), H, merged.cache_valid.shape[1], D)
+            keys, values = self.device.zeros(shape), self.device.zeros(shape)
+            for part, k, rows in zip(parts, rotated, merged.rows):
+                tc = k.shape[3]
+                self.device.copy_entries(keys, (rows.start, rows.stop), 0, k, (0, len(part.span_ids)), 0, tc)
+                for r in range(rows.start, rows.stop):  # one values row, shared by the part's rows
+                    self.device.copy_entries(values, (r, r + 1), 0, part.cache.values, (0, 1), 0, tc)
+            out = self._run_step(merged.span_ids, merged.span_pos, merged.span_valid, keys, values, merged.cache_valid)
         return split_output(out, merged)
 
     def _run_step(self, span_ids: np.ndarray, span_pos: np.ndarray, span_valid: np.ndarray, keys: DeviceArray,

@@ -48,11 +48,15 @@ class OrtContextCache:
 
 
 
+def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """The rotary embedding's D/2 inverse frequencies, float32 as the model computes them."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
 def rotary_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (..., D) of the rotary embedding at ``positions``, float32 as the model computes them."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
-    freqs = positions[..., None].astype(np.float32) * inv_freq
+    freqs = positions[..., None].astype(np.float32) * inverse_frequencies(head_dim, theta)
     emb = np.concatenate((freqs, freqs), axis=-1)
     return np.cos(emb), np.sin(emb)
 
@@ -234,7 +238,7 @@ class OnnxRuntimeDenoiser:
                 if optimized is not None:
                     try:
                         session = ort.InferenceSession(optimized, providers=providers_for(role),
-                                                       sess_options=ort_optimized.session_options(options_for(role), folder))
+                                                       sess_options=ort_optimized.reading_weights_from(options_for(role), folder))
                     except Exception as exc:  # noqa: BLE001 - the graph as converted is the fallback
                         log.warning("the kept optimised %s graph did not open (%s); optimising it again", role, exc)
                         ort_optimized.forget(manifest, role)  # the next load keeps a fresh one

@@ -93,14 +93,9 @@ def keep(folder: Path, manifest: Manifest) -> int:
 
     from engine.backends.onnxruntime import session_options
 
-    lean = {"session.disable_prepacking": "1"}
-    kept = 0
-    for role in manifest.graphs:
-        try:
-            kept += optimized_model(folder, manifest, role, partial(session_options, manifest, role, config=lean)) is not None
-        except Exception as exc:  # noqa: BLE001 - the folder is written: a graph not kept is optimised at load
-            log.warning("could not keep the optimised %s graph: %s", role, exc)
-    return kept
+    lean = {"session.disable_prepacking": "1"}  # optimized_model never raises: a conversion is never stopped
+    return sum(optimized_model(folder, manifest, role, partial(session_options, manifest, role, config=lean))
+               is not None for role in manifest.graphs)
 
 
 def forget(manifest: Manifest, role: str) -> None:
@@ -111,7 +106,7 @@ def forget(manifest: Manifest, role: str) -> None:
         log.debug("could not drop the kept %s graph: %s", role, exc)
 
 
-def session_options(options: Any, folder: Path) -> Any:
+def reading_weights_from(options: Any, folder: Path) -> Any:
     """``options`` set to open an optimised graph whose weights are in ``folder``."""
     options.add_session_config_entry(FOLDER_OPTION, str(folder))
     return options

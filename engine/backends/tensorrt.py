@@ -35,11 +35,11 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 
 from engine.backends.base import ModelInfo
 from engine.backends.tensorrt_ep import ProfileLimits, Shape, profile_shapes
@@ -132,7 +132,7 @@ class Buckets:
         top = min(max(self.windows), arch.max_positions)
         windows = sorted({min(w, arch.max_positions) for w in self.windows})
         if role == "context":
-            return [ProfileLimits(window=w, span=min(513, w), rows=1, opt_window=w, opt_span=16).capped(arch)
+            return [ProfileLimits(window=w, rows=1, opt_window=w).capped(arch)
                     for w in windows]
         if role == "span_step":
             return [ProfileLimits(window=top, span=s, rows=b, opt_window=self.opt_window, opt_span=min(16, s)).capped(arch)
@@ -142,6 +142,10 @@ class Buckets:
     def profiles(self, role: str, arch: ArchConfig) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
         """Each profile's (min, opt, max) shape per input of the ``role`` graph."""
         return [profile_shapes(role, arch, limits) for limits in self.limits(role, arch)]
+
+    def describe(self, arch: ArchConfig) -> dict[str, list[dict[str, Any]]]:
+        """Each graph's profile limits, as the engine key and the build record say them."""
+        return {role: [asdict(lim) for lim in self.limits(role, arch)] for role in ("context", "span_step")}
 
     @property
     def window(self) -> int:
@@ -164,10 +168,10 @@ def select_profile(profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]],
 
 def device_identity() -> dict[str, Any]:
     """What an engine is only valid for: the GPU (name, compute capability, driver), TensorRT and CUDA."""
-    from engine.backends.tensorrt_ep import _gpu
+    from engine.backends import tensorrt_ep
 
-    identity: dict[str, Any] = {"gpu": None, "compute": None, "driver": None, "tensorrt": None, "cuda": None}
-    identity.update(_gpu())
+    identity = {"driver": None, **tensorrt_ep.device_identity(), "cuda": None}
+    del identity["onnxruntime"]  # native engines do not depend on it
     try:  # the GPU this process runs on (CUDA_VISIBLE_DEVICES honoured), not nvidia-smi's first
         props = _cuda(require_cudart().cudaGetDeviceProperties(0))
         name = props.name
@@ -175,12 +179,6 @@ def device_identity() -> dict[str, Any]:
         identity["compute"] = f"{props.major}.{props.minor}"
     except Exception as exc:  # noqa: BLE001 - no cuda-python or no GPU: nvidia-smi's answer stands
         log.debug("no CUDA device properties: %s", exc)
-    try:
-        import tensorrt
-
-        identity["tensorrt"] = tensorrt.__version__
-    except (ImportError, OSError):
-        pass
     try:
         version = _cuda(require_cudart().cudaRuntimeGetVersion())
         identity["cuda"] = f"{version // 1000}.{version % 1000 // 10}"
@@ -204,7 +202,7 @@ def engine_key(manifest: Manifest, dtype: str, buckets: Buckets, device: Mapping
         "graphs": {name: meta.get("sha256") for name, meta in sorted(manifest.files.items())},
         "format": manifest.format_version,
         "dtype": dtype,
-        "buckets": {role: [asdict(lim) for lim in buckets.limits(role, manifest.arch)] for role in ("context", "span_step")},
+        "buckets": buckets.describe(manifest.arch),
         "device": dict(device),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -272,12 +270,11 @@ def choose_dtype(folder: Path, manifest: Manifest, progress: Callable[[str], Non
     import tempfile
 
     from engine.backends.onnxruntime import OnnxRuntimeDenoiser
-    from engine.export import VALIDATION_CODE, validate
+    from engine.export import code_tokens, validate
     from engine.halfgraph import write_half_folder
     from engine.tokenizer import Tokenizer
 
-    ids = Tokenizer(folder / manifest.tokenizer).encode(VALIDATION_CODE.read_text(encoding="utf-8"))
-    text_ids = np.asarray([i for i in ids if 0 <= i < manifest.arch.vocab_size][:4096], np.int64)
+    text_ids = code_tokens(Tokenizer(folder / manifest.tokenizer), manifest.arch.vocab_size)
     reference = OnnxRuntimeDenoiser(folder, manifest, "cpu")
     reports: dict[str, Any] = {}
     for dtype in candidates:
@@ -294,33 +291,31 @@ def choose_dtype(folder: Path, manifest: Manifest, progress: Callable[[str], Non
                         + "): use backend tensorrt-ep, which runs the fp32 graphs")
 
 
-class _Monitor:
-    """TensorRT's build progress (``IProgressMonitor``) as lines for ``progress``, a few per phase."""
+def _progress_monitor(trt: Any, progress: Callable[[str], None]) -> Any:
+    """TensorRT's build progress (an ``IProgressMonitor``) as lines for ``progress``, a few per phase."""
 
-    @staticmethod
-    def create(trt: Any, progress: Callable[[str], None]) -> Any:
-        class Monitor(trt.IProgressMonitor):
-            def __init__(self) -> None:
-                trt.IProgressMonitor.__init__(self)
-                self.steps: dict[str, int] = {}
-                self.last = 0.0
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.steps: dict[str, int] = {}
+            self.last = 0.0
 
-            def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-                self.steps[phase_name] = num_steps
-                if parent_phase is None:
-                    progress(f"{phase_name} ({num_steps} steps)")
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self.steps[phase_name] = num_steps
+            if parent_phase is None:
+                progress(f"{phase_name} ({num_steps} steps)")
 
-            def step_complete(self, phase_name: str, step: int) -> bool:
-                now = time.monotonic()
-                if now - self.last > 5:  # one line every few seconds, never a flood
-                    self.last = now
-                    progress(f"{phase_name}: {step + 1}/{self.steps.get(phase_name, '?')}")
-                return True  # False would cancel the build
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            now = time.monotonic()
+            if now - self.last > 5:  # one line every few seconds, never a flood
+                self.last = now
+                progress(f"{phase_name}: {step + 1}/{self.steps.get(phase_name, '?')}")
+            return True  # False would cancel the build
 
-            def phase_finish(self, phase_name: str) -> None:
-                self.steps.pop(phase_name, None)
+        def phase_finish(self, phase_name: str) -> None:
+            self.steps.pop(phase_name, None)
 
-        return Monitor()
+    return Monitor()
 
 
 @dataclass
@@ -376,8 +371,6 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
         return final
     from engine.halfgraph import write_half_folder
 
-    import uuid
-
     final.parent.mkdir(parents=True, exist_ok=True)
     work = final.with_name(f".{key}.building-{uuid.uuid4().hex[:8]}")  # each build its own (another may run)
     work.mkdir()
@@ -387,8 +380,7 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
         logger = trt.Logger(trt.Logger.WARNING)
         timing = _timing_cache_bytes(folder, device)
         record = BuildRecord(key=key, dtype=dtype, device=dict(device), validation=validation,
-                             buckets={role: [asdict(lim) for lim in buckets.limits(role, manifest.arch)]
-                                      for role in ("context", "span_step")},
+                             buckets=buckets.describe(manifest.arch),
                              window=min(buckets.window, manifest.arch.max_positions))
         import onnx
 
@@ -398,20 +390,19 @@ def build_engines(folder: Path, manifest: Manifest, dtype: str = "auto", buckets
         graphs["rotate"] = work / "onnx" / "rotate.onnx"
         profiles = {role: buckets.profiles(role, manifest.arch) for role in ("context", "span_step")}
         profiles["rotate"] = rotate_profiles(manifest.arch, record.window, MAX_ROWS)
+        digests = {}  # the trust record: each engine's sha256, as written
         for role, onnx_path in graphs.items():
             progress(f"building the {role} engine ({len(profiles[role])} profiles)")
             started = time.perf_counter()
             plan, timing = _build_one(trt, logger, onnx_path, profiles[role], timing, progress)
             name = f"{role}.engine"
             (work / name).write_bytes(plan)
+            digests[name] = hashlib.sha256(plan).hexdigest()
             record.graphs[role] = {"engine": name, "bytes": len(plan), "build_s": round(time.perf_counter() - started, 1)}
             progress(f"{role} engine: {len(plan) / 1e6:.0f} MB in {record.graphs[role]['build_s']} s")
         shutil.rmtree(work / "onnx")
         (work / "timing.cache").write_bytes(timing)
         (work / BUILD_RECORD).write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
-        from engine.manifest import sha256_file
-
-        digests = {meta["engine"]: sha256_file(work / meta["engine"]) for meta in record.graphs.values()}
         if (final / BUILD_RECORD).is_file() and trusted(final, key) and not force:
             return final  # another build finished first: keep its engines, drop these
         shutil.rmtree(final, ignore_errors=True)
@@ -430,14 +421,18 @@ def _timing_key(device: Mapping[str, Any]) -> str:
                           .encode()).hexdigest()[:12]
 
 
+def _timing_cache(folder: Path, device: Mapping[str, Any]) -> Path:
+    """Where builds on this GPU and TensorRT share their timing cache (tactic timings carry across graphs)."""
+    return engines_dir(folder, "timing") / f"{_timing_key(device)}.cache"
+
+
 def _timing_cache_bytes(folder: Path, device: Mapping[str, Any]) -> bytes:
-    """The timing cache earlier builds on this GPU and TensorRT left (tactic timings carry across graphs)."""
-    path = engines_dir(folder, "timing") / f"{_timing_key(device)}.cache"
+    path = _timing_cache(folder, device)
     return path.read_bytes() if path.is_file() else b""
 
 
 def _share_timing_cache(folder: Path, device: Mapping[str, Any], built: Path) -> None:
-    path = engines_dir(folder, "timing") / f"{_timing_key(device)}.cache"
+    path = _timing_cache(folder, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(built, path)
 
@@ -461,7 +456,7 @@ def _build_one(trt: Any, logger: Any, onnx_path: Path, profiles: Sequence[Mappin
             profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(profile)
     if hasattr(trt, "IProgressMonitor"):
-        config.progress_monitor = _Monitor.create(trt, progress)
+        config.progress_monitor = _progress_monitor(trt, progress)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ManifestError(f"TensorRT could not build an engine for {onnx_path.name} (its log above says why)")

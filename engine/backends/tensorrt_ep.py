@@ -126,7 +126,7 @@ def device_identity() -> dict[str, Any]:
         import tensorrt
 
         identity["tensorrt"] = tensorrt.__version__
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or its libraries do not load
         pass
     identity.update(_gpu())
     return identity

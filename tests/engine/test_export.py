@@ -300,7 +300,7 @@ def test_int8_is_validated_on_real_code_windows(small_init_checkpoint):
     from engine.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(small_init_checkpoint)
-    text_ids = export._code_tokens(ckpt)
+    text_ids = export.code_tokens(ckpt.tokenizer, ckpt.arch.vocab_size)
     assert text_ids is not None and len(text_ids) > 1000
     mask = ckpt.token_ids.mask
     for case in export.validation_cases(ckpt.arch, 0, text_ids, mask):
